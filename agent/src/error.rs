@@ -1,0 +1,37 @@
+//! The error of [`crate::run`] and [`crate::detect_resources`].
+
+use std::path::PathBuf;
+
+/// Why the agent could not start, or why it stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("cannot create work dir {path}: {source}")]
+    WorkDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot read {path}: {source}")]
+    ReadMeminfo {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot parse {path}: {reason}")]
+    ParseMeminfo { path: PathBuf, reason: String },
+    #[error("cannot statvfs {path}: {source}")]
+    Statvfs {
+        path: PathBuf,
+        source: nix::errno::Errno,
+    },
+    #[error("cannot determine the number of cpus: {0}")]
+    Cpus(std::io::Error),
+    #[error("invalid master address '{master}': {reason}")]
+    InvalidMaster { master: String, reason: String },
+    #[error("cannot read the listener's local address: {0}")]
+    ListenerAddress(std::io::Error),
+    #[error("agent api server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    #[error("the master removed the agent: {message}")]
+    RemovedByMaster { message: String },
+    #[error("agent {what} stopped unexpectedly: {reason}")]
+    Internal { what: &'static str, reason: String },
+}

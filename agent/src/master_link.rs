@@ -1,0 +1,270 @@
+//! The link to the master: dial, open the `AgentRegistry.Attach` stream,
+//! register, heartbeat, forward what the master sends to the actor, and
+//! reconnect with capped exponential backoff (with jitter) when the stream
+//! ends, errors, or the master falls silent for three heartbeat intervals.
+
+use std::time::Duration;
+
+use corral_proto::AgentId;
+use corral_proto::pb::{self, agent_registry_client::AgentRegistryClient, master_message::Message};
+use futures::StreamExt;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Endpoint;
+use tracing::{debug, info, warn};
+
+use crate::actor::Command;
+use crate::config::RECONNECT_BACKOFF_INITIAL;
+
+/// How long dialing the master may take before we back off and retry.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long the master may take to answer `Register` with `Registered`.
+const REGISTRATION_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Heartbeat interval used when the master's is unusable (zero, negative,
+/// not finite); matches Mesos' 15 s agent ping timeout divided by 3 misses.
+const FALLBACK_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Bounds on the master's heartbeat interval: below 10 ms heartbeats are
+/// noise, above an hour a dead master would go unnoticed for too long.
+const MIN_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(10);
+const MAX_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// The master is presumed gone after this many silent heartbeat intervals.
+const MISSED_HEARTBEATS: u32 = 3;
+
+/// Shortest wait between two connection attempts.
+const MIN_BACKOFF: Duration = Duration::from_millis(10);
+
+/// Outgoing messages buffered for the stream (updates, heartbeats).
+const OUTBOUND_CAPACITY: usize = 1024;
+
+/// Capped exponential backoff with full-range jitter in `[d/2, d]`, so many
+/// agents that lost the same master do not all come back at once.
+#[derive(Debug)]
+pub(crate) struct Backoff {
+    current: Duration,
+    initial: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    pub(crate) fn new(initial: Duration, max: Duration) -> Self {
+        // A zero cap from a config would make reconnecting a busy loop.
+        let max = max.max(MIN_BACKOFF);
+        let initial = initial.clamp(MIN_BACKOFF, max);
+        Self {
+            current: initial,
+            initial,
+            max,
+        }
+    }
+
+    /// The next delay; `unit` in [0, 1] picks the jitter.
+    pub(crate) fn next_delay(&mut self, unit: f64) -> Duration {
+        let d = self.current;
+        self.current = self.current.saturating_mul(2).min(self.max);
+        d.mul_f64(0.5 + 0.5 * unit.clamp(0.0, 1.0))
+    }
+
+    pub(crate) fn reset(&mut self) {
+        self.current = self.initial;
+    }
+}
+
+pub(crate) fn heartbeat_interval(seconds: f64) -> Duration {
+    if seconds.is_finite() && seconds > 0.0 {
+        Duration::from_secs_f64(seconds.min(MAX_HEARTBEAT_INTERVAL.as_secs_f64()))
+            .max(MIN_HEARTBEAT_INTERVAL)
+    } else {
+        warn!(
+            seconds,
+            "unusable heartbeat interval from the master; using the fallback"
+        );
+        FALLBACK_HEARTBEAT_INTERVAL
+    }
+}
+
+/// The endpoint for `host:port`; plain HTTP/2 for now.
+pub(crate) fn endpoint(master: &str) -> Result<Endpoint, String> {
+    Endpoint::from_shared(format!("http://{master}"))
+        .map(|e| e.connect_timeout(CONNECT_TIMEOUT))
+        .map_err(|e| e.to_string())
+}
+
+/// How one stream ended.
+enum LinkEnd {
+    /// The master sent `Shutdown`; do not come back.
+    Shutdown,
+    /// Lost; `registered` says whether it got as far as `Registered`.
+    Lost { registered: bool, reason: String },
+}
+
+/// Runs until the master sends `Shutdown` or the actor is gone.
+pub(crate) async fn run(endpoint: Endpoint, backoff_max: Duration, cmd_tx: mpsc::Sender<Command>) {
+    let mut backoff = Backoff::new(RECONNECT_BACKOFF_INITIAL, backoff_max);
+    loop {
+        match attach_once(&endpoint, &cmd_tx).await {
+            LinkEnd::Shutdown => return,
+            LinkEnd::Lost { registered, reason } => {
+                warn!(master = %endpoint.uri(), reason = %reason, "lost the master");
+                if registered {
+                    backoff.reset();
+                }
+            }
+        }
+        if cmd_tx.send(Command::Disconnected).await.is_err() {
+            return;
+        }
+        let delay = backoff.next_delay(rand::random::<f64>());
+        debug!(
+            delay_ms = delay.as_millis() as u64,
+            "reconnecting after backoff"
+        );
+        tokio::time::sleep(delay).await;
+    }
+}
+
+fn lost(reason: impl Into<String>) -> LinkEnd {
+    LinkEnd::Lost {
+        registered: false,
+        reason: reason.into(),
+    }
+}
+
+async fn attach_once(endpoint: &Endpoint, cmd_tx: &mpsc::Sender<Command>) -> LinkEnd {
+    let channel = match endpoint.connect().await {
+        Ok(c) => c,
+        Err(e) => return lost(format!("cannot connect: {e}")),
+    };
+    let mut client = AgentRegistryClient::new(channel);
+
+    let (reply_tx, reply_rx) = oneshot::channel();
+    if cmd_tx
+        .send(Command::Attaching { reply: reply_tx })
+        .await
+        .is_err()
+    {
+        return LinkEnd::Shutdown;
+    }
+    let Ok(register) = reply_rx.await else {
+        return LinkEnd::Shutdown;
+    };
+    let tasks = register.tasks.len();
+    let (out_tx, out_rx) = mpsc::channel(OUTBOUND_CAPACITY);
+    let first = pb::AgentMessage {
+        message: Some(pb::agent_message::Message::Register(register)),
+    };
+    // A fresh channel always has room for the first message.
+    if out_tx.try_send(first).is_err() {
+        return lost("cannot queue Register");
+    }
+    let response = match tokio::time::timeout(
+        REGISTRATION_TIMEOUT,
+        client.attach(ReceiverStream::new(out_rx)),
+    )
+    .await
+    {
+        Ok(Ok(r)) => r,
+        Ok(Err(status)) => return lost(format!("attach failed: {status}")),
+        Err(_) => return lost("attach timed out"),
+    };
+    debug!(tasks, "stream open; Register sent");
+    let mut inbound = response.into_inner();
+
+    let mut registered = false;
+    let mut interval: Option<Duration> = None;
+    let mut ticker: Option<tokio::time::Interval> = None;
+    let mut last_heard = Instant::now();
+    loop {
+        let silence = interval.map_or(REGISTRATION_TIMEOUT, |i| i * MISSED_HEARTBEATS);
+        let tick = async {
+            match ticker.as_mut() {
+                Some(t) => {
+                    t.tick().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            msg = inbound.next() => {
+                let msg = match msg {
+                    None => return LinkEnd::Lost { registered, reason: "the master closed the stream".into() },
+                    Some(Err(status)) => return LinkEnd::Lost { registered, reason: format!("stream error: {status}") },
+                    Some(Ok(m)) => m,
+                };
+                last_heard = Instant::now();
+                match msg.message {
+                    Some(Message::Registered(r)) => {
+                        let agent_id = match AgentId::parse(&r.agent_id, "registered.agent_id") {
+                            Ok(id) => id,
+                            Err(e) => return LinkEnd::Lost { registered, reason: format!("invalid Registered: {e}") },
+                        };
+                        let every = heartbeat_interval(r.heartbeat_interval_seconds);
+                        interval = Some(every);
+                        let mut t = tokio::time::interval_at(Instant::now() + every, every);
+                        t.set_missed_tick_behavior(MissedTickBehavior::Delay);
+                        ticker = Some(t);
+                        registered = true;
+                        info!(agent_id = %agent_id, heartbeat_ms = every.as_millis() as u64, "registered");
+                        let cmd = Command::Registered { agent_id, outbound: out_tx.clone() };
+                        if cmd_tx.send(cmd).await.is_err() {
+                            return LinkEnd::Shutdown;
+                        }
+                    }
+                    Some(Message::Heartbeat(_)) => {}
+                    Some(Message::Shutdown(s)) => {
+                        let _ = cmd_tx.send(Command::FromMaster(Box::new(Message::Shutdown(s)))).await;
+                        return LinkEnd::Shutdown;
+                    }
+                    Some(other) => {
+                        if !registered {
+                            warn!("master message before Registered; ignored");
+                            continue;
+                        }
+                        if cmd_tx.send(Command::FromMaster(Box::new(other))).await.is_err() {
+                            return LinkEnd::Shutdown;
+                        }
+                    }
+                    None => debug!("empty master message; ignored"),
+                }
+            }
+            () = tick => {
+                let hb = pb::AgentMessage { message: Some(pb::agent_message::Message::Heartbeat(pb::AgentHeartbeat {})) };
+                // Full means the master is not reading; the silence check decides.
+                let _ = out_tx.try_send(hb);
+            }
+            () = tokio::time::sleep_until(last_heard + silence) => {
+                return LinkEnd::Lost {
+                    registered,
+                    reason: format!("no message from the master for {} ms", silence.as_millis()),
+                };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_and_jitter_stays_in_the_upper_half() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(700));
+        let full: Vec<u128> = (0..5).map(|_| b.next_delay(1.0).as_millis()).collect();
+        assert_eq!(full, vec![100, 200, 400, 700, 700]);
+        b.reset();
+        assert_eq!(b.next_delay(0.0), Duration::from_millis(50));
+    }
+
+    #[test]
+    fn unusable_heartbeat_intervals_fall_back_and_extremes_are_clamped() {
+        assert_eq!(heartbeat_interval(0.5), Duration::from_millis(500));
+        assert_eq!(heartbeat_interval(0.0), FALLBACK_HEARTBEAT_INTERVAL);
+        assert_eq!(heartbeat_interval(f64::NAN), FALLBACK_HEARTBEAT_INTERVAL);
+        assert_eq!(heartbeat_interval(1e-9), MIN_HEARTBEAT_INTERVAL);
+        assert_eq!(heartbeat_interval(1e12), MAX_HEARTBEAT_INTERVAL);
+    }
+}

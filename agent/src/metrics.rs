@@ -1,0 +1,175 @@
+//! The agent's Prometheus metrics.
+//!
+//! Several agents and a master share one process in tests and in
+//! `corral dev`, so no global recorder is installed: each agent builds its
+//! own [`PrometheusRecorder`] and registers its handles on that instance
+//! through the [`metrics::Recorder`] trait; `/metrics` renders that recorder.
+
+use std::collections::HashMap;
+
+use corral_proto::Resources;
+use corral_proto::pb::TaskState;
+use corral_proto::task::state_name;
+use metrics::{Counter, Gauge, Key, Label, Metadata, Recorder};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+
+/// Gauge, label `state`: tasks the agent holds per non-terminal state.
+pub const TASKS: &str = "corral_agent_tasks";
+/// Gauge, label `resource`: total of each scalar resource the agent offers.
+pub const RESOURCES_TOTAL: &str = "corral_agent_resources_total";
+/// Gauge: status updates not yet acknowledged.
+pub const STATUS_UPDATES_PENDING: &str = "corral_agent_status_updates_pending";
+/// Counter: status updates sent to the master, retries included.
+pub const STATUS_UPDATES_SENT_TOTAL: &str = "corral_agent_status_updates_sent_total";
+/// Counter: acknowledgements that matched no pending update.
+pub const STATUS_UPDATE_ACKS_IGNORED_TOTAL: &str = "corral_agent_status_update_acks_ignored_total";
+/// Counter: successful registrations with the master (first and re-).
+pub const MASTER_CONNECTIONS_TOTAL: &str = "corral_agent_master_connections_total";
+
+/// The states a task can be in while the agent runs it; one `TASKS` series
+/// each, so a state that drops to zero shows 0 instead of vanishing.
+pub(crate) const LIVE_STATES: [TaskState; 4] = [
+    TaskState::TaskStaging,
+    TaskState::TaskStarting,
+    TaskState::TaskRunning,
+    TaskState::TaskKilling,
+];
+
+const METADATA: Metadata<'static> =
+    Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
+
+/// One agent's recorder and the handles the actor updates.
+pub(crate) struct AgentMetrics {
+    handle: PrometheusHandle,
+    tasks: HashMap<TaskState, Gauge>,
+    pub(crate) status_updates_pending: Gauge,
+    pub(crate) status_updates_sent: Counter,
+    pub(crate) acks_ignored: Counter,
+    pub(crate) master_connections: Counter,
+}
+
+impl AgentMetrics {
+    pub(crate) fn new(total: &Resources) -> Self {
+        let recorder: PrometheusRecorder = PrometheusBuilder::new().build_recorder();
+        describe(&recorder);
+        let gauge = |name: &'static str, labels: Vec<Label>| {
+            recorder.register_gauge(&Key::from_parts(name, labels), &METADATA)
+        };
+        let counter =
+            |name: &'static str| recorder.register_counter(&Key::from_static_name(name), &METADATA);
+        let tasks = LIVE_STATES
+            .iter()
+            .map(|&s| {
+                let g = gauge(TASKS, vec![Label::new("state", state_name(s))]);
+                g.set(0.0);
+                (s, g)
+            })
+            .collect();
+        for (name, amount) in total.scalars() {
+            gauge(RESOURCES_TOTAL, vec![Label::new("resource", name)]).set(amount.as_f64());
+        }
+        let status_updates_pending = gauge(STATUS_UPDATES_PENDING, Vec::new());
+        status_updates_pending.set(0.0);
+        let metrics = Self {
+            handle: recorder.handle(),
+            tasks,
+            status_updates_pending,
+            status_updates_sent: counter(STATUS_UPDATES_SENT_TOTAL),
+            acks_ignored: counter(STATUS_UPDATE_ACKS_IGNORED_TOTAL),
+            master_connections: counter(MASTER_CONNECTIONS_TOTAL),
+        };
+        // Counters only appear in the output once touched; show them at 0.
+        metrics.status_updates_sent.increment(0);
+        metrics.acks_ignored.increment(0);
+        metrics.master_connections.increment(0);
+        metrics
+    }
+
+    /// The renderer for `/metrics`; cheap to clone.
+    pub(crate) fn handle(&self) -> PrometheusHandle {
+        self.handle.clone()
+    }
+
+    /// Sets the per-state task gauges from the actor's counts.
+    pub(crate) fn set_task_counts(&self, counts: &HashMap<TaskState, usize>) {
+        for (state, gauge) in &self.tasks {
+            gauge.set(counts.get(state).copied().unwrap_or(0) as f64);
+        }
+    }
+}
+
+fn describe(recorder: &PrometheusRecorder) {
+    let gauges = [
+        (TASKS, "Tasks the agent holds, by non-terminal state."),
+        (
+            RESOURCES_TOTAL,
+            "Total of each scalar resource the agent offers (cpus, mem and disk in MiB, gpus).",
+        ),
+        (
+            STATUS_UPDATES_PENDING,
+            "Task status updates waiting for acknowledgement.",
+        ),
+    ];
+    for (name, help) in gauges {
+        recorder.describe_gauge(name.into(), None, help.into());
+    }
+    let counters = [
+        (
+            STATUS_UPDATES_SENT_TOTAL,
+            "Task status updates sent to the master, retries included.",
+        ),
+        (
+            STATUS_UPDATE_ACKS_IGNORED_TOTAL,
+            "Status update acknowledgements that matched no pending update.",
+        ),
+        (
+            MASTER_CONNECTIONS_TOTAL,
+            "Successful (re)registrations with the master.",
+        ),
+    ];
+    for (name, help) in counters {
+        recorder.describe_counter(name.into(), None, help.into());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_name_is_rendered_from_the_start() {
+        let total = Resources::parse("cpus:2;mem:1024").unwrap();
+        let m = AgentMetrics::new(&total);
+        let text = m.handle().render();
+        for name in [
+            TASKS,
+            RESOURCES_TOTAL,
+            STATUS_UPDATES_PENDING,
+            STATUS_UPDATES_SENT_TOTAL,
+            STATUS_UPDATE_ACKS_IGNORED_TOTAL,
+            MASTER_CONNECTIONS_TOTAL,
+        ] {
+            assert!(text.contains(name), "{name} missing from:\n{text}");
+        }
+        assert!(text.contains("corral_agent_tasks{state=\"TASK_RUNNING\"} 0"));
+        assert!(text.contains("corral_agent_resources_total{resource=\"cpus\"} 2"));
+    }
+
+    #[test]
+    fn two_agents_in_one_process_have_separate_metrics() {
+        let a = AgentMetrics::new(&Resources::parse("cpus:1").unwrap());
+        let b = AgentMetrics::new(&Resources::parse("cpus:7").unwrap());
+        a.master_connections.increment(3);
+        assert!(
+            a.handle()
+                .render()
+                .contains("corral_agent_master_connections_total 3")
+        );
+        assert!(
+            b.handle()
+                .render()
+                .contains("corral_agent_master_connections_total 0")
+        );
+        assert!(b.handle().render().contains("resource=\"cpus\"} 7"));
+    }
+}

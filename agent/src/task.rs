@@ -1,0 +1,192 @@
+//! Tasks as plain child processes: sandbox, launch, signals, waiting.
+//!
+//! Each task runs in its own process group (`setpgid(0, 0)` in the child,
+//! via `process_group(0)`), so signals reach everything the command started,
+//! and everything is SIGKILLed once the main process is gone. cgroups and
+//! namespaces come in a later issue.
+
+use std::fs::File;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+
+use corral_proto::pb;
+use corral_proto::{FrameworkId, TaskId};
+use nix::errno::Errno;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::process::{Child, Command};
+
+/// The only files of a sandbox the agent API serves.
+pub(crate) const SANDBOX_FILES: [&str; 2] = ["stdout", "stderr"];
+
+/// `PATH` of every task; the agent's own environment is not passed on, so
+/// tasks do not depend on how the agent was started.
+const TASK_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// One error per thing that can go wrong launching a task; the message ends
+/// up in the TASK_FAILED update.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum LaunchError {
+    #[error("cannot create sandbox {path}: {source}")]
+    Sandbox {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot create {path}: {source}")]
+    LogFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot start '{program}': {source}")]
+    Spawn {
+        program: String,
+        source: std::io::Error,
+    },
+}
+
+/// `<work_dir>/sandboxes/<framework_id>/<task_id>`; the ids are validated
+/// newtypes, so they cannot climb out of the work dir.
+pub(crate) fn sandbox_path(
+    work_dir: &Path,
+    framework_id: &FrameworkId,
+    task_id: &TaskId,
+) -> PathBuf {
+    work_dir
+        .join("sandboxes")
+        .join(framework_id.as_str())
+        .join(task_id.as_str())
+}
+
+/// What a task needs to start.
+pub(crate) struct LaunchSpec<'a> {
+    pub(crate) sandbox: &'a Path,
+    pub(crate) framework_id: &'a FrameworkId,
+    pub(crate) task_id: &'a TaskId,
+    pub(crate) agent_id: &'a str,
+    pub(crate) command: &'a pb::CommandInfo,
+}
+
+/// Creates the sandbox with fresh `stdout` and `stderr` files and starts the
+/// command in it.
+///
+/// The environment is built from scratch: `PATH` (above), `HOME` = the
+/// sandbox (tasks get a private writable home instead of the agent's),
+/// `CORRAL_SANDBOX`, `CORRAL_TASK_ID`, `CORRAL_FRAMEWORK_ID`,
+/// `CORRAL_AGENT_ID`, then the task's own variables, which win. stdin is
+/// `/dev/null`. `shell`: `/bin/sh -c value`; otherwise `value` is executed
+/// with `arguments` as the whole argv (argv[0] included, as in Mesos).
+///
+/// Runs on the caller's thread: mkdir, two opens and a fork/exec are short,
+/// and doing them in order keeps the launch simple.
+pub(crate) fn launch(spec: &LaunchSpec<'_>) -> Result<Child, LaunchError> {
+    std::fs::create_dir_all(spec.sandbox).map_err(|source| LaunchError::Sandbox {
+        path: spec.sandbox.to_path_buf(),
+        source,
+    })?;
+    let open = |name: &str| {
+        let path = spec.sandbox.join(name);
+        File::create(&path).map_err(|source| LaunchError::LogFile { path, source })
+    };
+    let (stdout, stderr) = (open("stdout")?, open("stderr")?);
+
+    let cmd = spec.command;
+    let (program, mut command) = if cmd.shell {
+        let mut c = Command::new("/bin/sh");
+        c.arg("-c").arg(&cmd.value);
+        ("/bin/sh".to_string(), c)
+    } else {
+        let mut c = Command::new(&cmd.value);
+        if let Some((argv0, rest)) = cmd.arguments.split_first() {
+            c.arg0(argv0).args(rest);
+        }
+        (cmd.value.clone(), c)
+    };
+    command
+        .current_dir(spec.sandbox)
+        .env_clear()
+        .env("PATH", TASK_PATH)
+        .env("HOME", spec.sandbox)
+        .env("CORRAL_SANDBOX", spec.sandbox)
+        .env("CORRAL_TASK_ID", spec.task_id.as_str())
+        .env("CORRAL_FRAMEWORK_ID", spec.framework_id.as_str())
+        .env("CORRAL_AGENT_ID", spec.agent_id)
+        .envs(&cmd.environment)
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr)
+        .process_group(0)
+        // The waiter owns the child and kills its whole group itself.
+        .kill_on_drop(false);
+    command
+        .spawn()
+        .map_err(|source| LaunchError::Spawn { program, source })
+}
+
+/// Sends `signal` to the process group `pgid`. A group that is already gone
+/// (ESRCH) is not an error: the task exited on its own.
+pub(crate) fn signal_group(pgid: u32, signal: Signal) -> Result<(), Errno> {
+    let Ok(raw) = i32::try_from(pgid) else {
+        return Err(Errno::EINVAL);
+    };
+    match killpg(Pid::from_raw(raw), signal) {
+        Ok(()) | Err(Errno::ESRCH) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// SIGKILLs a process group when dropped while armed: if the waiter is
+/// dropped (agent aborted, test runtime torn down) no task outlives it.
+struct GroupKillGuard(Option<u32>);
+
+impl GroupKillGuard {
+    fn fire(&mut self) {
+        if let Some(pgid) = self.0.take()
+            && let Err(e) = signal_group(pgid, Signal::SIGKILL)
+        {
+            tracing::warn!(pgid, error = %e, "cannot kill process group");
+        }
+    }
+}
+
+impl Drop for GroupKillGuard {
+    fn drop(&mut self) {
+        self.fire();
+    }
+}
+
+/// How a task's main process ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Termination {
+    Exited(i32),
+    Signaled(i32),
+    /// waitpid failed; the group was killed anyway.
+    WaitFailed(String),
+}
+
+impl From<ExitStatus> for Termination {
+    fn from(status: ExitStatus) -> Self {
+        match (status.code(), status.signal()) {
+            (Some(code), _) => Termination::Exited(code),
+            (None, Some(sig)) => Termination::Signaled(sig),
+            (None, None) => Termination::WaitFailed(format!("unexpected wait status {status}")),
+        }
+    }
+}
+
+/// Waits for the main process without blocking the runtime (tokio reaps on
+/// SIGCHLD), then SIGKILLs its group so nothing it started is left behind.
+pub(crate) async fn wait(mut child: Child, pgid: u32) -> Termination {
+    let mut guard = GroupKillGuard(Some(pgid));
+    let termination = match child.wait().await {
+        Ok(status) => Termination::from(status),
+        Err(e) => Termination::WaitFailed(e.to_string()),
+    };
+    guard.fire();
+    termination
+}
+
+/// The signal's name for messages, e.g. `SIGTERM`.
+pub(crate) fn signal_name(sig: i32) -> &'static str {
+    Signal::try_from(sig).map_or("unknown signal", Signal::as_str)
+}
