@@ -1,0 +1,1716 @@
+//! The master actor: one tokio task owns every agent, framework, offer and
+//! task record and the allocator. The gRPC and HTTP layers send it
+//! [`Command`]s and await the reply; nothing else touches this state, so
+//! there are no locks to reason about.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use corral_allocator::Allocator;
+use corral_proto::task::{is_terminal, now_seconds, reason_name, state_name};
+use corral_proto::{AgentId, FrameworkId, OfferId, Resources, TaskId, pb};
+use pb::{Reason, Source, TaskState};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tonic::Status;
+use tracing::{debug, info, warn};
+
+use crate::config::{AGENT_MESSAGE_BUFFER, FRAMEWORK_EVENT_BUFFER, MasterConfig};
+use crate::metrics::Metrics;
+use crate::state::{self, ResourcesJson, StateSnapshot};
+use crate::validation::{self, FieldError};
+
+pub(crate) type AgentTx = mpsc::Sender<Result<pb::MasterMessage, Status>>;
+pub(crate) type EventTx = mpsc::Sender<Result<pb::Event, Status>>;
+pub(crate) type EventRx = mpsc::Receiver<Result<pb::Event, Status>>;
+
+/// What SUBSCRIBE hands the gRPC layer: the event stream and who it is for.
+pub(crate) struct Subscription {
+    pub(crate) events: EventRx,
+    pub(crate) framework_id: FrameworkId,
+    pub(crate) stream_id: String,
+}
+type Reply<T> = oneshot::Sender<Result<T, Status>>;
+type TaskKey = (FrameworkId, TaskId);
+
+/// Commands are processed in batches of at most this many before an
+/// event-triggered allocation runs, so a burst of declines or task ends
+/// costs one allocation round, not one per message (Mesos batches the same way).
+const MAX_BATCH: usize = 256;
+
+pub(crate) enum Command {
+    AgentRegister {
+        register: pb::Register,
+        tx: AgentTx,
+        reply: Reply<(AgentId, u64)>,
+    },
+    AgentMessage {
+        agent_id: AgentId,
+        conn: u64,
+        message: pb::agent_message::Message,
+    },
+    AgentDisconnected {
+        agent_id: AgentId,
+        conn: u64,
+    },
+    Subscribe {
+        request: pb::SubscribeRequest,
+        reply: Reply<Subscription>,
+    },
+    FrameworkDisconnected {
+        framework_id: FrameworkId,
+        stream_id: String,
+    },
+    Call {
+        call: Call,
+        reply: Reply<()>,
+    },
+    Snapshot {
+        reply: oneshot::Sender<StateSnapshot>,
+    },
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+pub(crate) enum Call {
+    Accept(pb::AcceptRequest),
+    Decline(pb::DeclineRequest),
+    Revive(pb::ReviveRequest),
+    Suppress(pb::SuppressRequest),
+    Kill(pb::KillRequest),
+    Acknowledge(pb::AcknowledgeRequest),
+    Reconcile(pb::ReconcileRequest),
+    Teardown(pb::TeardownRequest),
+}
+
+impl Call {
+    fn name(&self) -> &'static str {
+        match self {
+            Call::Accept(_) => "accept",
+            Call::Decline(_) => "decline",
+            Call::Revive(_) => "revive",
+            Call::Suppress(_) => "suppress",
+            Call::Kill(_) => "kill",
+            Call::Acknowledge(_) => "acknowledge",
+            Call::Reconcile(_) => "reconcile",
+            Call::Teardown(_) => "teardown",
+        }
+    }
+
+    fn header(&self) -> Option<&pb::CallHeader> {
+        match self {
+            Call::Accept(r) => r.header.as_ref(),
+            Call::Decline(r) => r.header.as_ref(),
+            Call::Revive(r) => r.header.as_ref(),
+            Call::Suppress(r) => r.header.as_ref(),
+            Call::Kill(r) => r.header.as_ref(),
+            Call::Acknowledge(r) => r.header.as_ref(),
+            Call::Reconcile(r) => r.header.as_ref(),
+            Call::Teardown(r) => r.header.as_ref(),
+        }
+    }
+}
+
+/// The one place the master turns a field error into a gRPC status.
+fn invalid(e: FieldError) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+struct AgentConn {
+    id: u64,
+    tx: AgentTx,
+}
+
+struct Agent {
+    id: AgentId,
+    info: pb::AgentInfo,
+    total: Resources,
+    /// `None` while the agent is unreachable.
+    conn: Option<AgentConn>,
+    last_seen: Instant,
+    registered_at: f64,
+    tasks: HashSet<TaskKey>,
+    /// Kills asked for while the agent was unreachable, sent when it returns.
+    pending_kills: HashMap<TaskKey, Option<f64>>,
+}
+
+struct FrameworkConn {
+    stream_id: String,
+    tx: EventTx,
+}
+
+struct Framework {
+    id: FrameworkId,
+    info: pb::FrameworkInfo,
+    role: String,
+    failover_timeout: Duration,
+    conn: Option<FrameworkConn>,
+    disconnected_at: Option<Instant>,
+    suppressed: bool,
+    registered_at: f64,
+    tasks: HashSet<TaskId>,
+    offers: HashSet<OfferId>,
+}
+
+struct Offer {
+    framework_id: FrameworkId,
+    agent_id: AgentId,
+    resources: Resources,
+    created: Instant,
+}
+
+struct Task {
+    agent_id: AgentId,
+    info: pb::TaskInfo,
+    resources: Resources,
+    status: pb::TaskStatus,
+    /// uuid of the terminal agent update; its acknowledgement retires the task.
+    terminal_uuid: Option<Vec<u8>>,
+}
+
+impl Task {
+    fn state(&self) -> TaskState {
+        self.status.state()
+    }
+}
+
+/// Cheap handle for the gRPC/HTTP layers.
+#[derive(Clone)]
+pub(crate) struct MasterHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl MasterHandle {
+    /// Sends a command built around a reply channel and awaits the answer.
+    pub(crate) async fn request<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, Status> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(make(reply))
+            .await
+            .map_err(|_| Status::unavailable("master is shutting down"))?;
+        rx.await
+            .map_err(|_| Status::unavailable("master is shutting down"))
+    }
+
+    pub(crate) async fn send(&self, command: Command) {
+        // A closed channel means the master is stopping; nothing to tell.
+        let _ = self.tx.send(command).await;
+    }
+
+    /// For `Drop` impls, which cannot await: queue if there is room,
+    /// otherwise hand the send to a task.
+    pub(crate) fn send_from_drop(&self, command: Command) {
+        if let Err(mpsc::error::TrySendError::Full(command)) = self.tx.try_send(command) {
+            let handle = self.clone();
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move { handle.send(command).await });
+            }
+        }
+    }
+}
+
+pub(crate) struct Master {
+    config: MasterConfig,
+    start: Instant,
+    allocator: Allocator,
+    agents: HashMap<AgentId, Agent>,
+    frameworks: HashMap<FrameworkId, Framework>,
+    /// Torn down or timed out; a SUBSCRIBE with one of these ids is refused.
+    removed_frameworks: HashSet<FrameworkId>,
+    tasks: HashMap<TaskKey, Task>,
+    completed: VecDeque<state::TaskState>,
+    offers: HashMap<OfferId, Offer>,
+    metrics: Arc<Metrics>,
+    next_conn: u64,
+    allocation_pending: bool,
+    /// Frameworks whose stream broke while sending; handled after the command.
+    broken_streams: Vec<(FrameworkId, String)>,
+}
+
+/// Starts the actor; returns the handle the servers use.
+pub(crate) fn spawn(config: MasterConfig, metrics: Arc<Metrics>) -> MasterHandle {
+    let (tx, rx) = mpsc::channel(4096);
+    let handle = MasterHandle { tx };
+    let mut allocator = Allocator::new();
+    for (role, weight) in &config.weights {
+        allocator.set_weight(role, *weight);
+    }
+    let master = Master {
+        config,
+        start: Instant::now(),
+        allocator,
+        agents: HashMap::new(),
+        frameworks: HashMap::new(),
+        removed_frameworks: HashSet::new(),
+        tasks: HashMap::new(),
+        completed: VecDeque::new(),
+        offers: HashMap::new(),
+        metrics,
+        next_conn: 0,
+        allocation_pending: false,
+        broken_streams: Vec::new(),
+    };
+    tokio::spawn(master.run(rx));
+    handle
+}
+
+impl Master {
+    async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        let mut allocation = tokio::time::interval(self.config.allocation_interval);
+        let mut agent_tick = tokio::time::interval(self.config.agent_heartbeat_interval);
+        let mut framework_tick = tokio::time::interval(self.config.framework_heartbeat_interval);
+        for t in [&mut allocation, &mut agent_tick, &mut framework_tick] {
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        }
+        loop {
+            tokio::select! {
+                command = rx.recv() => {
+                    let Some(command) = command else { break };
+                    if self.handle_command(command) {
+                        break;
+                    }
+                    // Drain what is already queued before allocating.
+                    let mut stop = false;
+                    for _ in 0..MAX_BATCH {
+                        match rx.try_recv() {
+                            Ok(c) => if self.handle_command(c) { stop = true; break; },
+                            Err(_) => break,
+                        }
+                    }
+                    if stop {
+                        break;
+                    }
+                    if self.allocation_pending {
+                        self.allocate();
+                    }
+                }
+                _ = allocation.tick() => self.allocate(),
+                _ = agent_tick.tick() => self.agent_tick(),
+                _ = framework_tick.tick() => self.framework_tick(),
+            }
+        }
+        info!("master actor stopped");
+    }
+
+    /// Returns true when the master should stop.
+    fn handle_command(&mut self, command: Command) -> bool {
+        match command {
+            Command::AgentRegister {
+                register,
+                tx,
+                reply,
+            } => {
+                let r = self.register_agent(register, tx);
+                let _ = reply.send(r);
+            }
+            Command::AgentMessage {
+                agent_id,
+                conn,
+                message,
+            } => self.agent_message(&agent_id, conn, message),
+            Command::AgentDisconnected { agent_id, conn } => {
+                let current = self
+                    .agents
+                    .get(&agent_id)
+                    .and_then(|a| a.conn.as_ref())
+                    .is_some_and(|c| c.id == conn);
+                if current {
+                    self.agent_unreachable(&agent_id, "its stream was closed");
+                }
+            }
+            Command::Subscribe { request, reply } => {
+                let r = self.subscribe(request);
+                let _ = reply.send(r);
+            }
+            Command::FrameworkDisconnected {
+                framework_id,
+                stream_id,
+            } => self.framework_disconnected(&framework_id, &stream_id),
+            Command::Call { call, reply } => {
+                let name = call.name();
+                let r = self.call(call);
+                if r.is_err() {
+                    self.metrics.invalid_call(name);
+                }
+                let _ = reply.send(r);
+            }
+            Command::Snapshot { reply } => {
+                let _ = reply.send(self.snapshot());
+            }
+            Command::Shutdown { reply } => {
+                // Dropping every sender ends every stream, so the server's
+                // graceful shutdown does not wait on them forever.
+                for a in self.agents.values_mut() {
+                    a.conn = None;
+                }
+                for f in self.frameworks.values_mut() {
+                    f.conn = None;
+                }
+                let _ = reply.send(());
+                return true;
+            }
+        }
+        for (fid, stream) in std::mem::take(&mut self.broken_streams) {
+            self.framework_disconnected(&fid, &stream);
+        }
+        false
+    }
+
+    fn now(&self) -> Duration {
+        Instant::now().duration_since(self.start)
+    }
+
+    fn next_conn_id(&mut self) -> u64 {
+        self.next_conn += 1;
+        self.next_conn
+    }
+
+    // ---------------------------------------------------------------- agents
+
+    fn register_agent(
+        &mut self,
+        register: pb::Register,
+        tx: AgentTx,
+    ) -> Result<(AgentId, u64), Status> {
+        let info = register.info.unwrap_or_default();
+        let valid = validation::agent_info(&info).map_err(invalid)?;
+        let mut reported: Vec<(TaskKey, pb::TaskInfo, TaskState)> = Vec::new();
+        for (i, t) in register.tasks.iter().enumerate() {
+            let fid = FrameworkId::parse(
+                &t.framework_id,
+                &format!("register.tasks[{i}].framework_id"),
+            )
+            .map_err(|e| invalid(e.into()))?;
+            let task = t.task.clone().unwrap_or_default();
+            let tid = TaskId::parse(&task.task_id, &format!("register.tasks[{i}].task.task_id"))
+                .map_err(|e| invalid(e.into()))?;
+            reported.push(((fid, tid), task, t.state()));
+        }
+        let reregister = valid.id.is_some();
+        let id = valid
+            .id
+            .clone()
+            .unwrap_or_else(|| AgentId::generated(uuid::Uuid::new_v4().to_string()));
+        let conn_id = self.next_conn_id();
+        let now = Instant::now();
+
+        // Registered goes first on the new stream, before kills or shutdowns.
+        let registered = pb::MasterMessage {
+            message: Some(pb::master_message::Message::Registered(pb::Registered {
+                agent_id: id.to_string(),
+                heartbeat_interval_seconds: self.config.agent_heartbeat_interval.as_secs_f64(),
+            })),
+        };
+        tx.try_send(Ok(registered))
+            .map_err(|_| Status::unavailable("agent stream closed during registration"))?;
+
+        // An agent that reconnects before we noticed it was gone: settle the
+        // old connection first (its offers are rescinded).
+        if self.agents.get(&id).is_some_and(|a| a.conn.is_some()) {
+            self.rescind_agent_offers(&id);
+        }
+        let agent = self.agents.entry(id.clone()).or_insert_with(|| Agent {
+            id: id.clone(),
+            info: valid.info.clone(),
+            total: valid.total.clone(),
+            conn: None,
+            last_seen: now,
+            registered_at: now_seconds(),
+            tasks: HashSet::new(),
+            pending_kills: HashMap::new(),
+        });
+        agent.info = valid.info;
+        agent.info.id = id.to_string();
+        agent.total = valid.total;
+        agent.conn = Some(AgentConn { id: conn_id, tx });
+        agent.last_seen = now;
+        info!(agent_id = %id, hostname = %agent.info.hostname, reregister, tasks = reported.len(), "agent registered");
+
+        // Frameworks the agent knows of that we do not (e.g. after a master
+        // restart) come back as disconnected records so their tasks are
+        // accounted for; their failover timeout runs from now.
+        for fi in &register.frameworks {
+            if let Ok(v) = validation::framework_info(fi)
+                && let Some(fid) = v.id.clone()
+                && !self.frameworks.contains_key(&fid)
+                && !self.removed_frameworks.contains(&fid)
+            {
+                self.add_framework_record(fid, v, None);
+            }
+        }
+
+        if reregister {
+            self.reconcile_agent_tasks(&id, reported);
+        }
+
+        // The allocator learns the agent with what its tasks hold.
+        let mut used: HashMap<FrameworkId, Resources> = HashMap::new();
+        if let Some(agent) = self.agents.get(&id) {
+            for key in &agent.tasks {
+                if let Some(t) = self.tasks.get(key)
+                    && !is_terminal(t.state())
+                {
+                    used.entry(key.0.clone()).or_default().add(&t.resources);
+                }
+            }
+        }
+        if let Some(agent) = self.agents.get(&id) {
+            self.allocator
+                .add_agent(id.clone(), agent.total.clone(), used.into_iter().collect());
+        }
+
+        // Kills asked for while it was away.
+        let kills: Vec<_> = self
+            .agents
+            .get_mut(&id)
+            .map(|a| a.pending_kills.drain().collect())
+            .unwrap_or_default();
+        for ((fid, tid), grace) in kills {
+            self.send_to_agent(&id, kill_message(&fid, &tid, grace));
+        }
+        self.allocation_pending = true;
+        Ok((id, conn_id))
+    }
+
+    /// Brings the master's view of a returning agent's tasks in line with
+    /// what the agent reports.
+    fn reconcile_agent_tasks(
+        &mut self,
+        id: &AgentId,
+        reported: Vec<(TaskKey, pb::TaskInfo, TaskState)>,
+    ) {
+        let reported_keys: HashSet<TaskKey> = reported.iter().map(|(k, _, _)| k.clone()).collect();
+        let known: Vec<TaskKey> = self
+            .agents
+            .get(id)
+            .map(|a| a.tasks.iter().cloned().collect())
+            .unwrap_or_default();
+        // Tasks we thought were there but the agent does not have.
+        for key in known {
+            if reported_keys.contains(&key) {
+                continue;
+            }
+            let live = self
+                .tasks
+                .get(&key)
+                .is_some_and(|t| !is_terminal(t.state()));
+            if live {
+                self.master_update(
+                    &key,
+                    TaskState::TaskLost,
+                    Reason::AgentReregistered,
+                    "the agent came back without this task",
+                );
+            }
+        }
+        for (key, info, state) in reported {
+            if self.removed_frameworks.contains(&key.0) {
+                self.send_to_agent(
+                    id,
+                    pb::MasterMessage {
+                        message: Some(pb::master_message::Message::ShutdownFramework(
+                            pb::ShutdownFramework {
+                                framework_id: key.0.to_string(),
+                            },
+                        )),
+                    },
+                );
+                continue;
+            }
+            if let Some(task) = self.tasks.get(&key) {
+                // A terminal state arrives as the agent's own (acknowledgeable)
+                // status update; only live states are taken from the report.
+                if !is_terminal(state) && task.state() != state && !is_terminal(task.state()) {
+                    self.master_update(
+                        &key,
+                        state,
+                        Reason::AgentReregistered,
+                        "agent re-registered",
+                    );
+                }
+                continue;
+            }
+            if is_terminal(state) {
+                continue;
+            }
+            let resources =
+                Resources::from_proto(&info.resources, "task.resources").unwrap_or_default();
+            if !self.frameworks.contains_key(&key.0) {
+                let info = pb::FrameworkInfo {
+                    id: key.0.to_string(),
+                    name: "(recovered)".into(),
+                    ..Default::default()
+                };
+                if let Ok(v) = validation::framework_info(&info) {
+                    self.add_framework_record(key.0.clone(), v, None);
+                }
+            }
+            let status = pb::TaskStatus {
+                task_id: key.1.to_string(),
+                state: state as i32,
+                source: Source::Master as i32,
+                reason: Reason::AgentReregistered as i32,
+                agent_id: id.to_string(),
+                framework_id: key.0.to_string(),
+                timestamp: now_seconds(),
+                ..Default::default()
+            };
+            self.insert_task(key, id.clone(), info, resources, status);
+        }
+    }
+
+    fn agent_message(&mut self, id: &AgentId, conn: u64, message: pb::agent_message::Message) {
+        let Some(agent) = self.agents.get_mut(id) else {
+            return;
+        };
+        if agent.conn.as_ref().map(|c| c.id) != Some(conn) {
+            return; // from a connection that was replaced
+        }
+        agent.last_seen = Instant::now();
+        match message {
+            pb::agent_message::Message::Heartbeat(_) => {}
+            pb::agent_message::Message::StatusUpdate(update) => self.status_update(id, update),
+            pb::agent_message::Message::Register(_) => {
+                warn!(agent_id = %id, "ignoring a second register on one stream");
+            }
+        }
+    }
+
+    fn agent_tick(&mut self) {
+        let limit = self.config.agent_unreachable_after();
+        let now = Instant::now();
+        let silent: Vec<AgentId> = self
+            .agents
+            .values()
+            .filter(|a| a.conn.is_some() && now.duration_since(a.last_seen) > limit)
+            .map(|a| a.id.clone())
+            .collect();
+        for id in silent {
+            self.agent_unreachable(&id, "it missed its heartbeats");
+        }
+        let ids: Vec<AgentId> = self
+            .agents
+            .values()
+            .filter(|a| a.conn.is_some())
+            .map(|a| a.id.clone())
+            .collect();
+        for id in ids {
+            self.send_to_agent(
+                &id,
+                pb::MasterMessage {
+                    message: Some(pb::master_message::Message::Heartbeat(
+                        pb::MasterHeartbeat {},
+                    )),
+                },
+            );
+        }
+        if let Some(timeout) = self.config.offer_timeout {
+            let expired: Vec<OfferId> = self
+                .offers
+                .iter()
+                .filter(|(_, o)| now.duration_since(o.created) >= timeout)
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in expired {
+                self.rescind_offer(&id);
+            }
+        }
+    }
+
+    /// Marks an agent unreachable: its offers are rescinded, its tasks become
+    /// TASK_UNREACHABLE but keep their resources (they may still run).
+    fn agent_unreachable(&mut self, id: &AgentId, why: &str) {
+        let Some(agent) = self.agents.get_mut(id) else {
+            return;
+        };
+        if agent.conn.take().is_none() {
+            return;
+        }
+        warn!(agent_id = %id, "agent unreachable: {why}");
+        let keys: Vec<TaskKey> = agent.tasks.iter().cloned().collect();
+        self.rescind_agent_offers(id);
+        self.allocator.set_agent_active(id, false);
+        for key in keys {
+            let live = self
+                .tasks
+                .get(&key)
+                .is_some_and(|t| !is_terminal(t.state()));
+            if live {
+                self.master_update(
+                    &key,
+                    TaskState::TaskUnreachable,
+                    Reason::AgentDisconnected,
+                    &format!("agent {id} is unreachable: {why}"),
+                );
+            }
+        }
+    }
+
+    fn send_to_agent(&mut self, id: &AgentId, message: pb::MasterMessage) {
+        let Some(agent) = self.agents.get(id) else {
+            return;
+        };
+        let Some(conn) = &agent.conn else { return };
+        if conn.tx.try_send(Ok(message)).is_err() {
+            // Full or closed: the agent cannot keep up or is gone. Treat it as
+            // a broken stream; it re-registers and nothing is lost because
+            // kills are re-sent and updates are retried by the agent.
+            self.agent_unreachable(id, "its stream is full or closed");
+        }
+    }
+
+    // ------------------------------------------------------------ frameworks
+
+    fn add_framework_record(
+        &mut self,
+        id: FrameworkId,
+        v: validation::ValidFramework,
+        conn: Option<FrameworkConn>,
+    ) {
+        let connected = conn.is_some();
+        self.allocator.add_framework(id.clone(), &v.role);
+        self.allocator.set_framework_active(&id, connected);
+        let mut info = v.info;
+        info.id = id.to_string();
+        self.frameworks.insert(
+            id.clone(),
+            Framework {
+                id,
+                info,
+                role: v.role,
+                failover_timeout: v.failover_timeout,
+                conn,
+                disconnected_at: if connected {
+                    None
+                } else {
+                    Some(Instant::now())
+                },
+                suppressed: false,
+                registered_at: now_seconds(),
+                tasks: HashSet::new(),
+                offers: HashSet::new(),
+            },
+        );
+    }
+
+    fn subscribe(&mut self, request: pb::SubscribeRequest) -> Result<Subscription, Status> {
+        let info = request.framework_info.unwrap_or_default();
+        let v = validation::framework_info(&info).map_err(invalid)?;
+        if let Some(id) = &v.id
+            && self.removed_frameworks.contains(id)
+        {
+            return Err(Status::failed_precondition(format!(
+                "framework {id} was removed (torn down or its failover timeout expired); subscribe without an id to start over"
+            )));
+        }
+        let id =
+            v.id.clone()
+                .unwrap_or_else(|| FrameworkId::generated(uuid::Uuid::new_v4().to_string()));
+        let (tx, rx) = mpsc::channel(FRAMEWORK_EVENT_BUFFER);
+        let stream_id = uuid::Uuid::new_v4().to_string();
+        let subscribed = pb::Event {
+            event: Some(pb::event::Event::Subscribed(pb::Subscribed {
+                framework_id: id.to_string(),
+                stream_id: stream_id.clone(),
+                heartbeat_interval_seconds: self.config.framework_heartbeat_interval.as_secs_f64(),
+            })),
+        };
+        tx.try_send(Ok(subscribed))
+            .map_err(|_| Status::internal("could not queue the subscribed event"))?;
+        let conn = FrameworkConn {
+            stream_id: stream_id.clone(),
+            tx,
+        };
+        if let Some(fw) = self.frameworks.get_mut(&id) {
+            // Failover: a new instance takes over from the old connection.
+            if let Some(old) = fw.conn.take() {
+                let _ = old.tx.try_send(Ok(error_event(
+                    "framework failed over: a newer subscription with the same id replaced this one",
+                )));
+            }
+            if fw.role != v.role {
+                warn!(framework_id = %id, old = %fw.role, new = %v.role, "role change on re-subscribe is ignored");
+            }
+            fw.info = v.info;
+            fw.info.id = id.to_string();
+            fw.info.role = fw.role.clone();
+            fw.failover_timeout = v.failover_timeout;
+            fw.conn = Some(conn);
+            fw.disconnected_at = None;
+            fw.suppressed = false;
+            info!(framework_id = %id, "framework re-subscribed");
+            self.rescind_framework_offers(&id);
+            self.allocator.set_framework_active(&id, true);
+            self.allocator.revive(&id);
+        } else {
+            info!(framework_id = %id, name = %v.info.name, role = %v.role, "framework subscribed");
+            self.add_framework_record(id.clone(), v, Some(conn));
+        }
+        self.allocation_pending = true;
+        Ok(Subscription {
+            events: rx,
+            framework_id: id,
+            stream_id,
+        })
+    }
+
+    fn framework_disconnected(&mut self, id: &FrameworkId, stream_id: &str) {
+        let Some(fw) = self.frameworks.get_mut(id) else {
+            return;
+        };
+        if fw.conn.as_ref().map(|c| c.stream_id.as_str()) != Some(stream_id) {
+            return; // an older stream
+        }
+        fw.conn = None;
+        fw.disconnected_at = Some(Instant::now());
+        let timeout = fw.failover_timeout;
+        info!(framework_id = %id, failover_timeout = ?timeout, "framework disconnected");
+        self.rescind_framework_offers(id);
+        self.allocator.set_framework_active(id, false);
+        if timeout.is_zero() {
+            self.remove_framework(id, "its failover timeout (0 s) expired");
+        }
+    }
+
+    fn framework_tick(&mut self) {
+        let now = Instant::now();
+        let expired: Vec<FrameworkId> = self
+            .frameworks
+            .values()
+            .filter(|f| {
+                f.disconnected_at
+                    .is_some_and(|t| now.duration_since(t) >= f.failover_timeout)
+            })
+            .map(|f| f.id.clone())
+            .collect();
+        for id in expired {
+            self.remove_framework(&id, "its failover timeout expired");
+        }
+        let ids: Vec<FrameworkId> = self
+            .frameworks
+            .values()
+            .filter(|f| f.conn.is_some())
+            .map(|f| f.id.clone())
+            .collect();
+        for id in ids {
+            self.send_event(
+                &id,
+                pb::Event {
+                    event: Some(pb::event::Event::Heartbeat(pb::Heartbeat {})),
+                },
+            );
+        }
+    }
+
+    /// Teardown or failover timeout: kill the framework's tasks, drop its
+    /// offers, forget it, and refuse its id from now on.
+    fn remove_framework(&mut self, id: &FrameworkId, why: &str) {
+        let Some(mut fw) = self.frameworks.remove(id) else {
+            return;
+        };
+        info!(framework_id = %id, "removing framework: {why}");
+        if let Some(conn) = fw.conn.take() {
+            let _ = conn
+                .tx
+                .try_send(Ok(error_event(&format!("framework removed: {why}"))));
+        }
+        for offer_id in fw.offers.drain() {
+            self.offers.remove(&offer_id);
+        }
+        let mut agents: HashSet<AgentId> = HashSet::new();
+        for tid in fw.tasks.drain() {
+            let key = (id.clone(), tid);
+            if let Some(task) = self.tasks.remove(&key) {
+                if let Some(agent) = self.agents.get_mut(&task.agent_id) {
+                    agent.tasks.remove(&key);
+                    agent.pending_kills.remove(&key);
+                }
+                if !is_terminal(task.state()) {
+                    agents.insert(task.agent_id.clone());
+                    self.metrics.terminal("TASK_KILLED", "FRAMEWORK_REMOVED");
+                    let mut status = task.status.clone();
+                    status.state = TaskState::TaskKilled as i32;
+                    status.reason = Reason::FrameworkRemoved as i32;
+                    status.message = format!("framework removed: {why}");
+                    self.push_completed(&task, &status);
+                } else {
+                    self.push_completed(&task, &task.status);
+                }
+            }
+        }
+        for agent_id in agents {
+            self.send_to_agent(
+                &agent_id,
+                pb::MasterMessage {
+                    message: Some(pb::master_message::Message::ShutdownFramework(
+                        pb::ShutdownFramework {
+                            framework_id: id.to_string(),
+                        },
+                    )),
+                },
+            );
+        }
+        self.allocator.remove_framework(id);
+        self.removed_frameworks.insert(id.clone());
+        self.allocation_pending = true;
+    }
+
+    /// Queues an event; a full or closed stream counts as a disconnection.
+    fn send_event(&mut self, id: &FrameworkId, event: pb::Event) {
+        let Some(fw) = self.frameworks.get(id) else {
+            return;
+        };
+        let Some(conn) = &fw.conn else { return };
+        if conn.tx.try_send(Ok(event)).is_err() {
+            self.broken_streams
+                .push((id.clone(), conn.stream_id.clone()));
+        }
+    }
+
+    fn send_update(&mut self, status: pb::TaskStatus) {
+        let Ok(fid) = FrameworkId::parse(&status.framework_id, "status.framework_id") else {
+            return;
+        };
+        self.send_event(
+            &fid,
+            pb::Event {
+                event: Some(pb::event::Event::Update(pb::Update {
+                    status: Some(status),
+                })),
+            },
+        );
+    }
+
+    // ---------------------------------------------------------------- offers
+
+    fn allocate(&mut self) {
+        self.allocation_pending = false;
+        let started = std::time::Instant::now();
+        let allocations = self.allocator.allocate(self.now());
+        self.metrics.allocation(started.elapsed().as_secs_f64());
+        if allocations.is_empty() {
+            return;
+        }
+        let now = self.now();
+        let mut batches: HashMap<FrameworkId, Vec<pb::Offer>> = HashMap::new();
+        for a in allocations {
+            let agent = self.agents.get(&a.agent_id).filter(|ag| ag.conn.is_some());
+            let framework = self
+                .frameworks
+                .get(&a.framework_id)
+                .filter(|f| f.conn.is_some());
+            let (Some(agent), Some(_)) = (agent, framework) else {
+                // Raced with a disconnect handled in this batch: give it back.
+                self.allocator
+                    .recover(&a.framework_id, &a.agent_id, &a.resources, None, now);
+                continue;
+            };
+            let id = OfferId::generated(uuid::Uuid::new_v4().to_string());
+            let offer = pb::Offer {
+                id: id.to_string(),
+                framework_id: a.framework_id.to_string(),
+                agent_id: a.agent_id.to_string(),
+                hostname: agent.info.hostname.clone(),
+                agent_address: agent.info.address.clone(),
+                resources: a.resources.to_proto(),
+                attributes: agent.info.attributes.clone(),
+            };
+            if let Some(fw) = self.frameworks.get_mut(&a.framework_id) {
+                fw.offers.insert(id.clone());
+            }
+            self.offers.insert(
+                id,
+                Offer {
+                    framework_id: a.framework_id.clone(),
+                    agent_id: a.agent_id,
+                    resources: a.resources,
+                    created: Instant::now(),
+                },
+            );
+            batches.entry(a.framework_id).or_default().push(offer);
+        }
+        for (fid, offers) in batches {
+            debug!(framework_id = %fid, count = offers.len(), "sending offers");
+            self.metrics.offers("sent", offers.len() as u64);
+            self.send_event(
+                &fid,
+                pb::Event {
+                    event: Some(pb::event::Event::Offers(pb::Offers { offers })),
+                },
+            );
+        }
+    }
+
+    /// Removes an offer and gives its resources back; tells the framework.
+    fn rescind_offer(&mut self, id: &OfferId) {
+        let Some(offer) = self.take_offer(id) else {
+            return;
+        };
+        let now = self.now();
+        self.allocator.recover(
+            &offer.framework_id,
+            &offer.agent_id,
+            &offer.resources,
+            None,
+            now,
+        );
+        self.metrics.offers("rescinded", 1);
+        self.send_event(
+            &offer.framework_id,
+            pb::Event {
+                event: Some(pb::event::Event::Rescind(pb::Rescind {
+                    offer_id: id.to_string(),
+                })),
+            },
+        );
+        self.allocation_pending = true;
+    }
+
+    fn take_offer(&mut self, id: &OfferId) -> Option<Offer> {
+        let offer = self.offers.remove(id)?;
+        if let Some(fw) = self.frameworks.get_mut(&offer.framework_id) {
+            fw.offers.remove(id);
+        }
+        Some(offer)
+    }
+
+    fn rescind_agent_offers(&mut self, agent: &AgentId) {
+        let ids: Vec<OfferId> = self
+            .offers
+            .iter()
+            .filter(|(_, o)| &o.agent_id == agent)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in ids {
+            self.rescind_offer(&id);
+        }
+    }
+
+    fn rescind_framework_offers(&mut self, framework: &FrameworkId) {
+        let ids: Vec<OfferId> = self
+            .frameworks
+            .get(framework)
+            .map(|f| f.offers.iter().cloned().collect())
+            .unwrap_or_default();
+        for id in ids {
+            self.rescind_offer(&id);
+        }
+    }
+
+    // ----------------------------------------------------------------- calls
+
+    fn check_header(&self, header: Option<&pb::CallHeader>) -> Result<FrameworkId, Status> {
+        let header = header.ok_or_else(|| Status::invalid_argument("header: is required"))?;
+        let id = FrameworkId::parse(&header.framework_id, "header.framework_id")
+            .map_err(|e| invalid(e.into()))?;
+        if self.removed_frameworks.contains(&id) {
+            return Err(Status::failed_precondition(format!(
+                "framework {id} was removed"
+            )));
+        }
+        let fw = self
+            .frameworks
+            .get(&id)
+            .ok_or_else(|| Status::not_found(format!("framework {id} is not subscribed")))?;
+        match &fw.conn {
+            Some(c) if c.stream_id == header.stream_id => Ok(id),
+            _ => Err(Status::failed_precondition(format!(
+                "header.stream_id: '{}' is not the current subscription of framework {id}",
+                header.stream_id
+            ))),
+        }
+    }
+
+    fn call(&mut self, call: Call) -> Result<(), Status> {
+        let fid = self.check_header(call.header())?;
+        match call {
+            Call::Accept(r) => self.accept(&fid, r),
+            Call::Decline(r) => self.decline(&fid, r),
+            Call::Revive(_) => {
+                if let Some(fw) = self.frameworks.get_mut(&fid) {
+                    fw.suppressed = false;
+                }
+                self.allocator.revive(&fid);
+                self.allocation_pending = true;
+                Ok(())
+            }
+            Call::Suppress(_) => {
+                if let Some(fw) = self.frameworks.get_mut(&fid) {
+                    fw.suppressed = true;
+                }
+                self.allocator.suppress(&fid);
+                Ok(())
+            }
+            Call::Kill(r) => self.kill(&fid, r),
+            Call::Acknowledge(r) => self.acknowledge(&fid, r),
+            Call::Reconcile(r) => self.reconcile(&fid, r),
+            Call::Teardown(_) => {
+                self.remove_framework(&fid, "torn down by the framework");
+                Ok(())
+            }
+        }
+    }
+
+    fn accept(&mut self, fid: &FrameworkId, r: pb::AcceptRequest) -> Result<(), Status> {
+        let refuse = validation::refuse_seconds(r.filters.as_ref(), self.config.default_refuse)
+            .map_err(invalid)?;
+        let mut offer_ids = Vec::with_capacity(r.offer_ids.len());
+        for (i, o) in r.offer_ids.iter().enumerate() {
+            offer_ids.push(
+                OfferId::parse(o, &format!("offer_ids[{i}]")).map_err(|e| invalid(e.into()))?,
+            );
+        }
+        let tasks: Vec<pb::TaskInfo> = r
+            .operations
+            .into_iter()
+            .filter_map(|op| match op.operation {
+                Some(pb::operation::Operation::Launch(l)) => Some(l.tasks),
+                None => None,
+            })
+            .flatten()
+            .collect();
+
+        // Offers first: if any is not valid, nothing is launched (Mesos drops
+        // every task of the call with INVALID_OFFERS) and the valid ones are
+        // given back.
+        let problem = self.offers_problem(fid, &offer_ids);
+        if let Some(problem) = problem {
+            warn!(framework_id = %fid, "accept with invalid offers: {problem}");
+            for t in &tasks {
+                self.reject_task(
+                    fid,
+                    t,
+                    TaskState::TaskDropped,
+                    Reason::InvalidOffers,
+                    &problem,
+                );
+            }
+            let now = self.now();
+            for id in &offer_ids {
+                if self.offers.get(id).is_some_and(|o| &o.framework_id == fid)
+                    && let Some(o) = self.take_offer(id)
+                {
+                    self.allocator
+                        .recover(fid, &o.agent_id, &o.resources, None, now);
+                    self.metrics.offers("declined", 1);
+                }
+            }
+            self.allocation_pending = true;
+            return Ok(());
+        }
+
+        let mut offered = Resources::default();
+        let mut agent_id = None;
+        for id in &offer_ids {
+            if let Some(o) = self.take_offer(id) {
+                offered.add(&o.resources);
+                agent_id = Some(o.agent_id);
+            }
+        }
+        self.metrics.offers("accepted", offer_ids.len() as u64);
+        let Some(agent_id) = agent_id else {
+            // No offers and no tasks: nothing to do.
+            for t in &tasks {
+                self.reject_task(
+                    fid,
+                    t,
+                    TaskState::TaskDropped,
+                    Reason::InvalidOffers,
+                    "accept names no offers",
+                );
+            }
+            return Ok(());
+        };
+
+        let mut remaining = offered;
+        let mut in_call: HashSet<TaskId> = HashSet::new();
+        for info in tasks {
+            let valid = match validation::task(&info) {
+                Ok(v) => v,
+                Err(e) => {
+                    self.reject_task(
+                        fid,
+                        &info,
+                        TaskState::TaskError,
+                        Reason::TaskInvalid,
+                        &e.to_string(),
+                    );
+                    continue;
+                }
+            };
+            let key = (fid.clone(), valid.id.clone());
+            let problem = if self.tasks.contains_key(&key) || in_call.contains(&valid.id) {
+                Some(format!(
+                    "task.task_id: '{}' is already in use by this framework",
+                    valid.id
+                ))
+            } else if info.agent_id != agent_id.as_str() {
+                Some(format!(
+                    "task.agent_id: '{}' is not the agent of the offers ({agent_id})",
+                    info.agent_id
+                ))
+            } else if !remaining.contains(&valid.resources) {
+                Some(format!(
+                    "task.resources: {} exceed what is left of the offers ({remaining})",
+                    valid.resources
+                ))
+            } else {
+                None
+            };
+            if let Some(problem) = problem {
+                self.reject_task(
+                    fid,
+                    &info,
+                    TaskState::TaskError,
+                    Reason::TaskInvalid,
+                    &problem,
+                );
+                continue;
+            }
+            remaining.saturating_sub(&valid.resources);
+            in_call.insert(valid.id.clone());
+            self.launch(fid, &agent_id, valid);
+        }
+        if !remaining.is_empty() {
+            let now = self.now();
+            self.allocator
+                .recover(fid, &agent_id, &remaining, Some(refuse), now);
+        }
+        self.allocation_pending = true;
+        Ok(())
+    }
+
+    /// Why these offers cannot be used by `fid`, if they cannot.
+    fn offers_problem(&self, fid: &FrameworkId, ids: &[OfferId]) -> Option<String> {
+        let mut agent: Option<&AgentId> = None;
+        let mut seen = HashSet::new();
+        for id in ids {
+            if !seen.insert(id) {
+                return Some(format!("offer {id} is named twice"));
+            }
+            let Some(o) = self.offers.get(id) else {
+                return Some(format!("offer {id} is unknown, rescinded or already used"));
+            };
+            if &o.framework_id != fid {
+                return Some(format!("offer {id} belongs to another framework"));
+            }
+            if agent.is_some_and(|a| a != &o.agent_id) {
+                return Some(
+                    "offers from different agents cannot be accepted together".to_string(),
+                );
+            }
+            agent = Some(&o.agent_id);
+        }
+        None
+    }
+
+    fn launch(&mut self, fid: &FrameworkId, agent_id: &AgentId, task: validation::ValidTask) {
+        let key = (fid.clone(), task.id.clone());
+        let status = pb::TaskStatus {
+            task_id: task.id.to_string(),
+            state: TaskState::TaskStaging as i32,
+            source: Source::Master as i32,
+            agent_id: agent_id.to_string(),
+            framework_id: fid.to_string(),
+            timestamp: now_seconds(),
+            ..Default::default()
+        };
+        let framework = self
+            .frameworks
+            .get(fid)
+            .map(|f| f.info.clone())
+            .unwrap_or_default();
+        let message = pb::MasterMessage {
+            message: Some(pb::master_message::Message::RunTask(pb::RunTask {
+                framework: Some(framework),
+                task: Some(task.info.clone()),
+            })),
+        };
+        self.insert_task(key, agent_id.clone(), task.info, task.resources, status);
+        debug!(framework_id = %fid, task_id = %task.id, agent_id = %agent_id, "launching task");
+        self.send_to_agent(agent_id, message);
+    }
+
+    fn insert_task(
+        &mut self,
+        key: TaskKey,
+        agent_id: AgentId,
+        info: pb::TaskInfo,
+        resources: Resources,
+        status: pb::TaskStatus,
+    ) {
+        if let Some(agent) = self.agents.get_mut(&agent_id) {
+            agent.tasks.insert(key.clone());
+        }
+        if let Some(fw) = self.frameworks.get_mut(&key.0) {
+            fw.tasks.insert(key.1.clone());
+        }
+        self.tasks.insert(
+            key,
+            Task {
+                agent_id,
+                info,
+                resources,
+                status,
+                terminal_uuid: None,
+            },
+        );
+    }
+
+    /// A task refused before launch: the framework is told, no state changes.
+    fn reject_task(
+        &mut self,
+        fid: &FrameworkId,
+        info: &pb::TaskInfo,
+        state: TaskState,
+        reason: Reason,
+        message: &str,
+    ) {
+        self.metrics
+            .terminal(state_name(state), reason_name(reason));
+        self.send_update(pb::TaskStatus {
+            task_id: info.task_id.clone(),
+            state: state as i32,
+            source: Source::Master as i32,
+            reason: reason as i32,
+            message: message.to_string(),
+            agent_id: info.agent_id.clone(),
+            framework_id: fid.to_string(),
+            timestamp: now_seconds(),
+            ..Default::default()
+        });
+    }
+
+    fn decline(&mut self, fid: &FrameworkId, r: pb::DeclineRequest) -> Result<(), Status> {
+        let refuse = validation::refuse_seconds(r.filters.as_ref(), self.config.default_refuse)
+            .map_err(invalid)?;
+        let mut ids = Vec::with_capacity(r.offer_ids.len());
+        for (i, o) in r.offer_ids.iter().enumerate() {
+            let id =
+                OfferId::parse(o, &format!("offer_ids[{i}]")).map_err(|e| invalid(e.into()))?;
+            if let Some(offer) = self.offers.get(&id)
+                && &offer.framework_id != fid
+            {
+                return Err(Status::permission_denied(format!(
+                    "offer_ids[{i}]: offer {id} belongs to another framework"
+                )));
+            }
+            ids.push(id);
+        }
+        let now = self.now();
+        for id in ids {
+            // Unknown offers were rescinded or timed out meanwhile: nothing to do.
+            if let Some(o) = self.take_offer(&id) {
+                self.allocator
+                    .recover(fid, &o.agent_id, &o.resources, Some(refuse), now);
+                self.metrics.offers("declined", 1);
+            }
+        }
+        self.allocation_pending = true;
+        Ok(())
+    }
+
+    fn kill(&mut self, fid: &FrameworkId, r: pb::KillRequest) -> Result<(), Status> {
+        let tid = TaskId::parse(&r.task_id, "task_id").map_err(|e| invalid(e.into()))?;
+        if !r.agent_id.is_empty() {
+            AgentId::parse(&r.agent_id, "agent_id").map_err(|e| invalid(e.into()))?;
+        }
+        if let Some(g) = r.kill_grace_period_seconds {
+            validation::seconds(g, "kill_grace_period_seconds").map_err(invalid)?;
+        }
+        let key = (fid.clone(), tid.clone());
+        let Some(task) = self.tasks.get(&key) else {
+            // Another framework's task with this id is not visible here: the
+            // caller only ever sees its own namespace.
+            self.send_update(pb::TaskStatus {
+                task_id: tid.to_string(),
+                state: TaskState::TaskUnknown as i32,
+                source: Source::Master as i32,
+                reason: Reason::TaskUnknown as i32,
+                message: "kill: the master does not know this task".into(),
+                agent_id: r.agent_id.clone(),
+                framework_id: fid.to_string(),
+                timestamp: now_seconds(),
+                ..Default::default()
+            });
+            return Ok(());
+        };
+        if !r.agent_id.is_empty() && r.agent_id != task.agent_id.as_str() {
+            return Err(Status::invalid_argument(format!(
+                "agent_id: task {tid} runs on agent {}, not {}",
+                task.agent_id, r.agent_id
+            )));
+        }
+        if is_terminal(task.state()) {
+            return Ok(());
+        }
+        let agent_id = task.agent_id.clone();
+        let connected = self.agents.get(&agent_id).is_some_and(|a| a.conn.is_some());
+        if connected {
+            self.send_to_agent(
+                &agent_id,
+                kill_message(fid, &tid, r.kill_grace_period_seconds),
+            );
+        } else if let Some(agent) = self.agents.get_mut(&agent_id) {
+            agent.pending_kills.insert(key, r.kill_grace_period_seconds);
+        }
+        Ok(())
+    }
+
+    fn acknowledge(&mut self, fid: &FrameworkId, r: pb::AcknowledgeRequest) -> Result<(), Status> {
+        let aid = AgentId::parse(&r.agent_id, "agent_id").map_err(|e| invalid(e.into()))?;
+        let tid = TaskId::parse(&r.task_id, "task_id").map_err(|e| invalid(e.into()))?;
+        if r.uuid.len() != 16 {
+            return Err(Status::invalid_argument("uuid: must be 16 bytes"));
+        }
+        if !self.agents.contains_key(&aid) {
+            return Err(Status::not_found(format!(
+                "agent_id: agent {aid} is unknown"
+            )));
+        }
+        let key = (fid.clone(), tid.clone());
+        let retire = self
+            .tasks
+            .get(&key)
+            .is_some_and(|t| t.agent_id == aid && t.terminal_uuid.as_deref() == Some(&r.uuid[..]));
+        if retire {
+            self.retire_task(&key);
+        }
+        // The agent matches framework, task and uuid, and this is always the
+        // caller's framework id: nobody can acknowledge another's updates.
+        self.send_to_agent(
+            &aid,
+            pb::MasterMessage {
+                message: Some(pb::master_message::Message::Acknowledgement(
+                    pb::StatusAcknowledgement {
+                        framework_id: fid.to_string(),
+                        task_id: tid.to_string(),
+                        uuid: r.uuid,
+                    },
+                )),
+            },
+        );
+        Ok(())
+    }
+
+    fn reconcile(&mut self, fid: &FrameworkId, r: pb::ReconcileRequest) -> Result<(), Status> {
+        let mut statuses = Vec::new();
+        if r.tasks.is_empty() {
+            let fw_tasks: Vec<TaskId> = self
+                .frameworks
+                .get(fid)
+                .map(|f| f.tasks.iter().cloned().collect())
+                .unwrap_or_default();
+            for tid in fw_tasks {
+                if let Some(t) = self.tasks.get(&(fid.clone(), tid)) {
+                    statuses.push(reconciled(&t.status));
+                }
+            }
+        } else {
+            let mut keys = Vec::with_capacity(r.tasks.len());
+            for (i, t) in r.tasks.iter().enumerate() {
+                let tid = TaskId::parse(&t.task_id, &format!("tasks[{i}].task_id"))
+                    .map_err(|e| invalid(e.into()))?;
+                if !t.agent_id.is_empty() {
+                    AgentId::parse(&t.agent_id, &format!("tasks[{i}].agent_id"))
+                        .map_err(|e| invalid(e.into()))?;
+                }
+                keys.push((tid, t.agent_id.clone()));
+            }
+            for (tid, agent_id) in keys {
+                match self.tasks.get(&(fid.clone(), tid.clone())) {
+                    Some(t) => statuses.push(reconciled(&t.status)),
+                    None => statuses.push(pb::TaskStatus {
+                        task_id: tid.to_string(),
+                        state: TaskState::TaskUnknown as i32,
+                        source: Source::Master as i32,
+                        reason: Reason::Reconciliation as i32,
+                        message: "the master does not know this task".into(),
+                        agent_id,
+                        framework_id: fid.to_string(),
+                        timestamp: now_seconds(),
+                        ..Default::default()
+                    }),
+                }
+            }
+        }
+        for s in statuses {
+            self.send_update(s);
+        }
+        Ok(())
+    }
+
+    // ----------------------------------------------------------------- tasks
+
+    fn status_update(&mut self, agent_id: &AgentId, update: pb::StatusUpdate) {
+        self.metrics.status_update();
+        let Some(mut status) = update.status else {
+            return;
+        };
+        let (Ok(fid), Ok(tid)) = (
+            FrameworkId::parse(&update.framework_id, "framework_id"),
+            TaskId::parse(&status.task_id, "status.task_id"),
+        ) else {
+            warn!(agent_id = %agent_id, "dropping a status update with invalid ids");
+            return;
+        };
+        status.framework_id = fid.to_string();
+        status.agent_id = agent_id.to_string();
+        if self.removed_frameworks.contains(&fid) {
+            // Nobody will acknowledge it: do it for the framework, or the
+            // agent retries forever.
+            self.send_to_agent(
+                agent_id,
+                pb::MasterMessage {
+                    message: Some(pb::master_message::Message::Acknowledgement(
+                        pb::StatusAcknowledgement {
+                            framework_id: fid.to_string(),
+                            task_id: tid.to_string(),
+                            uuid: status.uuid.clone(),
+                        },
+                    )),
+                },
+            );
+            return;
+        }
+        let key = (fid.clone(), tid);
+        let new_state = status.state();
+        let mut recovered = None;
+        if let Some(task) = self.tasks.get_mut(&key) {
+            if &task.agent_id != agent_id {
+                warn!(agent_id = %agent_id, task_id = %key.1, "update from an agent that does not run this task");
+                return;
+            }
+            if !is_terminal(task.state()) {
+                task.status = status.clone();
+                if is_terminal(new_state) {
+                    task.terminal_uuid = Some(status.uuid.clone());
+                    recovered = Some(task.resources.clone());
+                }
+            }
+        }
+        if let Some(resources) = recovered {
+            let now = self.now();
+            self.allocator
+                .recover(&fid, agent_id, &resources, None, now);
+            self.metrics
+                .terminal(state_name(new_state), reason_name(status.reason()));
+            self.allocation_pending = true;
+        }
+        self.send_update(status);
+    }
+
+    /// A master-generated update: changes the task's state and tells the
+    /// framework (no uuid; needs no acknowledgement).
+    fn master_update(&mut self, key: &TaskKey, state: TaskState, reason: Reason, message: &str) {
+        let Some(task) = self.tasks.get_mut(key) else {
+            return;
+        };
+        let status = pb::TaskStatus {
+            task_id: key.1.to_string(),
+            state: state as i32,
+            source: Source::Master as i32,
+            reason: reason as i32,
+            message: message.to_string(),
+            agent_id: task.agent_id.to_string(),
+            framework_id: key.0.to_string(),
+            timestamp: now_seconds(),
+            exit_code: None,
+            started_at: task.status.started_at,
+            ..Default::default()
+        };
+        task.status = status.clone();
+        let terminal = is_terminal(state);
+        let (agent_id, resources) = (task.agent_id.clone(), task.resources.clone());
+        if terminal {
+            let now = self.now();
+            self.allocator
+                .recover(&key.0, &agent_id, &resources, None, now);
+            self.metrics
+                .terminal(state_name(state), reason_name(reason));
+            self.retire_task(key);
+            self.allocation_pending = true;
+        }
+        self.send_update(status);
+    }
+
+    /// Moves a terminal, acknowledged task to the completed list.
+    fn retire_task(&mut self, key: &TaskKey) {
+        let Some(task) = self.tasks.remove(key) else {
+            return;
+        };
+        if let Some(agent) = self.agents.get_mut(&task.agent_id) {
+            agent.tasks.remove(key);
+        }
+        if let Some(fw) = self.frameworks.get_mut(&key.0) {
+            fw.tasks.remove(&key.1);
+        }
+        self.push_completed(&task, &task.status);
+    }
+
+    fn push_completed(&mut self, task: &Task, status: &pb::TaskStatus) {
+        if self.config.max_completed_tasks == 0 {
+            return;
+        }
+        while self.completed.len() >= self.config.max_completed_tasks {
+            self.completed.pop_front();
+        }
+        self.completed.push_back(task_json(task, status));
+    }
+
+    // ---------------------------------------------------------------- /state
+
+    fn snapshot(&self) -> StateSnapshot {
+        let mut used_by_agent: HashMap<&AgentId, Resources> = HashMap::new();
+        let mut used_by_fw: HashMap<&FrameworkId, Resources> = HashMap::new();
+        for ((fid, _), t) in &self.tasks {
+            if !is_terminal(t.state()) {
+                used_by_agent
+                    .entry(&t.agent_id)
+                    .or_default()
+                    .add(&t.resources);
+                used_by_fw.entry(fid).or_default().add(&t.resources);
+            }
+        }
+        let mut offered_by_agent: HashMap<&AgentId, Resources> = HashMap::new();
+        let mut offered_by_fw: HashMap<&FrameworkId, Resources> = HashMap::new();
+        for o in self.offers.values() {
+            offered_by_agent
+                .entry(&o.agent_id)
+                .or_default()
+                .add(&o.resources);
+            offered_by_fw
+                .entry(&o.framework_id)
+                .or_default()
+                .add(&o.resources);
+        }
+        let empty = Resources::default();
+        let mut agents: Vec<state::AgentState> = self
+            .agents
+            .values()
+            .map(|a| state::AgentState {
+                id: a.id.to_string(),
+                hostname: a.info.hostname.clone(),
+                address: a.info.address.clone(),
+                state: if a.conn.is_some() {
+                    "connected"
+                } else {
+                    "unreachable"
+                }
+                .into(),
+                resources: ResourcesJson::from(&a.total),
+                used_resources: ResourcesJson::from(used_by_agent.get(&a.id).unwrap_or(&empty)),
+                offered_resources: ResourcesJson::from(
+                    offered_by_agent.get(&a.id).unwrap_or(&empty),
+                ),
+                attributes: a
+                    .info
+                    .attributes
+                    .iter()
+                    .map(|x| (x.name.clone(), corral_proto::attributes::value_text(x)))
+                    .collect(),
+                registered_at: a.registered_at,
+                tasks: a.tasks.len(),
+            })
+            .collect();
+        agents.sort_by(|a, b| a.hostname.cmp(&b.hostname).then(a.id.cmp(&b.id)));
+        let mut frameworks: Vec<state::FrameworkState> = self
+            .frameworks
+            .values()
+            .map(|f| state::FrameworkState {
+                id: f.id.to_string(),
+                name: f.info.name.clone(),
+                user: f.info.user.clone(),
+                role: f.role.clone(),
+                hostname: f.info.hostname.clone(),
+                state: if f.conn.is_some() {
+                    "connected"
+                } else {
+                    "disconnected"
+                }
+                .into(),
+                suppressed: f.suppressed,
+                failover_timeout_seconds: f.failover_timeout.as_secs_f64(),
+                registered_at: f.registered_at,
+                dominant_share: self.allocator.framework_share(&f.id),
+                used_resources: ResourcesJson::from(used_by_fw.get(&f.id).unwrap_or(&empty)),
+                offered_resources: ResourcesJson::from(offered_by_fw.get(&f.id).unwrap_or(&empty)),
+                tasks: f.tasks.len(),
+                offers: f.offers.len(),
+            })
+            .collect();
+        frameworks.sort_by(|a, b| {
+            a.registered_at
+                .total_cmp(&b.registered_at)
+                .then(a.id.cmp(&b.id))
+        });
+        let mut tasks: Vec<state::TaskState> = self
+            .tasks
+            .values()
+            .map(|t| task_json(t, &t.status))
+            .collect();
+        tasks.sort_by(|a, b| a.framework_id.cmp(&b.framework_id).then(a.id.cmp(&b.id)));
+        StateSnapshot {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            timestamp: now_seconds(),
+            agents,
+            frameworks,
+            tasks,
+            completed_tasks: self.completed.iter().cloned().collect(),
+        }
+    }
+}
+
+fn task_json(task: &Task, status: &pb::TaskStatus) -> state::TaskState {
+    state::TaskState {
+        id: status.task_id.clone(),
+        name: task.info.name.clone(),
+        framework_id: status.framework_id.clone(),
+        agent_id: task.agent_id.to_string(),
+        state: state_name(status.state()).to_string(),
+        reason: reason_name(status.reason()).to_string(),
+        message: status.message.clone(),
+        resources: ResourcesJson::from(&task.resources),
+        exit_code: status.exit_code,
+        updated_at: status.timestamp,
+    }
+}
+
+/// The latest status, re-sent by the master for reconciliation.
+fn reconciled(status: &pb::TaskStatus) -> pb::TaskStatus {
+    pb::TaskStatus {
+        uuid: Vec::new(),
+        source: Source::Master as i32,
+        reason: Reason::Reconciliation as i32,
+        timestamp: now_seconds(),
+        ..status.clone()
+    }
+}
+
+fn kill_message(fid: &FrameworkId, tid: &TaskId, grace: Option<f64>) -> pb::MasterMessage {
+    pb::MasterMessage {
+        message: Some(pb::master_message::Message::KillTask(pb::KillTask {
+            framework_id: fid.to_string(),
+            task_id: tid.to_string(),
+            kill_grace_period_seconds: grace,
+        })),
+    }
+}
+
+fn error_event(message: &str) -> pb::Event {
+    pb::Event {
+        event: Some(pb::event::Event::Error(pb::Error {
+            message: message.to_string(),
+        })),
+    }
+}
+
+/// Capacity check helper used by the servers.
+pub(crate) fn agent_channel() -> (AgentTx, mpsc::Receiver<Result<pb::MasterMessage, Status>>) {
+    mpsc::channel(AGENT_MESSAGE_BUFFER)
+}

@@ -1,0 +1,164 @@
+//! The master's Prometheus metrics: names (dashboards rely on them, so they
+//! are constants here and nowhere else), descriptions and rendering.
+//!
+//! Each master owns its recorder instead of installing a global one, so a
+//! test process can run a master and several agents without their metrics
+//! mixing.
+
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram, with_local_recorder};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+
+use crate::state::StateSnapshot;
+
+pub const AGENTS: &str = "corral_master_agents";
+pub const FRAMEWORKS: &str = "corral_master_frameworks";
+pub const RESOURCES_TOTAL: &str = "corral_master_resources_total";
+pub const RESOURCES_USED: &str = "corral_master_resources_used";
+pub const TASKS: &str = "corral_master_tasks";
+pub const TASKS_TERMINAL_TOTAL: &str = "corral_master_tasks_terminal_total";
+pub const OFFERS_TOTAL: &str = "corral_master_offers_total";
+pub const ALLOCATION_DURATION: &str = "corral_master_allocation_duration_seconds";
+pub const INVALID_CALLS_TOTAL: &str = "corral_master_invalid_calls_total";
+pub const STATUS_UPDATES_TOTAL: &str = "corral_master_status_updates_total";
+
+/// Allocation rounds take microseconds to tens of milliseconds.
+const ALLOCATION_BUCKETS: [f64; 12] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 1.0,
+];
+
+/// Non-terminal task states, all exported (as 0 when empty) so a dashboard
+/// never sees a series vanish.
+pub const LIVE_TASK_STATES: [&str; 6] = [
+    "TASK_STAGING",
+    "TASK_STARTING",
+    "TASK_RUNNING",
+    "TASK_KILLING",
+    "TASK_UNREACHABLE",
+    "TASK_UNKNOWN",
+];
+
+pub struct Metrics {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                Matcher::Full(ALLOCATION_DURATION.into()),
+                &ALLOCATION_BUCKETS,
+            )
+            .map(PrometheusBuilder::build_recorder)
+            .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
+        let handle = recorder.handle();
+        let m = Self { recorder, handle };
+        m.with(|| {
+            describe_gauge!(
+                AGENTS,
+                "Agents known to the master, by state (connected/unreachable)."
+            );
+            describe_gauge!(FRAMEWORKS, "Frameworks, by state (connected/disconnected).");
+            describe_gauge!(
+                RESOURCES_TOTAL,
+                "Total resources of connected agents (cpus, mem MiB, disk MiB, gpus)."
+            );
+            describe_gauge!(
+                RESOURCES_USED,
+                "Resources used by tasks on connected agents."
+            );
+            describe_gauge!(TASKS, "Non-terminal tasks, by state.");
+            describe_counter!(
+                TASKS_TERMINAL_TOTAL,
+                "Tasks that reached a terminal state, by state and reason."
+            );
+            describe_counter!(
+                OFFERS_TOTAL,
+                "Offers, by outcome (sent/accepted/declined/rescinded)."
+            );
+            describe_histogram!(
+                ALLOCATION_DURATION,
+                Unit::Seconds,
+                "Time taken by one allocation round."
+            );
+            describe_counter!(
+                INVALID_CALLS_TOTAL,
+                "Framework calls refused as invalid, by call."
+            );
+            describe_counter!(STATUS_UPDATES_TOTAL, "Status updates received from agents.");
+        });
+        m
+    }
+
+    /// Runs `f` with this master's recorder, so the `metrics` macros inside
+    /// it record here. Never hold it across an `.await` (it is synchronous).
+    pub fn with<T>(&self, f: impl FnOnce() -> T) -> T {
+        with_local_recorder(&self.recorder, f)
+    }
+
+    pub fn offers(&self, outcome: &'static str, n: u64) {
+        if n > 0 {
+            self.with(|| metrics::counter!(OFFERS_TOTAL, "outcome" => outcome).increment(n));
+        }
+    }
+
+    pub fn terminal(&self, state: &'static str, reason: &'static str) {
+        self.with(|| {
+            metrics::counter!(TASKS_TERMINAL_TOTAL, "state" => state, "reason" => reason)
+                .increment(1)
+        });
+    }
+
+    pub fn invalid_call(&self, call: &'static str) {
+        self.with(|| metrics::counter!(INVALID_CALLS_TOTAL, "call" => call).increment(1));
+    }
+
+    pub fn status_update(&self) {
+        self.with(|| metrics::counter!(STATUS_UPDATES_TOTAL).increment(1));
+    }
+
+    pub fn allocation(&self, seconds: f64) {
+        self.with(|| metrics::histogram!(ALLOCATION_DURATION).record(seconds));
+    }
+
+    /// Sets the gauges from a state snapshot and renders the text format.
+    pub fn render(&self, s: &StateSnapshot) -> String {
+        self.with(|| {
+            for state in ["connected", "unreachable"] {
+                let n = s.agents.iter().filter(|a| a.state == state).count();
+                metrics::gauge!(AGENTS, "state" => state).set(n as f64);
+            }
+            for state in ["connected", "disconnected"] {
+                let n = s.frameworks.iter().filter(|f| f.state == state).count();
+                metrics::gauge!(FRAMEWORKS, "state" => state).set(n as f64);
+            }
+            let connected = s.agents.iter().filter(|a| a.state == "connected");
+            let (mut total, mut used) = ([0.0; 4], [0.0; 4]);
+            for a in connected {
+                for (i, v) in a.resources.scalars().into_iter().enumerate() {
+                    total[i] += v;
+                }
+                for (i, v) in a.used_resources.scalars().into_iter().enumerate() {
+                    used[i] += v;
+                }
+            }
+            for (i, name) in corral_proto::resources::SCALARS.iter().enumerate() {
+                metrics::gauge!(RESOURCES_TOTAL, "resource" => *name).set(total[i]);
+                metrics::gauge!(RESOURCES_USED, "resource" => *name).set(used[i]);
+            }
+            for state in LIVE_TASK_STATES {
+                let n = s.tasks.iter().filter(|t| t.state == state).count();
+                metrics::gauge!(TASKS, "state" => state).set(n as f64);
+            }
+        });
+        self.handle.render()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,105 @@
+//! The `/state` document: what the master knows, as JSON. The CLI reads the
+//! same types back (`corral agents`, `corral tasks`), so they are public and
+//! `Deserialize`.
+
+use std::collections::BTreeMap;
+
+use corral_proto::Resources;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StateSnapshot {
+    pub version: String,
+    /// Seconds since the Unix epoch when the snapshot was taken.
+    pub timestamp: f64,
+    pub agents: Vec<AgentState>,
+    pub frameworks: Vec<FrameworkState>,
+    /// Tasks the master tracks: non-terminal ones, and terminal ones whose
+    /// last update the framework has not acknowledged yet.
+    pub tasks: Vec<TaskState>,
+    /// The most recent tasks that ended and were acknowledged (bounded).
+    pub completed_tasks: Vec<TaskState>,
+}
+
+/// Resources as JSON: scalars as numbers, ports in the text range form.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ResourcesJson {
+    pub cpus: f64,
+    pub mem: f64,
+    pub disk: f64,
+    pub gpus: f64,
+    pub ports: String,
+}
+
+impl ResourcesJson {
+    pub fn scalars(&self) -> [f64; 4] {
+        [self.cpus, self.mem, self.disk, self.gpus]
+    }
+}
+
+impl From<&Resources> for ResourcesJson {
+    fn from(r: &Resources) -> Self {
+        Self {
+            cpus: r.cpus.as_f64(),
+            mem: r.mem.as_f64(),
+            disk: r.disk.as_f64(),
+            gpus: r.gpus.as_f64(),
+            ports: if r.ports.is_empty() {
+                String::new()
+            } else {
+                r.ports.to_string()
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentState {
+    pub id: String,
+    pub hostname: String,
+    pub address: String,
+    /// `connected` or `unreachable`.
+    pub state: String,
+    pub resources: ResourcesJson,
+    /// Held by tasks and outstanding offers.
+    pub used_resources: ResourcesJson,
+    pub offered_resources: ResourcesJson,
+    pub attributes: BTreeMap<String, String>,
+    pub registered_at: f64,
+    pub tasks: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FrameworkState {
+    pub id: String,
+    pub name: String,
+    pub user: String,
+    pub role: String,
+    pub hostname: String,
+    /// `connected` or `disconnected`.
+    pub state: String,
+    pub suppressed: bool,
+    pub failover_timeout_seconds: f64,
+    pub registered_at: f64,
+    pub dominant_share: f64,
+    pub used_resources: ResourcesJson,
+    pub offered_resources: ResourcesJson,
+    pub tasks: usize,
+    pub offers: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TaskState {
+    pub id: String,
+    pub name: String,
+    pub framework_id: String,
+    pub agent_id: String,
+    /// e.g. `TASK_RUNNING`.
+    pub state: String,
+    /// e.g. `INVALID_OFFERS`; empty when there is none.
+    pub reason: String,
+    pub message: String,
+    pub resources: ResourcesJson,
+    pub exit_code: Option<i32>,
+    pub updated_at: f64,
+}

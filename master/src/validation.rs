@@ -1,0 +1,399 @@
+//! Validation of everything frameworks and agents send, as pure functions.
+//!
+//! Errors carry the dotted path of the offending field so the caller sees
+//! `task.resources.cpus: must be finite and > 0`, never a bare "invalid".
+
+use std::collections::HashMap;
+
+use corral_proto::{AgentId, FrameworkId, IdError, ResourceError, Resources, TaskId, pb};
+
+/// Longest name/hostname/role/label accepted, in bytes.
+const MAX_TEXT: usize = 1024;
+/// Longest command line accepted (Linux `ARG_MAX` is 2 MiB; keep well under).
+const MAX_COMMAND: usize = 256 * 1024;
+/// Most environment variables or labels on one task.
+const MAX_ENTRIES: usize = 4096;
+/// Longest kill grace period or decline filter accepted: one year, like the
+/// cap Mesos applies to `refuse_seconds`.
+pub const MAX_SECONDS: f64 = 365.0 * 24.0 * 3600.0;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct FieldError {
+    pub field: String,
+    pub reason: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl From<IdError> for FieldError {
+    fn from(e: IdError) -> Self {
+        Self::new(e.field, e.reason)
+    }
+}
+
+impl From<ResourceError> for FieldError {
+    fn from(e: ResourceError) -> Self {
+        Self::new(e.field, e.reason)
+    }
+}
+
+fn text(value: &str, field: &str, required: bool) -> Result<(), FieldError> {
+    if required && value.is_empty() {
+        return Err(FieldError::new(field, "must not be empty"));
+    }
+    if value.len() > MAX_TEXT {
+        return Err(FieldError::new(field, "must be at most 1024 bytes"));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(FieldError::new(
+            field,
+            "must not contain control characters",
+        ));
+    }
+    Ok(())
+}
+
+/// A duration in seconds from the wire: finite, >= 0, at most a year.
+pub fn seconds(value: f64, field: &str) -> Result<f64, FieldError> {
+    if !value.is_finite() {
+        return Err(FieldError::new(field, "must be finite"));
+    }
+    if value < 0.0 {
+        return Err(FieldError::new(field, "must be >= 0"));
+    }
+    if value > MAX_SECONDS {
+        return Err(FieldError::new(field, "must be at most one year"));
+    }
+    Ok(value)
+}
+
+/// Role names follow Mesos (`src/common/roles.cpp`): `*` or a name that is
+/// not `.`/`..`, does not start with `-`, and has no `/`, space or control.
+pub fn role(value: &str, field: &str) -> Result<(), FieldError> {
+    if value == "*" {
+        return Ok(());
+    }
+    text(value, field, true)?;
+    if value == "." || value == ".." || value.starts_with('-') {
+        return Err(FieldError::new(
+            field,
+            "must not be '.', '..' or start with '-'",
+        ));
+    }
+    if value.contains(['/', ' ', '*']) {
+        return Err(FieldError::new(
+            field,
+            "must not contain '/', '*' or spaces",
+        ));
+    }
+    Ok(())
+}
+
+/// A validated `FrameworkInfo` from SUBSCRIBE.
+#[derive(Debug, Clone)]
+pub struct ValidFramework {
+    pub id: Option<FrameworkId>,
+    pub info: pb::FrameworkInfo,
+    pub role: String,
+    pub failover_timeout: std::time::Duration,
+}
+
+pub fn framework_info(info: &pb::FrameworkInfo) -> Result<ValidFramework, FieldError> {
+    let id = if info.id.is_empty() {
+        None
+    } else {
+        Some(FrameworkId::parse(&info.id, "framework_info.id")?)
+    };
+    text(&info.name, "framework_info.name", true)?;
+    text(&info.user, "framework_info.user", false)?;
+    text(&info.hostname, "framework_info.hostname", false)?;
+    let role_name = if info.role.is_empty() {
+        "*".to_string()
+    } else {
+        info.role.clone()
+    };
+    role(&role_name, "framework_info.role")?;
+    let failover = seconds(
+        info.failover_timeout_seconds,
+        "framework_info.failover_timeout_seconds",
+    )?;
+    let mut info = info.clone();
+    info.role = role_name.clone();
+    Ok(ValidFramework {
+        id,
+        info,
+        role: role_name,
+        failover_timeout: std::time::Duration::from_secs_f64(failover),
+    })
+}
+
+/// A validated `Register` from an agent.
+#[derive(Debug, Clone)]
+pub struct ValidAgent {
+    pub id: Option<AgentId>,
+    pub info: pb::AgentInfo,
+    pub total: Resources,
+}
+
+pub fn agent_info(info: &pb::AgentInfo) -> Result<ValidAgent, FieldError> {
+    let id = if info.id.is_empty() {
+        None
+    } else {
+        Some(AgentId::parse(&info.id, "agent.id")?)
+    };
+    text(&info.hostname, "agent.hostname", true)?;
+    text(&info.address, "agent.address", false)?;
+    let total = Resources::from_proto(&info.resources, "agent.resources")?;
+    for (i, a) in info.attributes.iter().enumerate() {
+        text(&a.name, &format!("agent.attributes[{i}].name"), true)?;
+        match &a.value {
+            Some(pb::attribute::Value::Text(t)) => {
+                text(t, &format!("agent.attributes.{}", a.name), false)?
+            }
+            Some(pb::attribute::Value::Scalar(s)) if s.is_finite() => {}
+            _ => {
+                return Err(FieldError::new(
+                    format!("agent.attributes.{}", a.name),
+                    "must be text or a finite number",
+                ));
+            }
+        }
+    }
+    Ok(ValidAgent {
+        id,
+        info: info.clone(),
+        total,
+    })
+}
+
+/// Filters from DECLINE/ACCEPT: the refuse duration, or the default.
+pub fn refuse_seconds(
+    filters: Option<&pb::Filters>,
+    default: std::time::Duration,
+) -> Result<std::time::Duration, FieldError> {
+    match filters.and_then(|f| f.refuse_seconds) {
+        None => Ok(default),
+        Some(s) => Ok(std::time::Duration::from_secs_f64(seconds(
+            s,
+            "filters.refuse_seconds",
+        )?)),
+    }
+}
+
+/// A task that passed validation, with its resources converted.
+#[derive(Debug, Clone)]
+pub struct ValidTask {
+    pub id: TaskId,
+    pub info: pb::TaskInfo,
+    pub resources: Resources,
+}
+
+/// Checks one task of a LAUNCH on its own (not against offers or other
+/// tasks; the master does that with its state). The `task_id` may be
+/// invalid, in which case the error cannot be reported against the task.
+pub fn task(info: &pb::TaskInfo) -> Result<ValidTask, FieldError> {
+    let id = TaskId::parse(&info.task_id, "task.task_id")?;
+    text(&info.name, "task.name", false)?;
+    AgentId::parse(&info.agent_id, "task.agent_id")?;
+    let resources = Resources::from_proto(&info.resources, "task.resources")?;
+    if resources.cpus.is_zero() {
+        return Err(FieldError::new(
+            "task.resources.cpus",
+            "must be finite and > 0",
+        ));
+    }
+    if resources.mem.is_zero() {
+        return Err(FieldError::new(
+            "task.resources.mem",
+            "must be finite and > 0",
+        ));
+    }
+    let command = info
+        .command
+        .as_ref()
+        .ok_or_else(|| FieldError::new("task.command", "is required"))?;
+    if command.value.is_empty() {
+        return Err(FieldError::new("task.command.value", "must not be empty"));
+    }
+    let size = command.value.len() + command.arguments.iter().map(String::len).sum::<usize>();
+    if size > MAX_COMMAND {
+        return Err(FieldError::new("task.command", "is longer than 256 KiB"));
+    }
+    if command
+        .arguments
+        .iter()
+        .chain(std::iter::once(&command.value))
+        .any(|a| a.contains('\0'))
+    {
+        return Err(FieldError::new(
+            "task.command",
+            "must not contain NUL bytes",
+        ));
+    }
+    env_map(&command.environment, "task.command.environment")?;
+    env_map(&info.labels, "task.labels")?;
+    if let Some(grace) = info.kill_grace_period_seconds {
+        seconds(grace, "task.kill_grace_period_seconds")?;
+    }
+    Ok(ValidTask {
+        id,
+        info: info.clone(),
+        resources,
+    })
+}
+
+fn env_map(map: &HashMap<String, String>, field: &str) -> Result<(), FieldError> {
+    if map.len() > MAX_ENTRIES {
+        return Err(FieldError::new(field, "has more than 4096 entries"));
+    }
+    for (k, v) in map {
+        if k.is_empty() || k.contains(['=', '\0']) {
+            return Err(FieldError::new(
+                format!("{field}.{k}"),
+                "name must be non-empty without '=' or NUL",
+            ));
+        }
+        if v.contains('\0') {
+            return Err(FieldError::new(
+                format!("{field}.{k}"),
+                "must not contain NUL",
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use corral_proto::pb::resource::Value;
+
+    fn scalar(name: &str, v: f64) -> pb::Resource {
+        pb::Resource {
+            name: name.into(),
+            value: Some(Value::Scalar(v)),
+        }
+    }
+
+    fn good_task() -> pb::TaskInfo {
+        pb::TaskInfo {
+            task_id: "t1".into(),
+            agent_id: "a1".into(),
+            resources: vec![scalar("cpus", 0.5), scalar("mem", 64.0)],
+            command: Some(pb::CommandInfo {
+                shell: true,
+                value: "true".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_good_task_passes() {
+        let t = task(&good_task()).unwrap();
+        assert_eq!(t.resources.to_string(), "cpus:0.5;mem:64");
+    }
+
+    #[test]
+    fn invalid_amounts_are_errors_naming_the_field() {
+        let cases = [
+            (
+                scalar("cpus", f64::NAN),
+                "task.resources.cpus: must be finite",
+            ),
+            (
+                scalar("cpus", f64::INFINITY),
+                "task.resources.cpus: must be finite",
+            ),
+            (scalar("cpus", -1.0), "task.resources.cpus: must be >= 0"),
+            (
+                scalar("cpus", 0.0),
+                "task.resources.cpus: must be finite and > 0",
+            ),
+            (
+                scalar("mem", 0.0),
+                "task.resources.mem: must be finite and > 0",
+            ),
+        ];
+        for (bad, want) in cases {
+            let mut t = good_task();
+            let name = bad.name.clone();
+            t.resources.retain(|r| r.name != name);
+            t.resources.push(bad);
+            let err = task(&t).unwrap_err().to_string();
+            assert!(err.starts_with(want), "{err} should start with {want}");
+        }
+    }
+
+    #[test]
+    fn ids_commands_and_env_are_checked() {
+        let mut t = good_task();
+        t.task_id = "../x".into();
+        assert_eq!(task(&t).unwrap_err().field, "task.task_id");
+        let mut t = good_task();
+        t.command = None;
+        assert_eq!(task(&t).unwrap_err().field, "task.command");
+        let mut t = good_task();
+        if let Some(c) = t.command.as_mut() {
+            c.environment.insert("A=B".into(), "x".into());
+        }
+        assert!(
+            task(&t)
+                .unwrap_err()
+                .field
+                .starts_with("task.command.environment")
+        );
+        let mut t = good_task();
+        t.kill_grace_period_seconds = Some(f64::NAN);
+        assert_eq!(
+            task(&t).unwrap_err().field,
+            "task.kill_grace_period_seconds"
+        );
+    }
+
+    #[test]
+    fn framework_info_defaults_role_and_checks_timeout() {
+        let info = pb::FrameworkInfo {
+            name: "f".into(),
+            ..Default::default()
+        };
+        assert_eq!(framework_info(&info).unwrap().role, "*");
+        let bad = pb::FrameworkInfo {
+            name: "f".into(),
+            failover_timeout_seconds: -1.0,
+            ..Default::default()
+        };
+        assert_eq!(
+            framework_info(&bad).unwrap_err().field,
+            "framework_info.failover_timeout_seconds"
+        );
+        let bad = pb::FrameworkInfo::default();
+        assert_eq!(
+            framework_info(&bad).unwrap_err().field,
+            "framework_info.name"
+        );
+        assert!(role("a/b", "r").is_err());
+    }
+
+    #[test]
+    fn refuse_seconds_defaults_and_rejects_nan() {
+        let d = std::time::Duration::from_secs(5);
+        assert_eq!(refuse_seconds(None, d).unwrap(), d);
+        let f = pb::Filters {
+            refuse_seconds: Some(f64::NAN),
+        };
+        assert_eq!(
+            refuse_seconds(Some(&f), d).unwrap_err().field,
+            "filters.refuse_seconds"
+        );
+    }
+}
