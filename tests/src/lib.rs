@@ -1,1 +1,252 @@
-//! (being written)
+//! The in-process cluster harness for Corral's scenario tests.
+//!
+//! - [`Cluster`]: a master and N agents in this process, each on
+//!   `127.0.0.1:0`, with short timeouts; agents reach the master through a
+//!   [`Proxy`] so a test can cut and restore an agent's connection.
+//! - [`TestFramework`]: a framework on the raw gRPC API, so tests control
+//!   exactly what is sent (and what is not acknowledged).
+//! - [`wait_for`]: the bounded poll every test uses instead of sleeping.
+
+mod framework;
+mod proxy;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use corral_agent::AgentConfig;
+use corral_master::MasterConfig;
+use corral_master::state::StateSnapshot;
+use corral_proto::Resources;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub use framework::{TestFramework, shell_task};
+pub use proxy::Proxy;
+
+/// Default bound for [`wait_for`] in scenario tests: generous for a loaded
+/// 2-core CI machine, still short enough that a hang fails fast.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// Polls `check` every 20 ms until it returns `Some`, or panics after
+/// `timeout` naming `what` (the condition that never came true).
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Master settings for tests: fast allocation and failure detection, but
+/// not so fast that a loaded 2-core CI machine (a dozen clusters at once)
+/// sees false partitions: agents give up on a silent master after 3
+/// heartbeat intervals (1.5 s), the master on a silent agent after 3 s.
+pub fn test_master_config() -> MasterConfig {
+    MasterConfig {
+        allocation_interval: Duration::from_millis(100),
+        agent_heartbeat_interval: Duration::from_millis(500),
+        agent_ping_timeout: Duration::from_secs(1),
+        max_agent_ping_timeouts: 3,
+        framework_heartbeat_interval: Duration::from_millis(500),
+        ..MasterConfig::default()
+    }
+}
+
+pub struct TestAgent {
+    /// The agent's own API address.
+    pub address: SocketAddr,
+    pub work_dir: PathBuf,
+    /// Between this agent and the master; cut it to partition the agent.
+    pub proxy: Proxy,
+    stop: watch::Sender<bool>,
+    task: Option<JoinHandle<Result<(), corral_agent::AgentError>>>,
+}
+
+impl TestAgent {
+    /// Stops the agent (its tasks are killed) and waits for it.
+    pub async fn stop(&mut self) {
+        let _ = self.stop.send(true);
+        if let Some(task) = self.task.take() {
+            match tokio::time::timeout(WAIT, task).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => panic!("agent failed: {e}"),
+                Ok(Err(e)) => panic!("agent panicked: {e}"),
+                Err(_) => panic!("agent did not stop within {WAIT:?}"),
+            }
+        }
+        self.proxy.shutdown();
+    }
+}
+
+pub struct Cluster {
+    pub master: SocketAddr,
+    pub agents: Vec<TestAgent>,
+    pub dir: tempfile::TempDir,
+    stop: watch::Sender<bool>,
+    master_task: Option<JoinHandle<Result<(), corral_master::MasterError>>>,
+    http: reqwest::Client,
+}
+
+async fn until(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+impl Cluster {
+    /// A master with [`test_master_config`] and `agents` agents, each with
+    /// `cpus:2;mem:2048;disk:1024;ports:[31000-31099]`.
+    pub async fn start(agents: usize) -> Cluster {
+        Self::start_with(test_master_config(), agents).await
+    }
+
+    pub async fn start_with(config: MasterConfig, agents: usize) -> Cluster {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind master");
+        let master = listener.local_addr().expect("master address");
+        let (stop, rx) = watch::channel(false);
+        let master_task = tokio::spawn(corral_master::run(config, listener, until(rx)));
+        let mut cluster = Cluster {
+            master,
+            agents: Vec::new(),
+            dir: tempfile::tempdir().expect("temp dir"),
+            stop,
+            master_task: Some(master_task),
+            http: reqwest::Client::new(),
+        };
+        for _ in 0..agents {
+            cluster
+                .add_agent("cpus:2;mem:2048;disk:1024;ports:[31000-31099]", "")
+                .await;
+        }
+        let n = agents;
+        cluster
+            .wait_state(&format!("{n} agents connected"), |s| {
+                s.agents.iter().filter(|a| a.state == "connected").count() == n
+            })
+            .await;
+        cluster
+    }
+
+    /// Config of the next agent: fast status update retries for tests.
+    pub fn agent_config(&self, resources: &str, attributes: &str) -> AgentConfig {
+        let index = self.agents.len();
+        let mut config =
+            AgentConfig::new(String::new(), self.dir.path().join(format!("agent{index}")));
+        config.resources = Some(Resources::parse(resources).expect("resources"));
+        config.attributes = corral_proto::attributes::parse(attributes).expect("attributes");
+        config.hostname = format!("agent{index}");
+        config.status_update_retry_initial = Duration::from_millis(300);
+        config.status_update_retry_max = Duration::from_secs(2);
+        config.reconnect_backoff_max = Duration::from_millis(300);
+        config.default_kill_grace = Duration::from_secs(2);
+        config
+    }
+
+    /// Starts one more agent; returns its index.
+    pub async fn add_agent(&mut self, resources: &str, attributes: &str) -> usize {
+        let config = self.agent_config(resources, attributes);
+        self.add_agent_with(config).await
+    }
+
+    pub async fn add_agent_with(&mut self, mut config: AgentConfig) -> usize {
+        let proxy = Proxy::start(self.master).await;
+        config.master = proxy.address.to_string();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind agent");
+        let address = listener.local_addr().expect("agent address");
+        config.advertise_address = Some(address.to_string());
+        let work_dir = config.work_dir.clone();
+        let (stop, rx) = watch::channel(false);
+        let task = tokio::spawn(corral_agent::run(config, listener, until(rx)));
+        self.agents.push(TestAgent {
+            address,
+            work_dir,
+            proxy,
+            stop,
+            task: Some(task),
+        });
+        self.agents.len() - 1
+    }
+
+    pub async fn state(&self) -> StateSnapshot {
+        self.http
+            .get(format!("http://{}/state", self.master))
+            .send()
+            .await
+            .expect("GET /state")
+            .json()
+            .await
+            .expect("/state is JSON")
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(format!("http://{}/metrics", self.master))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("/metrics text")
+    }
+
+    pub async fn agent_metrics(&self, index: usize) -> String {
+        self.http
+            .get(format!("http://{}/metrics", self.agents[index].address))
+            .send()
+            .await
+            .expect("GET agent /metrics")
+            .text()
+            .await
+            .expect("agent /metrics text")
+    }
+
+    /// Waits until `/state` satisfies `check`.
+    pub async fn wait_state(
+        &self,
+        what: &str,
+        check: impl Fn(&StateSnapshot) -> bool,
+    ) -> StateSnapshot {
+        wait_for(what, WAIT, || async {
+            let s = self.state().await;
+            check(&s).then_some(s)
+        })
+        .await
+    }
+
+    /// A raw framework subscribed to this cluster's master.
+    pub async fn framework(&self, name: &str) -> TestFramework {
+        TestFramework::subscribe(self.master, name, "*").await
+    }
+
+    /// Stops agents (killing their tasks) and the master.
+    pub async fn shutdown(mut self) {
+        for a in &mut self.agents {
+            a.stop().await;
+        }
+        let _ = self.stop.send(true);
+        if let Some(t) = self.master_task.take() {
+            match tokio::time::timeout(WAIT, t).await {
+                Ok(Ok(Ok(()))) => {}
+                other => panic!("master did not stop cleanly: {other:?}"),
+            }
+        }
+    }
+}
+
+/// Finds a metric line `name{labels} value` and returns the value.
+pub fn metric_value(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (key, value) = l.rsplit_once(' ')?;
+        (key == name_and_labels).then(|| value.parse().ok())?
+    })
+}

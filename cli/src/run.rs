@@ -1,0 +1,364 @@
+//! `corral run -- CMD...`: a one-task framework, like `mesos-execute`.
+//! It subscribes, launches the command on the first offer that fits,
+//! streams the task's stdout/stderr from the agent, and exits with the
+//! task's exit code.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::Args;
+use corral_proto::task::{is_terminal, reason_name, state_name};
+use corral_proto::{OfferId, Resources, TaskId, pb};
+use corral_sdk::{Driver, DriverConfig, Scheduler, SchedulerClient, TaskBuilder};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+
+use crate::DEFAULT_MASTER;
+
+/// Long decline filter for offers we cannot use: we need one offer only.
+const DECLINE_SECONDS: f64 = 60.0;
+/// After this long without a fitting offer, say what we are waiting for.
+const WAITING_HINT_AFTER: Duration = Duration::from_secs(5);
+/// How long to keep draining the task's output after it ended.
+const LOG_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// Master to submit to.
+    #[arg(long, default_value = DEFAULT_MASTER, env = "CORRAL_MASTER")]
+    master: String,
+    /// CPUs for the task.
+    #[arg(long, default_value_t = 0.1)]
+    cpus: f64,
+    /// Memory for the task, in MiB.
+    #[arg(long, default_value_t = 32.0)]
+    mem: f64,
+    /// Disk for the task, in MiB.
+    #[arg(long, default_value_t = 0.0)]
+    disk: f64,
+    /// Task name (the task id is NAME-<random>).
+    #[arg(long, default_value = "corral-run")]
+    name: String,
+    /// Environment variable for the task (repeatable).
+    #[arg(long = "env", value_name = "K=V")]
+    env: Vec<String>,
+    /// Time between SIGTERM and SIGKILL when the task is killed (e.g. 3s).
+    #[arg(long, value_parser = crate::serve::parse_duration)]
+    kill_grace: Option<Duration>,
+    /// Framework role.
+    #[arg(long, default_value = "*")]
+    role: String,
+    /// The command and its arguments (run directly, not through a shell;
+    /// use `-- sh -c '...'` for shell syntax).
+    #[arg(last = true, required = true, num_args = 1..)]
+    command: Vec<String>,
+}
+
+enum RunEvent {
+    Launched { agent_address: String },
+    Status(pb::TaskStatus),
+    Error(String),
+}
+
+struct OneTask {
+    task: Option<TaskBuilder>,
+    needed: Resources,
+    task_id: TaskId,
+    events: mpsc::UnboundedSender<RunEvent>,
+    largest: Option<Resources>,
+    started: tokio::time::Instant,
+    hinted: bool,
+}
+
+#[async_trait::async_trait]
+impl Scheduler for OneTask {
+    async fn offers(&mut self, client: &SchedulerClient, offers: Vec<pb::Offer>) {
+        let mut decline: Vec<OfferId> = Vec::new();
+        for offer in offers {
+            let Ok(id) = OfferId::parse(&offer.id, "offer.id") else {
+                continue;
+            };
+            let fits = Resources::from_proto(&offer.resources, "offer.resources")
+                .map(|r| {
+                    if self.largest.as_ref().is_none_or(|l| r.mem > l.mem) {
+                        self.largest = Some(r.clone());
+                    }
+                    r.contains(&self.needed)
+                })
+                .unwrap_or(false);
+            if fits && self.task.is_some() {
+                let Some(builder) = self.task.take() else {
+                    continue;
+                };
+                let info = builder.build_for(&offer);
+                let filters = pb::Filters {
+                    refuse_seconds: Some(DECLINE_SECONDS),
+                };
+                match client.launch(&[id], vec![info], Some(filters)).await {
+                    Ok(()) => {
+                        let _ = self.events.send(RunEvent::Launched {
+                            agent_address: offer.agent_address.clone(),
+                        });
+                        let _ = client.suppress().await;
+                    }
+                    Err(e) => {
+                        let _ = self
+                            .events
+                            .send(RunEvent::Error(format!("launch failed: {e}")));
+                    }
+                }
+            } else {
+                decline.push(id);
+            }
+        }
+        if !decline.is_empty() {
+            let filters = pb::Filters {
+                refuse_seconds: Some(DECLINE_SECONDS),
+            };
+            let _ = client.decline(&decline, Some(filters)).await;
+        }
+        if self.task.is_some() && !self.hinted && self.started.elapsed() > WAITING_HINT_AFTER {
+            self.hinted = true;
+            let largest = self
+                .largest
+                .as_ref()
+                .map(|r| r.to_string())
+                .unwrap_or_else(|| "none".into());
+            eprintln!(
+                "corral run: still waiting for an offer with {} (largest offer so far: {largest})",
+                self.needed
+            );
+        }
+    }
+
+    async fn status_update(&mut self, _client: &SchedulerClient, status: &pb::TaskStatus) {
+        if status.task_id == self.task_id.as_str() {
+            let _ = self.events.send(RunEvent::Status(status.clone()));
+        }
+    }
+
+    async fn error(&mut self, _client: &SchedulerClient, message: &str) {
+        let _ = self.events.send(RunEvent::Error(message.to_string()));
+    }
+}
+
+fn parse_env(pairs: &[String]) -> Result<Vec<(String, String)>> {
+    pairs
+        .iter()
+        .map(|p| {
+            let (k, v) = p
+                .split_once('=')
+                .ok_or_else(|| anyhow!("--env: '{p}' is not K=V"))?;
+            if k.is_empty() {
+                bail!("--env: '{p}' has an empty name");
+            }
+            Ok((k.to_string(), v.to_string()))
+        })
+        .collect()
+}
+
+/// Streams one sandbox file of the task to our stdout or stderr until the
+/// agent ends the stream (task terminal and file drained).
+async fn stream_file(
+    agent_address: String,
+    framework_id: String,
+    task_id: String,
+    file: &'static str,
+) -> Result<()> {
+    let mut client = pb::agent_client::AgentClient::connect(format!("http://{agent_address}"))
+        .await
+        .with_context(|| format!("cannot reach agent {agent_address} for the task's {file}"))?;
+    let mut stream = client
+        .read_file(pb::ReadFileRequest {
+            framework_id,
+            task_id,
+            file: file.to_string(),
+            offset: 0,
+            follow: true,
+        })
+        .await?
+        .into_inner();
+    let mut out: Box<dyn tokio::io::AsyncWrite + Unpin + Send> = if file == "stdout" {
+        Box::new(tokio::io::stdout())
+    } else {
+        Box::new(tokio::io::stderr())
+    };
+    while let Some(chunk) = stream.message().await? {
+        out.write_all(&chunk.data).await?;
+        out.flush().await?;
+    }
+    Ok(())
+}
+
+fn exit_code_of(status: &pb::TaskStatus) -> u8 {
+    match (status.state(), status.exit_code, status.signal) {
+        (pb::TaskState::TaskFinished, _, _) => 0,
+        (_, Some(code), _) if code != 0 => u8::try_from(code.clamp(1, 255)).unwrap_or(1),
+        (_, _, Some(sig)) => u8::try_from((128 + sig).clamp(1, 255)).unwrap_or(1),
+        _ => 1,
+    }
+}
+
+pub async fn run(args: RunArgs) -> Result<ExitCode> {
+    let needed = Resources::parse(&format!(
+        "cpus:{};mem:{};disk:{}",
+        args.cpus, args.mem, args.disk
+    ))
+    .map_err(|e| anyhow!("{e}"))?;
+    if needed.cpus.is_zero() || needed.mem.is_zero() {
+        bail!("--cpus and --mem must be > 0");
+    }
+    let suffix: String = uuid::Uuid::new_v4()
+        .simple()
+        .to_string()
+        .chars()
+        .take(8)
+        .collect();
+    let task_id =
+        TaskId::parse(&format!("{}-{suffix}", args.name), "--name").map_err(|e| anyhow!("{e}"))?;
+    let mut builder = TaskBuilder::new(task_id.clone())
+        .name(&args.name)
+        .command(args.command.clone())
+        .cpus(args.cpus)
+        .mem(args.mem);
+    if args.disk > 0.0 {
+        builder = builder.disk(args.disk);
+    }
+    for (k, v) in parse_env(&args.env)? {
+        builder = builder.env(&k, &v);
+    }
+    if let Some(grace) = args.kill_grace {
+        builder = builder.kill_grace(grace);
+    }
+
+    let framework = pb::FrameworkInfo {
+        name: format!("corral-run: {}", args.name),
+        user: std::env::var("USER").unwrap_or_default(),
+        role: args.role.clone(),
+        // Like mesos-execute: if this process goes away, so does the task.
+        failover_timeout_seconds: 0.0,
+        hostname: hostname::get()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        ..Default::default()
+    };
+    let (driver, client) = Driver::new(DriverConfig::new(args.master.clone(), framework));
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let scheduler = OneTask {
+        task: Some(builder),
+        needed,
+        task_id: task_id.clone(),
+        events: events_tx.clone(),
+        largest: None,
+        started: tokio::time::Instant::now(),
+        hinted: false,
+    };
+    let driver_task = tokio::spawn(async move {
+        if let Err(e) = driver.run(scheduler).await {
+            let _ = events_tx.send(RunEvent::Error(e.to_string()));
+        }
+    });
+
+    let mut agent_address = None;
+    let mut streams: Vec<tokio::task::JoinHandle<Result<()>>> = Vec::new();
+    let mut kill_sent = false;
+    let final_status = loop {
+        let event = tokio::select! {
+            e = events.recv() => e,
+            _ = tokio::signal::ctrl_c(), if !kill_sent => {
+                kill_sent = true;
+                eprintln!("corral run: killing task {task_id} (Ctrl-C again to leave it)");
+                if let Err(e) = client.kill(&task_id, None).await {
+                    eprintln!("corral run: kill failed: {e}");
+                }
+                continue;
+            }
+            _ = tokio::signal::ctrl_c(), if kill_sent => {
+                client.stop();
+                return Ok(ExitCode::from(130));
+            }
+        };
+        match event {
+            None => bail!("the framework driver stopped"),
+            Some(RunEvent::Error(e)) => {
+                client.stop();
+                bail!("{e}");
+            }
+            Some(RunEvent::Launched { agent_address: a }) => agent_address = Some(a),
+            Some(RunEvent::Status(status)) => {
+                let from_agent = status.source() == pb::Source::Agent;
+                if from_agent
+                    && streams.is_empty()
+                    && let (Some(addr), Some(fid)) = (&agent_address, client.framework_id())
+                {
+                    for file in ["stdout", "stderr"] {
+                        streams.push(tokio::spawn(stream_file(
+                            addr.clone(),
+                            fid.to_string(),
+                            task_id.to_string(),
+                            file,
+                        )));
+                    }
+                }
+                if is_terminal(status.state()) {
+                    break status;
+                }
+            }
+        }
+    };
+    for s in streams {
+        match tokio::time::timeout(LOG_DRAIN_TIMEOUT, s).await {
+            Ok(Ok(Err(e))) => eprintln!("corral run: log stream: {e:#}"),
+            Ok(_) => {}
+            Err(_) => eprintln!("corral run: gave up waiting for the rest of the task's output"),
+        }
+    }
+    let state = final_status.state();
+    if state != pb::TaskState::TaskFinished {
+        let reason = reason_name(final_status.reason());
+        let mut line = format!("corral run: task {task_id} {}", state_name(state));
+        if !reason.is_empty() {
+            line.push_str(&format!(" ({reason})"));
+        }
+        if !final_status.message.is_empty() {
+            line.push_str(&format!(": {}", final_status.message));
+        }
+        eprintln!("{line}");
+    }
+    if let Err(e) = client.teardown().await {
+        tracing::debug!("teardown: {e}");
+    }
+    client.stop();
+    let _ = tokio::time::timeout(Duration::from_secs(5), driver_task).await;
+    Ok(ExitCode::from(exit_code_of(&final_status)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_follow_the_task() {
+        let mut s = pb::TaskStatus {
+            state: pb::TaskState::TaskFinished as i32,
+            ..Default::default()
+        };
+        assert_eq!(exit_code_of(&s), 0);
+        s.state = pb::TaskState::TaskFailed as i32;
+        s.exit_code = Some(3);
+        assert_eq!(exit_code_of(&s), 3);
+        s.exit_code = None;
+        s.signal = Some(9);
+        assert_eq!(exit_code_of(&s), 137);
+        s.signal = None;
+        assert_eq!(exit_code_of(&s), 1);
+    }
+
+    #[test]
+    fn env_pairs_need_a_name() {
+        assert!(parse_env(&["A=1".into()]).is_ok());
+        assert!(parse_env(&["=1".into()]).is_err());
+        assert!(parse_env(&["A".into()]).is_err());
+    }
+}

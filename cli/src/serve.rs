@@ -1,0 +1,270 @@
+//! `corral master`, `corral agent` and `corral dev`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use corral_agent::AgentConfig;
+use corral_master::MasterConfig;
+use corral_proto::{Resources, attributes};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::DEFAULT_MASTER;
+
+#[derive(Args)]
+pub struct MasterArgs {
+    /// Address to serve gRPC and HTTP (/metrics, /state) on.
+    #[arg(long, default_value = "0.0.0.0:5050", env = "CORRAL_MASTER_LISTEN")]
+    listen: SocketAddr,
+    #[command(flatten)]
+    tuning: MasterTuning,
+}
+
+#[derive(Args)]
+struct MasterTuning {
+    /// Time between periodic allocation rounds (e.g. 1s, 500ms).
+    #[arg(long, value_parser = parse_duration, env = "CORRAL_ALLOCATION_INTERVAL")]
+    allocation_interval: Option<Duration>,
+    /// Rescind offers not answered within this time (default: never).
+    #[arg(long, value_parser = parse_duration, env = "CORRAL_OFFER_TIMEOUT")]
+    offer_timeout: Option<Duration>,
+    /// With --max-agent-ping-timeouts: how long an agent may stay silent
+    /// before it is unreachable (default 15s × 5, as in Mesos).
+    #[arg(long, value_parser = parse_duration, env = "CORRAL_AGENT_PING_TIMEOUT")]
+    agent_ping_timeout: Option<Duration>,
+    #[arg(long, env = "CORRAL_MAX_AGENT_PING_TIMEOUTS")]
+    max_agent_ping_timeouts: Option<u32>,
+    /// How often frameworks get a heartbeat event (default 15s).
+    #[arg(long, value_parser = parse_duration, env = "CORRAL_FRAMEWORK_HEARTBEAT_INTERVAL")]
+    framework_heartbeat_interval: Option<Duration>,
+    /// Role weights for fair sharing, e.g. "analytics=2,batch=0.5".
+    #[arg(long, default_value = "", env = "CORRAL_WEIGHTS")]
+    weights: String,
+}
+
+impl MasterTuning {
+    fn apply(&self, mut config: MasterConfig) -> Result<MasterConfig> {
+        if let Some(d) = self.allocation_interval {
+            if d.is_zero() {
+                bail!("--allocation-interval: must be > 0");
+            }
+            config.allocation_interval = d;
+        }
+        config.offer_timeout = self.offer_timeout.or(config.offer_timeout);
+        if let Some(d) = self.agent_ping_timeout {
+            if d.is_zero() {
+                bail!("--agent-ping-timeout: must be > 0");
+            }
+            config.agent_ping_timeout = d;
+        }
+        if let Some(n) = self.max_agent_ping_timeouts {
+            if n == 0 {
+                bail!("--max-agent-ping-timeouts: must be > 0");
+            }
+            config.max_agent_ping_timeouts = n;
+        }
+        if let Some(d) = self.framework_heartbeat_interval {
+            if d.is_zero() {
+                bail!("--framework-heartbeat-interval: must be > 0");
+            }
+            config.framework_heartbeat_interval = d;
+        }
+        config.weights = MasterConfig::parse_weights(&self.weights).map_err(anyhow::Error::msg)?;
+        Ok(config)
+    }
+}
+
+#[derive(Args)]
+pub struct AgentArgs {
+    /// Master to register with.
+    #[arg(long, default_value = DEFAULT_MASTER, env = "CORRAL_MASTER")]
+    master: String,
+    /// Address to serve the agent API and /metrics on.
+    #[arg(long, default_value = "0.0.0.0:5051", env = "CORRAL_AGENT_LISTEN")]
+    listen: SocketAddr,
+    /// HOST:PORT the master and frameworks use to reach this agent
+    /// (default: the listen address, or this host's name when listening on
+    /// all interfaces).
+    #[arg(long, env = "CORRAL_AGENT_ADVERTISE")]
+    advertise: Option<String>,
+    /// Sandboxes and agent state live here.
+    #[arg(long, default_value = "/var/lib/corral/agent", env = "CORRAL_WORK_DIR")]
+    work_dir: PathBuf,
+    #[command(flatten)]
+    node: NodeArgs,
+}
+
+#[derive(Args)]
+struct NodeArgs {
+    /// Override detected resources, per name, e.g.
+    /// "cpus:4;mem:8192;disk:10000;ports:[31000-32000]".
+    #[arg(long, env = "CORRAL_RESOURCES")]
+    resources: Option<String>,
+    /// Attributes offered with the resources, e.g. "rack:r1;zone:a".
+    #[arg(long, default_value = "", env = "CORRAL_ATTRIBUTES")]
+    attributes: String,
+    /// Hostname to advertise (default: this machine's).
+    #[arg(long, env = "CORRAL_HOSTNAME")]
+    hostname: Option<String>,
+}
+
+impl NodeArgs {
+    fn agent_config(&self, master: String, work_dir: PathBuf) -> Result<AgentConfig> {
+        let mut config = AgentConfig::new(master, work_dir);
+        if let Some(text) = &self.resources {
+            config.resources =
+                Some(Resources::parse(text).map_err(|e| anyhow::anyhow!("--resources: {e}"))?);
+        }
+        config.attributes = attributes::parse(&self.attributes)
+            .map_err(|e| anyhow::anyhow!("--attributes: {e}"))?;
+        if let Some(h) = &self.hostname {
+            config.hostname = h.clone();
+        }
+        Ok(config)
+    }
+}
+
+#[derive(Args)]
+pub struct DevArgs {
+    /// Port of the master (gRPC, /metrics, /state) on 127.0.0.1.
+    #[arg(long, default_value_t = 5050)]
+    master_port: u16,
+    /// Port of the agent on 127.0.0.1.
+    #[arg(long, default_value_t = 5051)]
+    agent_port: u16,
+    /// Sandboxes and state of the dev cluster.
+    #[arg(long, env = "CORRAL_WORK_DIR")]
+    work_dir: Option<PathBuf>,
+    #[command(flatten)]
+    node: NodeArgs,
+    #[command(flatten)]
+    tuning: MasterTuning,
+}
+
+/// Parses `500ms`, `2s`, `1.5m`, `1h`, or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("'{text}' is not a duration like 500ms, 2s or 1m"))?;
+    let seconds = match unit.trim() {
+        "" | "s" => value,
+        "ms" => value / 1000.0,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        other => {
+            return Err(format!(
+                "unknown unit '{other}' in '{text}' (use ms, s, m or h)"
+            ));
+        }
+    };
+    if !seconds.is_finite() || seconds > 365.0 * 24.0 * 3600.0 {
+        return Err(format!("'{text}' is out of range"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("{what}: cannot listen on {addr}"))
+}
+
+pub async fn master(args: MasterArgs) -> Result<()> {
+    let config = args.tuning.apply(MasterConfig::default())?;
+    let listener = bind(args.listen, "master").await?;
+    tracing::info!(address = %args.listen, "master listening");
+    corral_master::run(config, listener, crate::shutdown_signal()).await?;
+    Ok(())
+}
+
+pub async fn agent(args: AgentArgs) -> Result<()> {
+    let mut config = args
+        .node
+        .agent_config(args.master.clone(), args.work_dir.clone())?;
+    config.advertise_address = Some(match &args.advertise {
+        Some(a) => a.clone(),
+        None if args.listen.ip().is_unspecified() => {
+            format!("{}:{}", config.hostname, args.listen.port())
+        }
+        None => args.listen.to_string(),
+    });
+    let listener = bind(args.listen, "agent").await?;
+    tracing::info!(address = %args.listen, master = %args.master, "agent listening");
+    corral_agent::run(config, listener, crate::shutdown_signal()).await?;
+    Ok(())
+}
+
+pub async fn dev(args: DevArgs) -> Result<()> {
+    let work_dir = args
+        .work_dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join("corral-dev"));
+    std::fs::create_dir_all(&work_dir)
+        .with_context(|| format!("cannot create {}", work_dir.display()))?;
+    let master_addr = SocketAddr::from(([127, 0, 0, 1], args.master_port));
+    let agent_addr = SocketAddr::from(([127, 0, 0, 1], args.agent_port));
+    let config = args.tuning.apply(MasterConfig::dev())?;
+    let master_listener = bind(master_addr, "master").await?;
+    let agent_listener = bind(agent_addr, "agent").await?;
+    let mut agent_config = args
+        .node
+        .agent_config(master_addr.to_string(), work_dir.join("agent"))?;
+    agent_config.advertise_address = Some(agent_addr.to_string());
+
+    // One signal stops both; the agent first, so its tasks are killed
+    // while the master can still hear about it.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let wait = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let master = tokio::spawn(corral_master::run(
+        config,
+        master_listener,
+        wait(stop_rx.clone()),
+    ));
+    let mut agent = tokio::spawn(corral_agent::run(
+        agent_config,
+        agent_listener,
+        wait(stop_rx),
+    ));
+    eprintln!(
+        "corral dev: master on http://{master_addr} (see /state, /metrics), agent on {agent_addr}, work dir {}",
+        work_dir.display()
+    );
+    eprintln!("corral dev: try `corral run -- echo hello`; Ctrl-C stops the cluster");
+    tokio::select! {
+        _ = crate::shutdown_signal() => {}
+        r = &mut agent => {
+            let _ = stop_tx.send(true);
+            r.context("agent task panicked")??;
+            bail!("the agent stopped unexpectedly");
+        }
+    }
+    let _ = stop_tx.send(true);
+    agent.await.context("agent task panicked")??;
+    master.await.context("master task panicked")??;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_duration("1.5m"), Ok(Duration::from_secs(90)));
+        assert!(parse_duration("2 parsecs").is_err());
+        assert!(parse_duration("").is_err());
+    }
+}

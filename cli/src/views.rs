@@ -1,0 +1,214 @@
+//! `corral agents`, `corral frameworks`, `corral tasks`: tables from the
+//! master's `/state`, or the raw JSON with `--json`.
+
+use anyhow::{Context, Result};
+use clap::Args;
+use corral_master::state::{ResourcesJson, StateSnapshot, TaskState};
+
+use crate::DEFAULT_MASTER;
+
+#[derive(Args)]
+pub struct ViewArgs {
+    /// Master to ask.
+    #[arg(long, default_value = DEFAULT_MASTER, env = "CORRAL_MASTER")]
+    master: String,
+    /// Print JSON (for scripts) instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct TaskArgs {
+    #[command(flatten)]
+    view: ViewArgs,
+    /// Include completed tasks.
+    #[arg(long)]
+    all: bool,
+}
+
+pub async fn fetch_state(master: &str) -> Result<StateSnapshot> {
+    let url = format!("http://{master}/state");
+    let response = reqwest::get(&url)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot reach the master at {master} (is it running? set --master or CORRAL_MASTER)"
+            )
+        })?
+        .error_for_status()
+        .with_context(|| format!("GET {url}"))?;
+    response
+        .json::<StateSnapshot>()
+        .await
+        .with_context(|| format!("GET {url}: unexpected answer"))
+}
+
+fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// Prints rows as left-aligned columns.
+fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            widths[i] = widths[i].max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut out = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                out.push_str(cell);
+            } else {
+                out.push_str(&format!("{cell:<w$}  ", w = widths[i]));
+            }
+        }
+        println!("{}", out.trim_end());
+    };
+    line(header.iter().map(|h| h.to_string()).collect());
+    for row in rows {
+        line(row.clone());
+    }
+}
+
+fn fmt_num(v: f64) -> String {
+    let s = format!("{v:.3}");
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
+fn used_of(used: f64, total: f64) -> String {
+    format!("{}/{}", fmt_num(used), fmt_num(total))
+}
+
+fn short(id: &str) -> String {
+    id.chars().take(8).collect()
+}
+
+pub async fn agents(args: ViewArgs) -> Result<()> {
+    let state = fetch_state(&args.master).await?;
+    if args.json {
+        return print_json(&state.agents);
+    }
+    let rows: Vec<Vec<String>> = state
+        .agents
+        .iter()
+        .map(|a| {
+            let (u, t): (&ResourcesJson, &ResourcesJson) = (&a.used_resources, &a.resources);
+            vec![
+                a.id.clone(),
+                a.hostname.clone(),
+                a.address.clone(),
+                a.state.clone(),
+                used_of(u.cpus, t.cpus),
+                used_of(u.mem, t.mem),
+                used_of(u.disk, t.disk),
+                a.tasks.to_string(),
+                a.attributes
+                    .iter()
+                    .map(|(k, v)| format!("{k}:{v}"))
+                    .collect::<Vec<_>>()
+                    .join(";"),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "ID",
+            "HOSTNAME",
+            "ADDRESS",
+            "STATE",
+            "CPUS",
+            "MEM",
+            "DISK",
+            "TASKS",
+            "ATTRIBUTES",
+        ],
+        &rows,
+    );
+    Ok(())
+}
+
+pub async fn frameworks(args: ViewArgs) -> Result<()> {
+    let state = fetch_state(&args.master).await?;
+    if args.json {
+        return print_json(&state.frameworks);
+    }
+    let rows: Vec<Vec<String>> = state
+        .frameworks
+        .iter()
+        .map(|f| {
+            vec![
+                f.id.clone(),
+                f.name.clone(),
+                f.role.clone(),
+                f.state.clone(),
+                if f.suppressed { "yes" } else { "no" }.to_string(),
+                f.tasks.to_string(),
+                f.offers.to_string(),
+                format!("{:.3}", f.dominant_share),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "ID",
+            "NAME",
+            "ROLE",
+            "STATE",
+            "SUPPRESSED",
+            "TASKS",
+            "OFFERS",
+            "SHARE",
+        ],
+        &rows,
+    );
+    Ok(())
+}
+
+pub async fn tasks(args: TaskArgs) -> Result<()> {
+    let state = fetch_state(&args.view.master).await?;
+    let mut tasks: Vec<&TaskState> = state.tasks.iter().collect();
+    if args.all {
+        tasks.extend(state.completed_tasks.iter());
+    }
+    if args.view.json {
+        return print_json(&tasks);
+    }
+    let rows: Vec<Vec<String>> = tasks
+        .iter()
+        .map(|t| {
+            vec![
+                t.id.clone(),
+                t.name.clone(),
+                short(&t.framework_id),
+                short(&t.agent_id),
+                t.state.clone(),
+                fmt_num(t.resources.cpus),
+                fmt_num(t.resources.mem),
+                t.exit_code.map(|c| c.to_string()).unwrap_or_default(),
+                if t.reason.is_empty() {
+                    t.message.clone()
+                } else {
+                    format!("{}: {}", t.reason, t.message)
+                },
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "ID",
+            "NAME",
+            "FRAMEWORK",
+            "AGENT",
+            "STATE",
+            "CPUS",
+            "MEM",
+            "EXIT",
+            "REASON",
+        ],
+        &rows,
+    );
+    Ok(())
+}
