@@ -27,7 +27,9 @@
 mod actor;
 mod api;
 mod config;
+pub mod containerizer;
 mod error;
+pub mod images;
 mod master_link;
 pub mod metrics;
 pub mod resources;

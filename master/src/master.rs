@@ -168,6 +168,8 @@ struct Task {
     status: pb::TaskStatus,
     /// uuid of the terminal agent update; its acknowledgement retires the task.
     terminal_uuid: Option<Vec<u8>>,
+    /// Latest container usage the agent reported.
+    usage: Option<pb::ContainerUsage>,
 }
 
 impl Task {
@@ -575,6 +577,21 @@ impl Master {
         match message {
             pb::agent_message::Message::Heartbeat(_) => {}
             pb::agent_message::Message::StatusUpdate(update) => self.status_update(id, update),
+            pb::agent_message::Message::Usage(report) => {
+                for usage in report.containers {
+                    let (Ok(fid), Ok(tid)) = (
+                        FrameworkId::parse(&usage.framework_id, "usage.framework_id"),
+                        TaskId::parse(&usage.task_id, "usage.task_id"),
+                    ) else {
+                        continue;
+                    };
+                    if let Some(task) = self.tasks.get_mut(&(fid, tid))
+                        && &task.agent_id == id
+                    {
+                        task.usage = Some(usage);
+                    }
+                }
+            }
             pb::agent_message::Message::Register(_) => {
                 warn!(agent_id = %id, "ignoring a second register on one stream");
             }
@@ -1258,6 +1275,7 @@ impl Master {
                 resources,
                 status,
                 terminal_uuid: None,
+                usage: None,
             },
         );
     }
@@ -1678,6 +1696,7 @@ fn task_json(task: &Task, status: &pb::TaskStatus) -> state::TaskState {
         resources: ResourcesJson::from(&task.resources),
         exit_code: status.exit_code,
         updated_at: status.timestamp,
+        usage: task.usage.as_ref().map(state::UsageJson::from),
     }
 }
 

@@ -102,4 +102,37 @@ pub struct TaskState {
     pub resources: ResourcesJson,
     pub exit_code: Option<i32>,
     pub updated_at: f64,
+    /// Latest container usage reported by the agent (isolated tasks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<UsageJson>,
+}
+
+/// A container's usage as sampled by its agent.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct UsageJson {
+    pub cpu_user_seconds: f64,
+    pub cpu_system_seconds: f64,
+    pub cpu_throttled_periods: u64,
+    pub cpu_throttled_seconds: f64,
+    pub mem_rss_bytes: u64,
+    pub mem_cache_bytes: u64,
+    pub mem_limit_bytes: u64,
+    pub pids: u64,
+    pub timestamp: f64,
+}
+
+impl From<&corral_proto::pb::ContainerUsage> for UsageJson {
+    fn from(u: &corral_proto::pb::ContainerUsage) -> Self {
+        Self {
+            cpu_user_seconds: u.cpu_user_seconds,
+            cpu_system_seconds: u.cpu_system_seconds,
+            cpu_throttled_periods: u.cpu_throttled_periods,
+            cpu_throttled_seconds: u.cpu_throttled_seconds,
+            mem_rss_bytes: u.mem_rss_bytes,
+            mem_cache_bytes: u.mem_cache_bytes,
+            mem_limit_bytes: u.mem_limit_bytes,
+            pids: u.pids,
+            timestamp: u.timestamp,
+        }
+    }
 }

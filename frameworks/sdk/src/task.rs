@@ -34,6 +34,7 @@ pub struct TaskBuilder {
     ports: RangeSet,
     kill_grace: Option<Duration>,
     labels: HashMap<String, String>,
+    container: Option<pb::ContainerInfo>,
 }
 
 const CPUS: usize = 0;
@@ -53,6 +54,7 @@ impl TaskBuilder {
             ports: RangeSet::new(),
             kill_grace: None,
             labels: HashMap::new(),
+            container: None,
         }
     }
 
@@ -198,6 +200,47 @@ impl TaskBuilder {
             command,
             kill_grace_period_seconds: self.kill_grace.map(|d| d.as_secs_f64()),
             labels: self.labels.clone(),
+            container: self.container.clone(),
         }
+    }
+
+    fn container_mut(&mut self) -> &mut pb::ContainerInfo {
+        self.container.get_or_insert_with(Default::default)
+    }
+
+    /// Runs the task in a root filesystem from this OCI image
+    /// (`busybox`, `registry:5000/app:v2`); its Entrypoint/Cmd/Env/
+    /// WorkingDir/User apply unless the task sets them.
+    pub fn image(mut self, reference: impl Into<String>) -> Self {
+        self.container_mut().image = reference.into();
+        self
+    }
+
+    /// Mounts `host_path` at `container_path` (the agent allows only host
+    /// paths under its `--allowed-host-paths`).
+    pub fn volume(
+        mut self,
+        host_path: impl Into<String>,
+        container_path: impl Into<String>,
+        read_only: bool,
+    ) -> Self {
+        self.container_mut().volumes.push(pb::Volume {
+            host_path: host_path.into(),
+            container_path: container_path.into(),
+            read_only,
+        });
+        self
+    }
+
+    /// Runs as `UID[:GID]` instead of the image's user.
+    pub fn user(mut self, user: impl Into<String>) -> Self {
+        self.container_mut().user = user.into();
+        self
+    }
+
+    /// Makes the command replace the image's Entrypoint, not just its Cmd.
+    pub fn entrypoint_override(mut self) -> Self {
+        self.container_mut().entrypoint_override = true;
+        self
     }
 }

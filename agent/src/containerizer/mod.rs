@@ -1,0 +1,1 @@
+//! Containers: cgroups, namespaces, root filesystems, hardening (being written).

@@ -1,0 +1,1 @@
+//! The image store: import, pull, layers, configs (being written).
