@@ -30,6 +30,7 @@ mod config;
 pub mod containerizer;
 mod error;
 pub mod images;
+pub mod logs;
 mod master_link;
 pub mod metrics;
 pub mod resources;

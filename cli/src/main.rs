@@ -2,6 +2,8 @@
 //! framework (`run`, like `mesos-execute`) and operator views of `/state`
 //! (`agents`, `frameworks`, `tasks`).
 
+mod image;
+mod logs;
 mod run;
 mod serve;
 mod views;
@@ -49,6 +51,10 @@ enum Command {
     Frameworks(views::ViewArgs),
     /// List tasks (add --all for completed ones).
     Tasks(views::TaskArgs),
+    /// Show a task's stdout (or --stderr), following it with -f.
+    Logs(logs::LogsArgs),
+    /// Manage the image store of an agent.
+    Image(image::ImageArgs),
 }
 
 fn init_logging(format: LogFormat, default: &str) {
@@ -97,6 +103,8 @@ fn main() -> ExitCode {
             Command::Agents(args) => views::agents(args).await.map(|()| ExitCode::SUCCESS),
             Command::Frameworks(args) => views::frameworks(args).await.map(|()| ExitCode::SUCCESS),
             Command::Tasks(args) => views::tasks(args).await.map(|()| ExitCode::SUCCESS),
+            Command::Logs(args) => logs::logs(args).await.map(|()| ExitCode::SUCCESS),
+            Command::Image(args) => image::image(args).await.map(|()| ExitCode::SUCCESS),
         }
     });
     match result {

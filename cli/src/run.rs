@@ -10,7 +10,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
 use corral_proto::task::{is_terminal, reason_name, state_name};
 use corral_proto::{OfferId, Resources, TaskId, pb};
-use corral_sdk::{Driver, DriverConfig, Scheduler, SchedulerClient, TaskBuilder};
+use corral_sdk::{Constraint, Driver, DriverConfig, Scheduler, SchedulerClient, TaskBuilder};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
@@ -49,10 +49,41 @@ pub struct RunArgs {
     /// Framework role.
     #[arg(long, default_value = "*")]
     role: String,
+    /// Run in a root filesystem from this OCI image (imported or pulled by
+    /// the agent); its Entrypoint/Cmd/Env/WorkingDir/User apply.
+    #[arg(long)]
+    image: Option<String>,
+    /// Mount a host path: HOST:CONTAINER[:ro] (repeatable; the agent allows
+    /// only paths under its --allowed-host-paths).
+    #[arg(long = "volume", value_name = "HOST:CONTAINER[:ro]")]
+    volumes: Vec<String>,
+    /// Run as UID[:GID] inside the container.
+    #[arg(long)]
+    user: Option<String>,
+    /// Only run on agents matching `ATTRIBUTE == VALUE` or `!=` (repeatable),
+    /// e.g. "zone == a" or "isolation == container".
+    #[arg(long = "constraint")]
+    constraints: Vec<String>,
     /// The command and its arguments (run directly, not through a shell;
-    /// use `-- sh -c '...'` for shell syntax).
-    #[arg(last = true, required = true, num_args = 1..)]
+    /// use `-- sh -c '...'` for shell syntax). With --image it may be left
+    /// out to run the image's own command, and it replaces the image's Cmd.
+    #[arg(last = true, num_args = 1..)]
     command: Vec<String>,
+}
+
+/// Parses `HOST:CONTAINER[:ro|:rw]`.
+fn parse_volume(text: &str) -> Result<(String, String, bool)> {
+    let parts: Vec<&str> = text.split(':').collect();
+    let (host, container, read_only) = match parts.as_slice() {
+        [h, c] => (*h, *c, false),
+        [h, c, "ro"] => (*h, *c, true),
+        [h, c, "rw"] => (*h, *c, false),
+        _ => bail!("--volume: '{text}' is not HOST:CONTAINER[:ro]"),
+    };
+    if !host.starts_with('/') || !container.starts_with('/') {
+        bail!("--volume: '{text}': both paths must be absolute");
+    }
+    Ok((host.to_string(), container.to_string(), read_only))
 }
 
 enum RunEvent {
@@ -64,6 +95,7 @@ enum RunEvent {
 struct OneTask {
     task: Option<TaskBuilder>,
     needed: Resources,
+    constraints: Vec<Constraint>,
     task_id: TaskId,
     events: mpsc::UnboundedSender<RunEvent>,
     largest: Option<Resources>,
@@ -87,6 +119,7 @@ impl Scheduler for OneTask {
                     r.contains(&self.needed)
                 })
                 .unwrap_or(false);
+            let fits = fits && corral_sdk::constraint::all_match(&self.constraints, &offer);
             if fits && self.task.is_some() {
                 let Some(builder) = self.task.take() else {
                     continue;
@@ -125,8 +158,14 @@ impl Scheduler for OneTask {
                 .as_ref()
                 .map(|r| r.to_string())
                 .unwrap_or_else(|| "none".into());
+            let constraints = if self.constraints.is_empty() {
+                String::new()
+            } else {
+                let list: Vec<String> = self.constraints.iter().map(ToString::to_string).collect();
+                format!(" on an agent with {}", list.join(", "))
+            };
             eprintln!(
-                "corral run: still waiting for an offer with {} (largest offer so far: {largest})",
+                "corral run: still waiting for an offer with {}{constraints} (largest offer so far: {largest})",
                 self.needed
             );
         }
@@ -217,11 +256,36 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
         .collect();
     let task_id =
         TaskId::parse(&format!("{}-{suffix}", args.name), "--name").map_err(|e| anyhow!("{e}"))?;
+    if args.command.is_empty() && args.image.is_none() {
+        bail!("a command is required (after --), unless --image is given");
+    }
+    let mut constraints = args
+        .constraints
+        .iter()
+        .map(|c| {
+            c.parse::<Constraint>()
+                .map_err(|e| anyhow!("--constraint: {e}"))
+        })
+        .collect::<Result<Vec<_>>>()?;
     let mut builder = TaskBuilder::new(task_id.clone())
         .name(&args.name)
-        .command(args.command.clone())
         .cpus(args.cpus)
         .mem(args.mem);
+    if !args.command.is_empty() {
+        builder = builder.command(args.command.clone());
+    }
+    if let Some(image) = &args.image {
+        // Images need an agent that runs containers.
+        constraints.push(Constraint::isolated());
+        builder = builder.image(image);
+    }
+    for v in &args.volumes {
+        let (host, container, read_only) = parse_volume(v)?;
+        builder = builder.volume(host, container, read_only);
+    }
+    if let Some(user) = &args.user {
+        builder = builder.user(user);
+    }
     if args.disk > 0.0 {
         builder = builder.disk(args.disk);
     }
@@ -248,6 +312,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
     let scheduler = OneTask {
         task: Some(builder),
         needed,
+        constraints,
         task_id: task_id.clone(),
         events: events_tx.clone(),
         largest: None,
@@ -353,6 +418,21 @@ mod tests {
         assert_eq!(exit_code_of(&s), 137);
         s.signal = None;
         assert_eq!(exit_code_of(&s), 1);
+    }
+
+    #[test]
+    fn volumes_parse_with_an_optional_mode() {
+        assert_eq!(
+            parse_volume("/a:/b").unwrap(),
+            ("/a".into(), "/b".into(), false)
+        );
+        assert_eq!(
+            parse_volume("/a:/b:ro").unwrap(),
+            ("/a".into(), "/b".into(), true)
+        );
+        assert!(parse_volume("a:/b").is_err());
+        assert!(parse_volume("/a").is_err());
+        assert!(parse_volume("/a:/b:rx").is_err());
     }
 
     #[test]

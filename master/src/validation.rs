@@ -13,6 +13,8 @@ const MAX_TEXT: usize = 1024;
 const MAX_COMMAND: usize = 256 * 1024;
 /// Most environment variables or labels on one task.
 const MAX_ENTRIES: usize = 4096;
+/// Most volumes on one task.
+const MAX_VOLUMES: usize = 64;
 /// Longest kill grace period or decline filter accepted: one year, like the
 /// cap Mesos applies to `refuse_seconds`.
 pub const MAX_SECONDS: f64 = 365.0 * 24.0 * 3600.0;
@@ -216,11 +218,18 @@ pub fn task(info: &pb::TaskInfo) -> Result<ValidTask, FieldError> {
             "must be finite and > 0",
         ));
     }
-    let command = info
-        .command
-        .as_ref()
-        .ok_or_else(|| FieldError::new("task.command", "is required"))?;
-    if command.value.is_empty() {
+    let image = info.container.as_ref().is_some_and(|c| !c.image.is_empty());
+    if let Some(container) = &info.container {
+        container_info(container)?;
+    }
+    // An image task may leave the command to the image's Entrypoint/Cmd.
+    let empty = pb::CommandInfo::default();
+    let command = match info.command.as_ref() {
+        Some(c) => c,
+        None if image => &empty,
+        None => return Err(FieldError::new("task.command", "is required")),
+    };
+    if command.value.is_empty() && !image {
         return Err(FieldError::new("task.command.value", "must not be empty"));
     }
     let size = command.value.len() + command.arguments.iter().map(String::len).sum::<usize>();
@@ -248,6 +257,51 @@ pub fn task(info: &pb::TaskInfo) -> Result<ValidTask, FieldError> {
         info: info.clone(),
         resources,
     })
+}
+
+/// `UID[:GID]`, both decimal.
+pub fn user(value: &str, field: &str) -> Result<(u32, Option<u32>), FieldError> {
+    let parse = |s: &str| {
+        s.parse::<u32>()
+            .map_err(|_| FieldError::new(field, "must be UID or UID:GID (numbers)"))
+    };
+    match value.split_once(':') {
+        Some((u, g)) => Ok((parse(u)?, Some(parse(g)?))),
+        None => Ok((parse(value)?, None)),
+    }
+}
+
+fn container_info(c: &pb::ContainerInfo) -> Result<(), FieldError> {
+    text(&c.image, "task.container.image", false)?;
+    if c.image.contains(char::is_whitespace) {
+        return Err(FieldError::new("task.container.image", "must not contain spaces"));
+    }
+    if !c.user.is_empty() {
+        user(&c.user, "task.container.user")?;
+    }
+    if !c.working_dir.is_empty() {
+        absolute_path(&c.working_dir, "task.container.working_dir")?;
+    }
+    if c.volumes.len() > MAX_VOLUMES {
+        return Err(FieldError::new("task.container.volumes", "at most 64 volumes"));
+    }
+    for (i, v) in c.volumes.iter().enumerate() {
+        absolute_path(&v.host_path, &format!("task.container.volumes[{i}].host_path"))?;
+        absolute_path(&v.container_path, &format!("task.container.volumes[{i}].container_path"))?;
+    }
+    Ok(())
+}
+
+/// An absolute path without `..` components.
+fn absolute_path(value: &str, field: &str) -> Result<(), FieldError> {
+    text(value, field, true)?;
+    if !value.starts_with('/') {
+        return Err(FieldError::new(field, "must be an absolute path"));
+    }
+    if value.split('/').any(|c| c == "..") {
+        return Err(FieldError::new(field, "must not contain '..'"));
+    }
+    Ok(())
 }
 
 fn env_map(map: &HashMap<String, String>, field: &str) -> Result<(), FieldError> {
@@ -358,6 +412,33 @@ mod tests {
             task(&t).unwrap_err().field,
             "task.kill_grace_period_seconds"
         );
+    }
+
+    #[test]
+    fn image_tasks_may_omit_the_command_and_container_fields_are_checked() {
+        let mut t = good_task();
+        t.command = None;
+        t.container = Some(pb::ContainerInfo {
+            image: "busybox".into(),
+            ..Default::default()
+        });
+        assert!(task(&t).is_ok());
+        let mut c = t.container.clone().unwrap();
+        c.volumes.push(pb::Volume {
+            host_path: "relative".into(),
+            container_path: "/data".into(),
+            read_only: true,
+        });
+        t.container = Some(c.clone());
+        assert_eq!(task(&t).unwrap_err().field, "task.container.volumes[0].host_path");
+        c.volumes[0].host_path = "/srv/../etc".into();
+        t.container = Some(c.clone());
+        assert!(task(&t).unwrap_err().reason.contains(".."));
+        c.volumes.clear();
+        c.user = "root".into();
+        t.container = Some(c);
+        assert_eq!(task(&t).unwrap_err().field, "task.container.user");
+        assert_eq!(user("1000:100", "u").unwrap(), (1000, Some(100)));
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! - [`wait_for`]: the bounded poll every test uses instead of sleeping.
 
 mod framework;
+pub mod images;
 mod proxy;
 
 use std::future::Future;

@@ -39,10 +39,12 @@
 //! - `error`: [`DriverError`].
 //! - `task`: [`TaskBuilder`].
 //! - `offer`: [`OfferResources`], carving tasks out of one offer.
+//! - [`constraint`]: placement constraints on agent attributes.
 //! - `backoff`, `recent`: reconnect backoff and the duplicate-update memory.
 
 mod backoff;
 mod client;
+pub mod constraint;
 mod driver;
 mod error;
 mod offer;
@@ -52,6 +54,7 @@ mod task;
 
 pub use async_trait::async_trait;
 pub use client::SchedulerClient;
+pub use constraint::Constraint;
 pub use corral_proto::{
     AgentId, FrameworkId, OfferId, RangeSet, ResourceError, Resources, TaskId, pb,
 };
