@@ -1,1 +1,859 @@
-//! Containers: cgroups, namespaces, root filesystems, hardening (being written).
+//! Containers: cgroups, namespaces, root filesystems, hardening — the
+//! agent's own runtime, in process (no runc/crun, no helper binary).
+//!
+//! Internal to the agent; public for tests and benches.
+//!
+//! [`Containerizer::launch`], step by step:
+//! 1. Validate the spec and precompute everything the child needs as plain
+//!    data ([`init::ChildPlan`]): the mount plan (`plan`, pure and
+//!    unit-tested), argv/envp C arrays, the executable candidates from the
+//!    task's `PATH`, the capability mask.
+//! 2. `clone3(CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC |
+//!    CLONE_PIDFD)`: the child becomes the container's init and starts
+//!    building the root filesystem ...
+//! 3. ... while the agent, in parallel, creates the cgroup with cgroups-rs
+//!    (cpu shares + CFS quota, memory, pids) and sends "go" over a
+//!    `SOCK_SEQPACKET` pair. The init then moves itself into the cgroup
+//!    (v1: "0" into each `tasks`, which avoids an RCU grace period that
+//!    `cgroup.procs` costs) before it starts the command, so the command
+//!    runs in the cgroup from its first instruction.
+//! 4. The init hardens itself and vfork-starts the command, which execs;
+//!    `launch` returns when the init reports STARTED, or the failing step.
+//!
+//! Waiting is a pidfd registered with tokio (`AsyncFd`): no thread per
+//! container. Killing goes through the cgroup. Nothing is mounted in the
+//! host's mount namespace: the overlay and every other mount live and die
+//! with the container's.
+//!
+//! Modules: `spec` (validation, limits), `plan` (mount plan + the `Sys`
+//! trait), `cgroup` (cgroups-rs), `init` (the cloned child), `sys` (raw
+//! syscalls, the `unsafe`), `error`.
+
+mod cgroup;
+mod error;
+mod init;
+mod plan;
+mod spec;
+mod sys;
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use tracing::warn;
+
+pub use error::ContainerError;
+
+use cgroup::{Cgroups, Leaf};
+use init::{ChildFds, ChildPlan, ExecPlan, JoinFile, Report, Scratch, Stage};
+use plan::{PlannedBind, PlannedRoot};
+use sys::Exit;
+
+/// Default cgroup subtree (agent flag `--cgroup-root`).
+pub const DEFAULT_CGROUP_ROOT: &str = "corral";
+/// Default pids limit per container: room for real workloads, a ceiling
+/// for fork bombs.
+pub const DEFAULT_PIDS_LIMIT: u64 = 4096;
+
+/// How long `launch` waits for the init to report: setup takes
+/// milliseconds; a minute means something is stuck (a hung mount).
+const LAUNCH_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long teardown waits for killed processes to be gone.
+const TEARDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How containers are isolated (agent flags).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IsolationConfig {
+    /// Subtree under each cgroup hierarchy, e.g. `corral`; `/`-separated
+    /// names of `[A-Za-z0-9._-]`.
+    pub cgroup_root: String,
+    /// Enforce `cpus` as a CFS quota (hard limit), not only as shares.
+    pub cpu_hard_limit: bool,
+    /// `pids.max` of every container (the init counts).
+    pub pids_limit: u64,
+}
+
+impl Default for IsolationConfig {
+    fn default() -> Self {
+        IsolationConfig {
+            cgroup_root: DEFAULT_CGROUP_ROOT.to_string(),
+            cpu_hard_limit: true,
+            pids_limit: DEFAULT_PIDS_LIMIT,
+        }
+    }
+}
+
+/// What to run and how.
+#[derive(Debug)]
+pub struct ContainerSpec {
+    /// cgroup leaf name, `[A-Za-z0-9._-]{1,128}`.
+    pub id: String,
+    /// `argv[0]` without a `/` is looked up in `PATH` from `env` (or a
+    /// default PATH) inside the container's root.
+    pub argv: Vec<String>,
+    /// The whole environment (nothing is inherited from the agent).
+    pub env: Vec<(String, String)>,
+    /// Working directory inside the container.
+    pub cwd: PathBuf,
+    pub rootfs: RootFs,
+    pub hostname: String,
+    /// Bind mounts, attached after the root is pivoted so their targets
+    /// resolve (and are created) inside the container root.
+    pub mounts: Vec<BindMount>,
+    /// `(uid, gid)`; `None` runs as root (uid 0) in the container.
+    pub user: Option<(u32, u32)>,
+    /// `cpu.shares = cpus * 1024` (min 2); CFS quota `cpus * 100 ms` per
+    /// 100 ms when the hard limit is on.
+    pub cpus_milli: u64,
+    /// Memory limit (v1: also memory+swap when swap accounting exists).
+    pub mem_bytes: u64,
+    /// stdin is /dev/null.
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
+}
+
+/// The container's root filesystem.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RootFs {
+    /// The host's root, in the container's own mount namespace: fresh
+    /// `/proc` for the pid namespace, read-only `/sys`, private `/dev/shm`,
+    /// masks applied; the host's files and `/dev` stay reachable, so this is
+    /// for trusted plain command tasks (normally with `user`).
+    Host,
+    /// overlayfs. `lower`: read-only layer dirs, top-most first (overlay
+    /// `lowerdir` order); `upper`, `work`: dirs the caller created on one
+    /// filesystem; `target`: mountpoint dir the caller created. Mounted
+    /// inside the container's mount namespace, so it vanishes with the
+    /// container and nothing is left mounted on the host.
+    Overlay {
+        lower: Vec<PathBuf>,
+        upper: PathBuf,
+        work: PathBuf,
+        target: PathBuf,
+    },
+}
+
+/// A host path bind-mounted into the container (recursively).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BindMount {
+    pub source: PathBuf,
+    pub target: PathBuf,
+    pub read_only: bool,
+}
+
+/// How a container's command ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ContainerExit {
+    /// Exit code, when the command exited.
+    pub code: Option<i32>,
+    /// Signal number, when a signal ended it.
+    pub signal: Option<i32>,
+    /// The kernel OOM-killed a process of this container.
+    pub oom_killed: bool,
+    pub mem_limit_bytes: u64,
+}
+
+/// Resource usage from the container's cgroup.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Usage {
+    pub cpu_user_seconds: f64,
+    pub cpu_system_seconds: f64,
+    pub cpu_throttled_periods: u64,
+    pub cpu_throttled_seconds: f64,
+    pub mem_rss_bytes: u64,
+    pub mem_cache_bytes: u64,
+    pub mem_limit_bytes: u64,
+    pub pids: u64,
+}
+
+/// Launches and tears down containers. `Send + Sync`; share it in an
+/// `Arc`.
+#[derive(Debug)]
+pub struct Containerizer {
+    config: IsolationConfig,
+    cgroups: Cgroups,
+    last_cap: u32,
+    max_fd: u32,
+    args_area: (usize, usize),
+}
+
+/// `(arg_start, arg_end)` of this process from /proc/self/stat (fields 48
+/// and 49, counted after the parenthesised command name).
+fn args_area() -> (usize, usize) {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return (0, 0);
+    };
+    let Some((_, rest)) = stat.rsplit_once(") ") else {
+        return (0, 0);
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |n: usize| fields.get(n - 3).and_then(|f| f.parse().ok()).unwrap_or(0);
+    (field(48), field(49))
+}
+
+impl Containerizer {
+    /// Checks this process can create cgroups under `cgroup_root` (in every
+    /// controller needed; the root is created) and the container
+    /// namespaces. The error says why and what to do.
+    pub fn new(config: IsolationConfig) -> Result<Self, ContainerError> {
+        if !spec::valid_cgroup_root(&config.cgroup_root) {
+            return Err(ContainerError::InvalidConfig(format!(
+                "cgroup root '{}' must be '/'-separated names of [A-Za-z0-9._-]",
+                config.cgroup_root
+            )));
+        }
+        if config.pids_limit < 2 {
+            return Err(ContainerError::InvalidConfig(
+                "pids limit must be at least 2 (the init and the command)".into(),
+            ));
+        }
+        init::probe_namespaces().map_err(|errno| ContainerError::Unavailable {
+            reason: match errno {
+                Errno::ENOSYS => "cannot create namespaces: clone3 is not supported (Linux 5.3 or newer is needed)".to_string(),
+                e => format!(
+                    "cannot create pid, mount, uts and ipc namespaces: {}",
+                    e.desc().to_lowercase()
+                ),
+            },
+            hint: cgroup::HINT,
+        })?;
+        // After the probe, so a process that may not unshare leaves no
+        // cgroup root behind.
+        let cgroups = Cgroups::detect(&config.cgroup_root)?;
+        let last_cap = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(40u32)
+            .min(63);
+        let max_fd = sys::nofile_limit().min(1 << 20) as u32;
+        Ok(Containerizer {
+            config,
+            cgroups,
+            last_cap,
+            max_fd,
+            args_area: args_area(),
+        })
+    }
+
+    /// The configuration this containerizer runs with.
+    pub fn config(&self) -> &IsolationConfig {
+        &self.config
+    }
+
+    /// Whether the host uses the cgroup v2 unified hierarchy.
+    pub fn cgroup_v2(&self) -> bool {
+        self.cgroups.is_v2()
+    }
+
+    /// Creates the cgroup, clones the init into new pid, mount, uts and ipc
+    /// namespaces (host network), sets up the root filesystem, mounts and
+    /// hardening, and execs the command. Blocking, a few milliseconds;
+    /// returns once the command has been exec'd, or an error naming the
+    /// step that failed and why (an exec failure of the command is an
+    /// error too: "exec /bin/nope: No such file or directory"). Nothing is
+    /// left behind on error.
+    pub fn launch(&self, spec: &ContainerSpec) -> Result<Container, ContainerError> {
+        let id = spec.id.clone();
+        spec::validate(spec).map_err(|reason| ContainerError::InvalidSpec {
+            id: id.clone(),
+            reason,
+        })?;
+        let leaf = self.cgroups.leaf(&id);
+        let plan = self.child_plan(spec, &leaf)?;
+        let mut scratch = Scratch::new(&plan);
+        let limits = spec::limits(
+            spec.cpus_milli,
+            spec.mem_bytes,
+            self.config.cpu_hard_limit,
+            self.config.pids_limit,
+        );
+        let sys_err = |what: &'static str| {
+            let id = id.clone();
+            move |errno| ContainerError::Sys { id, what, errno }
+        };
+
+        let (parent_sock, child_sock) =
+            sys::socketpair_seqpacket().map_err(sys_err("create the init socket"))?;
+        // The child dup2s its stdio onto 0-2; keep its own fds above that.
+        let stdout = AboveStdio::new(spec.stdout.as_fd()).map_err(sys_err("dup stdout"))?;
+        let stderr = AboveStdio::new(spec.stderr.as_fd()).map_err(sys_err("dup stderr"))?;
+        let child_sock = AboveStdio::owned(child_sock).map_err(sys_err("dup the init socket"))?;
+        let fds = ChildFds {
+            stdout: stdout.raw(),
+            stderr: stderr.raw(),
+            sock: child_sock.raw(),
+        };
+        let (pid, pidfd) =
+            init::spawn(&plan, &mut scratch, fds).map_err(sys_err("clone the init"))?;
+        drop((stdout, stderr, child_sock));
+        // From here on, every error path kills and reaps the init.
+        let abort = |err: ContainerError, leaf: Option<&Leaf>| {
+            let _ = sys::pidfd_send_signal(&pidfd, libc::SIGKILL);
+            let _ = reap(&pidfd, TEARDOWN_TIMEOUT);
+            if let Some(leaf) = leaf {
+                let _ = leaf.delete();
+            }
+            err
+        };
+
+        // The init builds the root filesystem meanwhile; it joins the
+        // cgroup itself once told it exists.
+        if let Err(e) = self.cgroups.create(&leaf, &limits) {
+            return Err(abort(e, None));
+        }
+        match sys::send(parent_sock.as_raw_fd(), &Report::Go.encode()) {
+            // EPIPE: the init already failed; its report is read below.
+            Ok(_) | Err(Errno::EPIPE | Errno::ECONNRESET) => {}
+            Err(errno) => {
+                let err = ContainerError::Sys {
+                    id: id.clone(),
+                    what: "signal the init to go on",
+                    errno,
+                };
+                return Err(abort(err, Some(&leaf)));
+            }
+        }
+
+        match read_report(&parent_sock, LAUNCH_TIMEOUT) {
+            Ok(Some(Report::Started)) => Ok(Container {
+                id,
+                pid,
+                pidfd,
+                sock: parent_sock,
+                leaf,
+                mem_limit_bytes: spec.mem_bytes,
+                exit: tokio::sync::OnceCell::new(),
+                reaped: AtomicBool::new(false),
+                destroyed: AtomicBool::new(false),
+            }),
+            Ok(Some(Report::Failed {
+                stage,
+                index,
+                errno,
+            })) => {
+                let err = failure(&id, spec, &plan, stage, index, Errno::from_raw(errno));
+                Err(abort(err, Some(&leaf)))
+            }
+            Ok(other) => {
+                let status = match reap(&pidfd, TEARDOWN_TIMEOUT) {
+                    Reaped::Exited(Exit::Code(c)) => format!("exit code {c}"),
+                    Reaped::Exited(Exit::Signal(s)) => format!("signal {s}"),
+                    Reaped::Gone | Reaped::Running => "unknown status".into(),
+                };
+                let what = match other {
+                    None => format!("exited during setup ({status})"),
+                    Some(r) => format!("sent {r:?} instead of STARTED ({status})"),
+                };
+                Err(abort(
+                    ContainerError::Init {
+                        id: id.clone(),
+                        what,
+                    },
+                    Some(&leaf),
+                ))
+            }
+            Err(err) => Err(abort(err.with_id(&id), Some(&leaf))),
+        }
+    }
+
+    fn child_plan(&self, spec: &ContainerSpec, leaf: &Leaf) -> Result<ChildPlan, ContainerError> {
+        let invalid = |reason: String| ContainerError::InvalidSpec {
+            id: spec.id.clone(),
+            reason,
+        };
+        let root = match &spec.rootfs {
+            RootFs::Host => PlannedRoot::Host,
+            RootFs::Overlay {
+                lower,
+                upper,
+                work,
+                target,
+            } => {
+                if !target.is_absolute() {
+                    return Err(invalid(format!(
+                        "overlay target {} is not absolute",
+                        target.display()
+                    )));
+                }
+                PlannedRoot::Overlay {
+                    lower: lower.clone(),
+                    upper: upper.clone(),
+                    work: work.clone(),
+                    target: target.clone(),
+                }
+            }
+        };
+        let mut binds = Vec::with_capacity(spec.mounts.len());
+        for m in &spec.mounts {
+            let meta = std::fs::metadata(&m.source)
+                .map_err(|e| invalid(format!("mount source {}: {e}", m.source.display())))?;
+            binds.push(PlannedBind {
+                source: m.source.clone(),
+                target: plan::normalize_container_path(&m.target).map_err(invalid)?,
+                read_only: m.read_only,
+                source_is_dir: meta.is_dir(),
+            });
+        }
+        let mounts = plan::build(&root, &binds).map_err(invalid)?;
+        let program = init::program_name(&spec.argv);
+        let candidates = spec::exec_candidates(program, &spec.env);
+        let exec = ExecPlan::new(&spec.argv, &spec.env, &candidates).map_err(invalid)?;
+        let c = |bytes: &[u8], what: &str| {
+            std::ffi::CString::new(bytes)
+                .map_err(|_| invalid(format!("{what} contains a NUL byte")))
+        };
+        let mut join = Vec::new();
+        for path in leaf.join_files() {
+            // <root>/<id>/<file>: open <root> early, write <id>/<file> late.
+            let (Some(file), Some(dir)) = (path.file_name(), path.parent().and_then(Path::parent))
+            else {
+                return Err(invalid(format!(
+                    "unexpected cgroup path {}",
+                    path.display()
+                )));
+            };
+            let rel = Path::new(&spec.id).join(file);
+            join.push(JoinFile {
+                dir: c(dir.as_os_str().as_bytes(), "cgroup path")?,
+                file: c(rel.as_os_str().as_bytes(), "cgroup path")?,
+            });
+        }
+        Ok(ChildPlan {
+            mounts,
+            join,
+            hostname: c(spec.hostname.as_bytes(), "hostname")?,
+            cwd: c(spec.cwd.as_os_str().as_bytes(), "cwd")?,
+            user: spec.user,
+            keep_caps: spec::default_cap_mask(),
+            last_cap: self.last_cap,
+            exec,
+            max_fd: self.max_fd,
+            args_area: self.args_area,
+        })
+    }
+
+    /// Ids of the containers present in the cgroup subtree (for the orphan
+    /// sweep at agent start).
+    pub fn list(&self) -> Result<Vec<String>, ContainerError> {
+        self.cgroups.list()
+    }
+
+    /// Kills every process in a container's cgroup and removes the cgroup
+    /// (orphans left by a previous agent). For containers of this process,
+    /// use [`Container::destroy`].
+    pub fn destroy(&self, id: &str) -> Result<(), ContainerError> {
+        if !spec::valid_id(id) {
+            return Err(ContainerError::InvalidSpec {
+                id: id.to_string(),
+                reason: "not a valid container id".into(),
+            });
+        }
+        let leaf = self.cgroups.leaf(id);
+        let started = Instant::now();
+        let mut pause = Duration::from_micros(100);
+        // A pidfd per process seen, taken while it is known to be in the
+        // cgroup: an orphan's init can be our own child (a Container leaked
+        // with mem::forget), and then it must be reaped — by pidfd, so a
+        // recycled pid can never make us reap someone else's child.
+        let mut seen: HashMap<u64, Option<OwnedFd>> = HashMap::new();
+        loop {
+            let procs = leaf.procs();
+            if procs.is_empty() {
+                break;
+            }
+            if started.elapsed() > TEARDOWN_TIMEOUT {
+                return Err(ContainerError::Timeout {
+                    id: id.to_string(),
+                    what: "waiting for the cgroup to empty",
+                    seconds: TEARDOWN_TIMEOUT.as_secs(),
+                });
+            }
+            for pid in &procs {
+                seen.entry(*pid).or_insert_with(|| {
+                    libc::pid_t::try_from(*pid)
+                        .ok()
+                        .and_then(|p| sys::pidfd_open(p).ok())
+                });
+            }
+            leaf.kill_all()?;
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(20));
+        }
+        for pidfd in seen.values().flatten() {
+            // Not our child: ECHILD, nothing to do.
+            let _ = reap(pidfd, Duration::from_millis(100));
+        }
+        leaf.delete()
+    }
+
+    /// Removes the (empty) cgroup subtree root from every hierarchy, e.g.
+    /// when the agent shuts down cleanly or a test ends.
+    pub fn remove_root(&self) -> Result<(), ContainerError> {
+        self.cgroups.remove_root()
+    }
+}
+
+/// A dup of an fd when it is 0-2, else the fd itself.
+enum AboveStdio<'a> {
+    Borrowed(BorrowedFd<'a>),
+    Owned(OwnedFd),
+}
+
+impl<'a> AboveStdio<'a> {
+    fn new(fd: BorrowedFd<'a>) -> Result<Self, Errno> {
+        if fd.as_raw_fd() > 2 {
+            Ok(AboveStdio::Borrowed(fd))
+        } else {
+            sys::dup_above_stdio(fd.as_raw_fd()).map(AboveStdio::Owned)
+        }
+    }
+    fn owned(fd: OwnedFd) -> Result<Self, Errno> {
+        if fd.as_raw_fd() > 2 {
+            Ok(AboveStdio::Owned(fd))
+        } else {
+            sys::dup_above_stdio(fd.as_raw_fd()).map(AboveStdio::Owned)
+        }
+    }
+    fn raw(&self) -> RawFd {
+        match self {
+            AboveStdio::Borrowed(fd) => fd.as_raw_fd(),
+            AboveStdio::Owned(fd) => fd.as_raw_fd(),
+        }
+    }
+}
+
+/// A launch error before the id is known to the helper.
+struct ReportError {
+    what: &'static str,
+    errno: Option<Errno>,
+}
+
+impl ReportError {
+    fn with_id(self, id: &str) -> ContainerError {
+        match self.errno {
+            Some(errno) => ContainerError::Sys {
+                id: id.to_string(),
+                what: self.what,
+                errno,
+            },
+            None => ContainerError::Timeout {
+                id: id.to_string(),
+                what: self.what,
+                seconds: LAUNCH_TIMEOUT.as_secs(),
+            },
+        }
+    }
+}
+
+/// The init's next report; `Ok(None)` when it closed the socket (died).
+fn read_report(sock: &OwnedFd, timeout: Duration) -> Result<Option<Report>, ReportError> {
+    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    match sys::poll_readable(sock.as_raw_fd(), ms) {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(ReportError {
+                what: "waiting for the init to start the command",
+                errno: None,
+            });
+        }
+        Err(errno) => {
+            return Err(ReportError {
+                what: "poll the init socket",
+                errno: Some(errno),
+            });
+        }
+    }
+    let mut buf = [0u8; init::REPORT_LEN];
+    match sys::recv(sock.as_raw_fd(), &mut buf, true) {
+        Ok(0) | Err(Errno::ECONNRESET) => Ok(None),
+        Ok(n) => Ok(Report::decode(buf.get(..n).unwrap_or(&[]))),
+        Err(errno) => Err(ReportError {
+            what: "read from the init socket",
+            errno: Some(errno),
+        }),
+    }
+}
+
+/// What [`reap`] found.
+enum Reaped {
+    /// Reaped here, with its status.
+    Exited(Exit),
+    /// Gone, but reaped elsewhere (a `waitpid(-1)` in the process).
+    Gone,
+    /// Still running after the timeout.
+    Running,
+}
+
+/// Waits up to `timeout` for the process behind `pidfd` to exit and reaps
+/// it.
+fn reap(pidfd: &OwnedFd, timeout: Duration) -> Reaped {
+    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    if !sys::poll_readable(pidfd.as_raw_fd(), ms).unwrap_or(false) {
+        return Reaped::Running;
+    }
+    match sys::waitid_pidfd(pidfd.as_raw_fd(), true) {
+        Ok(Some(exit)) => Reaped::Exited(exit),
+        Ok(None) => Reaped::Running,
+        Err(_) => Reaped::Gone,
+    }
+}
+
+/// The error for a setup step the init reported.
+fn failure(
+    id: &str,
+    spec: &ContainerSpec,
+    plan: &ChildPlan,
+    stage: Stage,
+    index: u32,
+    errno: Errno,
+) -> ContainerError {
+    let id = id.to_string();
+    let cwd = spec.cwd.display().to_string();
+    let step = match stage {
+        Stage::Exec => {
+            return ContainerError::Exec {
+                id,
+                program: init::program_name(&spec.argv).to_string(),
+                errno,
+            };
+        }
+        Stage::CwdOutsideRoot => return ContainerError::CwdOutsideRoot { id, cwd },
+        Stage::Mount => plan
+            .mounts
+            .ops
+            .get(index as usize)
+            .map_or_else(|| "mount".to_string(), plan::MountOp::describe),
+        Stage::Chdir => format!("chdir {cwd}"),
+        Stage::Setuid | Stage::Setgid => {
+            let (uid, gid) = spec.user.unwrap_or((0, 0));
+            format!("{} (uid {uid}, gid {gid})", stage.describe())
+        }
+        Stage::Hostname => format!("set hostname {:?}", spec.hostname),
+        Stage::JoinCgroup => format!(
+            "join cgroup ({})",
+            plan.join
+                .get(index as usize)
+                .map_or_else(String::new, |j| format!(
+                    "{}/{}",
+                    j.dir.to_string_lossy(),
+                    j.file.to_string_lossy()
+                ))
+        ),
+        Stage::CapBounding => format!("{} (capability {index})", stage.describe()),
+        other => other.describe().to_string(),
+    };
+    ContainerError::Setup { id, step, errno }
+}
+
+/// A running (or ended, not yet destroyed) container.
+///
+/// Dropping it without [`Container::destroy`] still kills every process in
+/// its cgroup, reaps the init and removes the cgroup (best effort, logged;
+/// it may block for the few milliseconds that takes).
+#[derive(Debug)]
+pub struct Container {
+    pub id: String,
+    /// Host pid of the container's init.
+    pub pid: u32,
+    pidfd: OwnedFd,
+    sock: OwnedFd,
+    leaf: Leaf,
+    mem_limit_bytes: u64,
+    exit: tokio::sync::OnceCell<ContainerExit>,
+    /// The init has been waited for (its pid may be reused).
+    reaped: AtomicBool,
+    destroyed: AtomicBool,
+}
+
+impl Container {
+    /// Resolves when the command ended: how it ended (exit code or signal;
+    /// the command's, not the init's) and whether the cgroup saw an OOM
+    /// kill. Async on the init's pidfd registered with the current tokio
+    /// runtime's reactor (no thread per container; IO must be enabled); may
+    /// be called again (or concurrently) and returns the same answer.
+    pub async fn wait(&self) -> Result<ContainerExit, ContainerError> {
+        self.exit
+            .get_or_try_init(|| self.wait_once())
+            .await
+            .copied()
+    }
+
+    async fn wait_once(&self) -> Result<ContainerExit, ContainerError> {
+        let sys_err = |errno| ContainerError::Sys {
+            id: self.id.clone(),
+            what: "wait for the init",
+            errno,
+        };
+        let io_err =
+            |e: std::io::Error| sys_err(Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)));
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(ContainerError::Sys {
+                id: self.id.clone(),
+                what: "wait outside a tokio runtime",
+                errno: Errno::EINVAL,
+            });
+        }
+        let init_exit = if self.reaped.load(Ordering::Acquire) {
+            None
+        } else {
+            let afd = sys::async_pidfd(self.pidfd.as_fd()).map_err(io_err)?;
+            loop {
+                let mut guard = afd.readable().await.map_err(io_err)?;
+                match sys::waitid_pidfd(self.pidfd.as_raw_fd(), true) {
+                    Ok(Some(exit)) => {
+                        self.reaped.store(true, Ordering::Release);
+                        break Some(exit);
+                    }
+                    Ok(None) => guard.clear_ready(),
+                    // Reaped by someone else (a waitpid(-1) elsewhere in
+                    // the process): the command's status is on the socket.
+                    Err(Errno::ECHILD) => {
+                        self.reaped.store(true, Ordering::Release);
+                        break None;
+                    }
+                    Err(e) => return Err(sys_err(e)),
+                }
+            }
+        };
+        let mut buf = [0u8; init::REPORT_LEN];
+        let reported = match sys::recv(self.sock.as_raw_fd(), &mut buf, true) {
+            Ok(init::REPORT_LEN) => match Report::decode(&buf) {
+                Some(Report::Exited { status }) => Some(Exit::from_wait_status(status)),
+                _ => None,
+            },
+            _ => None,
+        };
+        // No report: the init was killed (kill(), destroy, the OOM killer)
+        // together with the command, which then died of the same signal.
+        let exit = reported
+            .or(init_exit)
+            .unwrap_or(Exit::Signal(libc::SIGKILL));
+        let oom_killed = self.leaf.oom_kills().is_ok_and(|n| n > 0);
+        let (code, signal) = match exit {
+            Exit::Code(c) => (Some(c), None),
+            Exit::Signal(s) => (None, Some(s)),
+        };
+        Ok(ContainerExit {
+            code,
+            signal,
+            oom_killed,
+            mem_limit_bytes: self.mem_limit_bytes,
+        })
+    }
+
+    /// SIGTERM to the init, which forwards it to the command.
+    pub fn terminate(&self) -> Result<(), ContainerError> {
+        self.signal_init(libc::SIGTERM)
+    }
+
+    fn signal_init(&self, sig: libc::c_int) -> Result<(), ContainerError> {
+        match sys::pidfd_send_signal(&self.pidfd, sig) {
+            Ok(()) | Err(Errno::ESRCH) => Ok(()),
+            Err(errno) => Err(ContainerError::Sys {
+                id: self.id.clone(),
+                what: "signal the init",
+                errno,
+            }),
+        }
+    }
+
+    /// SIGKILLs every process in the container's cgroup (v1: freeze, kill,
+    /// thaw; v2: cgroup.kill), and the init (which takes the whole pid
+    /// namespace with it). Does not wait; `wait` then reports SIGKILL.
+    pub fn kill(&self) -> Result<(), ContainerError> {
+        let cgroup = self.leaf.kill_all();
+        self.signal_init(libc::SIGKILL)?;
+        cgroup
+    }
+
+    /// CPU, throttling, memory and pids of the container, from its cgroup.
+    pub fn usage(&self) -> Result<Usage, ContainerError> {
+        let u = self.leaf.usage()?;
+        let secs = |ns: u64| ns as f64 / 1e9;
+        Ok(Usage {
+            cpu_user_seconds: secs(u.user_ns),
+            cpu_system_seconds: secs(u.system_ns),
+            cpu_throttled_periods: u.throttled_periods,
+            cpu_throttled_seconds: secs(u.throttled_ns),
+            mem_rss_bytes: u.rss,
+            mem_cache_bytes: u.cache,
+            mem_limit_bytes: u.limit,
+            pids: u.pids,
+        })
+    }
+
+    /// Kills everything in the container, reaps the init and removes the
+    /// cgroup from every hierarchy. Never leaves processes behind; a
+    /// failure (a cgroup that will not go away) is returned, and the
+    /// cgroup can then be removed later with [`Containerizer::destroy`].
+    pub fn destroy(self) -> Result<(), ContainerError> {
+        self.destroyed.store(true, Ordering::Release);
+        self.teardown()
+    }
+
+    fn teardown(&self) -> Result<(), ContainerError> {
+        if !self.reaped.load(Ordering::Acquire) {
+            let killed = self.leaf.kill_all();
+            let _ = sys::pidfd_send_signal(&self.pidfd, libc::SIGKILL);
+            if let Reaped::Running = reap(&self.pidfd, TEARDOWN_TIMEOUT) {
+                killed?;
+                return Err(ContainerError::Timeout {
+                    id: self.id.clone(),
+                    what: "waiting for the init to die",
+                    seconds: TEARDOWN_TIMEOUT.as_secs(),
+                });
+            }
+            self.reaped.store(true, Ordering::Release);
+        }
+        // Every process was in the init's pid namespace, which died with
+        // it; exiting ones can linger in cgroup.procs for a moment.
+        let started = Instant::now();
+        let mut pause = Duration::from_micros(50);
+        while !self.leaf.procs().is_empty() {
+            if started.elapsed() > TEARDOWN_TIMEOUT {
+                return Err(ContainerError::Timeout {
+                    id: self.id.clone(),
+                    what: "waiting for the cgroup to empty",
+                    seconds: TEARDOWN_TIMEOUT.as_secs(),
+                });
+            }
+            self.leaf.kill_all()?;
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(10));
+        }
+        self.leaf.delete()
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        if !self.destroyed.swap(true, Ordering::AcqRel)
+            && let Err(e) = self.teardown()
+        {
+            warn!(container = %self.id, error = %e, "cannot tear down dropped container");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handles_are_shareable_across_tasks() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<Containerizer>();
+        send_sync::<Container>();
+        send_sync::<ContainerError>();
+    }
+
+    #[test]
+    fn the_argument_area_is_found() {
+        let (start, end) = args_area();
+        assert!(start > 0 && end > start, "{start:#x}..{end:#x}");
+    }
+}
