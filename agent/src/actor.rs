@@ -11,16 +11,18 @@ use std::time::Duration;
 use corral_proto::pb::{self, Reason, TaskState};
 use corral_proto::task::{is_terminal, now_seconds, state_name};
 use corral_proto::{AgentId, FrameworkId, Resources, TaskId};
-use nix::sys::signal::Signal;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use crate::containerizer::{Container, Usage};
 use crate::error::AgentError;
+use crate::launch::{Ended, LaunchRequest, Launcher, Running};
 use crate::metrics::AgentMetrics;
-use crate::state::{StateView, TaskView};
-use crate::status_updates::{AckOutcome, StatusUpdateManager, StreamKey, new_update};
-use crate::task::{self, LaunchSpec, Termination, sandbox_path, signal_group, signal_name};
+use crate::state::{StateView, TaskView, UsageView};
+pub(crate) use crate::status_updates::StreamKey;
+use crate::status_updates::{AckOutcome, StatusUpdateManager, new_update};
+use crate::task::{Termination, sandbox_path, signal_name};
 
 /// Room for bursts of launches, exits and API calls; senders wait (never
 /// the actor) when it is full.
@@ -49,12 +51,19 @@ pub(crate) enum Command {
     Disconnected,
     /// Any master message but `Registered` and heartbeats.
     FromMaster(Box<pb::master_message::Message>),
-    /// A task's main process ended (sent by its waiter).
+    /// A task's process or container is running (sent by its launcher).
+    Started { key: StreamKey, running: Running },
+    /// A task could not be started; it fails with `message`.
+    LaunchFailed { key: StreamKey, message: String },
+    /// A task's command ended and nothing of it is left (sent by its
+    /// launcher after destroying the container and draining the logs).
     Exited {
         key: StreamKey,
         pid: u32,
-        termination: Termination,
+        ended: Ended,
     },
+    /// Fresh usage of the running containers.
+    UsageSampled(Vec<(StreamKey, Usage)>),
     /// `GET /state`.
     State { reply: oneshot::Sender<StateView> },
     /// `ReadFile`: where the task's files are and whether it is done.
@@ -106,8 +115,18 @@ struct Task {
     task_id: TaskId,
     info: pb::TaskInfo,
     state: TaskState,
-    /// The process group of the running command; `None` once it exited.
+    /// The init (container) or process group (plain process) of the running
+    /// command; `None` before it started and once it exited.
     pid: Option<u32>,
+    running: Option<Running>,
+    /// Between RunTask and Started/LaunchFailed.
+    launching: bool,
+    /// A kill that arrived while launching: its grace override.
+    pending_kill: Option<Option<f64>>,
+    /// The task's launcher (launch, wait, cleanup). Aborting it drops the
+    /// process's kill guard or the container, which kill what is left: so
+    /// dropping the actor cannot leave processes behind.
+    _launcher: Option<AbortOnDrop>,
     sandbox: PathBuf,
     exit_code: Option<i32>,
     signal: Option<i32>,
@@ -116,9 +135,6 @@ struct Task {
     /// TASK_KILLED, not TASK_FAILED.
     killed_by_agent: bool,
     done: watch::Sender<bool>,
-    /// Aborting the waiter SIGKILLs the group (see `task::wait`), so dropping
-    /// the actor cannot leave processes behind.
-    _waiter: Option<AbortOnDrop>,
 }
 
 #[derive(Debug)]
@@ -136,16 +152,32 @@ pub(crate) struct Actor {
     frameworks: HashMap<String, pb::FrameworkInfo>,
     updates: StatusUpdateManager,
     metrics: AgentMetrics,
-    /// Handed to waiters so they can report exits.
+    /// Handed to launchers so they can report starts and exits.
     cmd_tx: mpsc::Sender<Command>,
     stopping: Option<Stop>,
+    launcher: Launcher,
+    usage_interval: Duration,
+    next_usage: Instant,
+    /// Latest container usage, by task: read by `/metrics` and `/state`.
+    usage: std::sync::Arc<dashmap::DashMap<StreamKey, Usage>>,
 }
 
-/// The status a task's end maps to: `(state, reason, message)`.
-pub(crate) fn final_status(
-    termination: &Termination,
-    killed_by_agent: bool,
-) -> (TaskState, Reason, String) {
+/// The status a task's end maps to: `(state, reason, message)`; the
+/// container's OOM kill takes precedence: the
+/// kernel killed it for going over its memory limit (Mesos
+/// `REASON_CONTAINER_LIMITATION_MEMORY`).
+pub(crate) fn final_status_of(ended: &Ended, killed_by_agent: bool) -> (TaskState, Reason, String) {
+    if let Some(limit) = ended.oom_limit {
+        return (
+            TaskState::TaskFailed,
+            Reason::ContainerLimitationMemory,
+            format!(
+                "memory limit of {} MiB exceeded: the container was OOM-killed",
+                limit / (1024 * 1024)
+            ),
+        );
+    }
+    let termination = &ended.termination;
     match (termination, killed_by_agent) {
         (Termination::Exited(code), true) => (
             TaskState::TaskKilled,
@@ -219,6 +251,8 @@ impl Actor {
         config: &crate::AgentConfig,
         metrics: AgentMetrics,
         cmd_tx: mpsc::Sender<Command>,
+        launcher: Launcher,
+        usage: std::sync::Arc<dashmap::DashMap<StreamKey, Usage>>,
     ) -> Self {
         Self {
             identity,
@@ -234,6 +268,10 @@ impl Actor {
             metrics,
             cmd_tx,
             stopping: None,
+            launcher,
+            usage_interval: config.usage_interval.max(Duration::from_millis(100)),
+            next_usage: Instant::now() + config.usage_interval,
+            usage,
         }
     }
 
@@ -258,7 +296,7 @@ impl Actor {
 
     fn finished(&mut self) -> Option<Result<(), AgentError>> {
         let stop = self.stopping.as_ref()?;
-        if self.tasks.values().any(|t| t.pid.is_some()) {
+        if self.tasks.values().any(|t| t.pid.is_some() || t.launching) {
             return None;
         }
         Some(match stop {
@@ -282,11 +320,10 @@ impl Actor {
                 }
             }
             Command::FromMaster(msg) => self.handle_master_message(*msg),
-            Command::Exited {
-                key,
-                pid,
-                termination,
-            } => self.exited(key, pid, termination),
+            Command::Started { key, running } => self.started(key, running),
+            Command::LaunchFailed { key, message } => self.launch_failed(key, message),
+            Command::Exited { key, pid, ended } => self.exited(key, pid, ended),
+            Command::UsageSampled(samples) => self.usage_sampled(samples),
             Command::State { reply } => {
                 let _ = reply.send(self.state_view());
             }
@@ -418,91 +455,85 @@ impl Actor {
             info,
             state: TaskState::TaskStaging,
             pid: None,
+            running: None,
+            launching: false,
+            pending_kill: None,
+            _launcher: None,
             sandbox,
             exit_code: None,
             signal: None,
             kill: None,
             killed_by_agent: false,
             done,
-            _waiter: None,
         };
         let agent_id = self
             .agent_id
             .as_ref()
             .map(ToString::to_string)
             .unwrap_or_default();
-        let launched = match task.info.command.as_ref().filter(|c| !c.value.is_empty()) {
-            None => Err((
-                TaskState::TaskError,
-                Reason::TaskInvalid,
-                "task has no command".to_string(),
-            )),
-            Some(command) => task::launch(&LaunchSpec {
-                sandbox: &task.sandbox,
-                framework_id: &framework_id,
-                task_id: &task_id,
-                agent_id: &agent_id,
-                command,
-            })
-            .map_err(|e| {
-                (
-                    TaskState::TaskFailed,
-                    Reason::ContainerLaunchFailed,
-                    e.to_string(),
-                )
-            })
-            .and_then(|child| match child.id() {
-                Some(pid) => Ok((child, pid)),
-                None => Err((
-                    TaskState::TaskFailed,
-                    Reason::ContainerLaunchFailed,
-                    "the command exited before its pid was known".to_string(),
-                )),
-            }),
+        task.launching = true;
+        let request = LaunchRequest {
+            key: key.clone(),
+            framework_id: framework_id.clone(),
+            task_id: task_id.clone(),
+            agent_id,
+            info: task.info.clone(),
+            sandbox: task.sandbox.clone(),
         };
-        match launched {
-            Ok((child, pid)) => {
-                let tx = self.cmd_tx.clone();
-                let waiter_key = key.clone();
-                let handle = tokio::spawn(async move {
-                    let termination = task::wait(child, pid).await;
-                    // The actor is gone only when the agent is stopping.
-                    let _ = tx
-                        .send(Command::Exited {
-                            key: waiter_key,
-                            pid,
-                            termination,
-                        })
-                        .await;
-                });
-                task._waiter = Some(AbortOnDrop(handle.abort_handle()));
-                task.pid = Some(pid);
-                task.state = TaskState::TaskRunning;
-                let started_at = now_seconds();
-                info!(framework_id = %framework_id, task_id = %task_id, pid,
-                      sandbox = %task.sandbox.display(), "task started");
-                let mut st = status(
-                    task_id.as_str(),
-                    TaskState::TaskRunning,
-                    Reason::Unspecified,
-                    String::new(),
-                );
-                st.started_at = Some(started_at);
-                self.tasks.insert(key, task);
-                self.emit(framework_id.as_str(), st);
+        // The launch (image pull, sandbox, container) and the wait run in
+        // their own task; it reports Started, then Exited.
+        let handle = tokio::spawn(self.launcher.clone().run(request, self.cmd_tx.clone()));
+        task._launcher = Some(AbortOnDrop(handle.abort_handle()));
+        self.tasks.insert(key, task);
+    }
+
+    fn started(&mut self, key: StreamKey, running: Running) {
+        let stopping = self.stopping.is_some();
+        let Some(task) = self.tasks.get_mut(&key) else {
+            // Cannot happen (tasks are kept until their terminal update is
+            // acknowledged); never leave the process running.
+            let _ = running.kill();
+            return;
+        };
+        task.launching = false;
+        task.pid = Some(running.pid());
+        task.running = Some(running);
+        task.state = TaskState::TaskRunning;
+        info!(framework_id = %task.framework_id, task_id = %task.task_id, pid = ?task.pid,
+              sandbox = %task.sandbox.display(), "task started");
+        let mut st = status(
+            task.task_id.as_str(),
+            TaskState::TaskRunning,
+            Reason::Unspecified,
+            String::new(),
+        );
+        st.started_at = Some(now_seconds());
+        let pending_kill = task.pending_kill.take();
+        self.emit(&key.0, st);
+        if stopping {
+            if let Some(task) = self.tasks.get_mut(&key) {
+                hard_kill(task);
             }
-            Err((state, reason, message)) => {
-                warn!(framework_id = %framework_id, task_id = %task_id, error = %message,
-                      "task launch failed");
-                task.state = state;
-                task.done.send_replace(true);
-                self.tasks.insert(key, task);
-                self.emit(
-                    framework_id.as_str(),
-                    status(task_id.as_str(), state, reason, message),
-                );
-            }
+        } else if let Some(grace) = pending_kill {
+            self.start_kill(&key, grace);
         }
+    }
+
+    fn launch_failed(&mut self, key: StreamKey, message: String) {
+        let Some(task) = self.tasks.get_mut(&key) else {
+            return;
+        };
+        warn!(framework_id = %key.0, task_id = %key.1, error = %message, "task launch failed");
+        task.launching = false;
+        task.state = TaskState::TaskFailed;
+        task.done.send_replace(true);
+        let st = status(
+            &key.1,
+            TaskState::TaskFailed,
+            Reason::ContainerLaunchFailed,
+            message,
+        );
+        self.emit(&key.0, st);
     }
 
     fn kill_task(&mut self, kill: pb::KillTask) {
@@ -521,6 +552,12 @@ impl Actor {
             }
             Some(t) if is_terminal(t.state) => {
                 debug!(framework_id = %key.0, task_id = %key.1, "kill of a terminal task; ignored");
+            }
+            Some(_) if self.tasks.get(&key).is_some_and(|t| t.launching) => {
+                // Killed once it has started (or reported failed if it never does).
+                if let Some(t) = self.tasks.get_mut(&key) {
+                    t.pending_kill = Some(kill.kill_grace_period_seconds);
+                }
             }
             Some(_) => self.start_kill(&key, kill.kill_grace_period_seconds),
         }
@@ -560,7 +597,7 @@ impl Actor {
             }
             return;
         }
-        let Some(pid) = task.pid else {
+        let (Some(pid), Some(running)) = (task.pid, task.running.clone()) else {
             return;
         };
         task.state = TaskState::TaskKilling;
@@ -571,7 +608,7 @@ impl Actor {
         });
         info!(framework_id = %task.framework_id, task_id = %task.task_id, pid,
               grace_ms = grace.as_millis() as u64, "killing task");
-        if let Err(e) = signal_group(pid, Signal::SIGTERM) {
+        if let Err(e) = running.terminate() {
             warn!(task_id = %task.task_id, pid, error = %e, "cannot send SIGTERM");
         }
         let st = status(
@@ -589,19 +626,11 @@ impl Actor {
             self.stopping = Some(stop);
         }
         for task in self.tasks.values_mut() {
-            let Some(pid) = task.pid else { continue };
-            task.killed_by_agent = true;
-            task.kill = Some(KillTimer {
-                sigkill_at: Instant::now(),
-                sigkill_sent: true,
-            });
-            if let Err(e) = signal_group(pid, Signal::SIGKILL) {
-                warn!(task_id = %task.task_id, pid, error = %e, "cannot send SIGKILL");
-            }
+            hard_kill(task);
         }
     }
 
-    fn exited(&mut self, key: StreamKey, pid: u32, termination: Termination) {
+    fn exited(&mut self, key: StreamKey, pid: u32, ended: Ended) {
         let Some(task) = self.tasks.get_mut(&key) else {
             warn!(framework_id = %key.0, task_id = %key.1, "exit of an unknown task");
             return;
@@ -610,8 +639,11 @@ impl Actor {
             warn!(framework_id = %key.0, task_id = %key.1, pid, "exit of a stale process");
             return;
         }
-        let (state, reason, message) = final_status(&termination, task.killed_by_agent);
+        let (state, reason, message) = final_status_of(&ended, task.killed_by_agent);
+        let termination = ended.termination;
         task.pid = None;
+        task.running = None;
+        self.usage.remove(&key);
         task.kill = None;
         task.state = state;
         let (exit_code, signal) = match termination {
@@ -711,13 +743,20 @@ impl Actor {
             .as_ref()
             .and(self.updates.next_retry())
             .map(Instant::from_std);
-        kills.chain(retry).min()
+        let usage = self
+            .launcher
+            .containerizer
+            .as_ref()
+            .map(|_| self.next_usage);
+        kills.chain(retry).chain(usage).min()
     }
 
     fn on_timer(&mut self) {
         let now = Instant::now();
         for task in self.tasks.values_mut() {
-            let (Some(pid), Some(timer)) = (task.pid, task.kill.as_mut()) else {
+            let (Some(pid), Some(running), Some(timer)) =
+                (task.pid, task.running.as_ref(), task.kill.as_mut())
+            else {
                 continue;
             };
             if timer.sigkill_sent || timer.sigkill_at > now {
@@ -725,11 +764,75 @@ impl Actor {
             }
             timer.sigkill_sent = true;
             info!(task_id = %task.task_id, pid, "grace period over; sending SIGKILL");
-            if let Err(e) = signal_group(pid, Signal::SIGKILL) {
+            if let Err(e) = running.kill() {
                 warn!(task_id = %task.task_id, pid, error = %e, "cannot send SIGKILL");
             }
         }
+        if now >= self.next_usage {
+            self.next_usage = now + self.usage_interval;
+            self.sample_usage();
+        }
         self.flush_updates();
+    }
+
+    /// Reads every running container's cgroup on the blocking pool; the
+    /// result comes back as `UsageSampled`.
+    fn sample_usage(&self) {
+        let containers: Vec<(StreamKey, std::sync::Arc<Container>)> = self
+            .tasks
+            .iter()
+            .filter_map(|(k, t)| match &t.running {
+                Some(Running::Container(c)) => Some((k.clone(), c.clone())),
+                _ => None,
+            })
+            .collect();
+        if containers.is_empty() {
+            self.usage.clear();
+            return;
+        }
+        let tx = self.cmd_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let samples: Vec<(StreamKey, Usage)> = containers
+                .into_iter()
+                .filter_map(|(k, c)| c.usage().ok().map(|u| (k, u)))
+                .collect();
+            let _ = tx.blocking_send(Command::UsageSampled(samples));
+        });
+    }
+
+    fn usage_sampled(&mut self, samples: Vec<(StreamKey, Usage)>) {
+        let now = now_seconds();
+        self.usage
+            .retain(|k, _| self.tasks.get(k).is_some_and(|t| t.running.is_some()));
+        let mut report = Vec::with_capacity(samples.len());
+        for (key, u) in samples {
+            if self.tasks.get(&key).is_none_or(|t| t.running.is_none()) {
+                continue;
+            }
+            report.push(pb::ContainerUsage {
+                framework_id: key.0.clone(),
+                task_id: key.1.clone(),
+                cpu_user_seconds: u.cpu_user_seconds,
+                cpu_system_seconds: u.cpu_system_seconds,
+                cpu_throttled_periods: u.cpu_throttled_periods,
+                cpu_throttled_seconds: u.cpu_throttled_seconds,
+                mem_rss_bytes: u.mem_rss_bytes,
+                mem_cache_bytes: u.mem_cache_bytes,
+                mem_limit_bytes: u.mem_limit_bytes,
+                pids: u.pids,
+                timestamp: now,
+            });
+            self.usage.insert(key, u);
+        }
+        if let Some(outbound) = &self.outbound {
+            let msg = pb::AgentMessage {
+                message: Some(pb::agent_message::Message::Usage(pb::UsageReport {
+                    containers: report,
+                })),
+            };
+            // Usage is a best-effort view: a full stream skips one report.
+            let _ = outbound.try_send(msg);
+        }
     }
 
     fn update_metrics(&self) {
@@ -781,15 +884,66 @@ impl Actor {
                     sandbox: t.sandbox.display().to_string(),
                     exit_code: t.exit_code,
                     signal: t.signal,
+                    usage: self
+                        .usage
+                        .get(&(t.framework_id.to_string(), t.task_id.to_string()))
+                        .map(|u| UsageView::from(&*u)),
                 })
                 .collect(),
         }
     }
 }
 
+/// SIGKILL now (agent stopping): everything the task started; a task still
+/// launching is killed as soon as it starts.
+fn hard_kill(task: &mut Task) {
+    task.killed_by_agent = true;
+    if task.launching {
+        task.pending_kill = Some(Some(0.0));
+        return;
+    }
+    let (Some(pid), Some(running)) = (task.pid, task.running.as_ref()) else {
+        return;
+    };
+    task.kill = Some(KillTimer {
+        sigkill_at: Instant::now(),
+        sigkill_sent: true,
+    });
+    if let Err(e) = running.kill() {
+        warn!(task_id = %task.task_id, pid, error = %e, "cannot send SIGKILL");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn final_status(
+        termination: &Termination,
+        killed_by_agent: bool,
+    ) -> (TaskState, Reason, String) {
+        final_status_of(
+            &Ended {
+                termination: termination.clone(),
+                oom_limit: None,
+            },
+            killed_by_agent,
+        )
+    }
+
+    #[test]
+    fn an_oom_kill_is_a_memory_limitation_with_the_limit() {
+        let ended = Ended {
+            termination: Termination::Signaled(9),
+            oom_limit: Some(64 * 1024 * 1024),
+        };
+        let (s, r, m) = final_status_of(&ended, false);
+        assert_eq!(
+            (s, r),
+            (TaskState::TaskFailed, Reason::ContainerLimitationMemory)
+        );
+        assert!(m.contains("64 MiB"), "{m}");
+    }
 
     #[test]
     fn exit_codes_and_signals_map_to_task_states() {

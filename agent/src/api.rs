@@ -84,6 +84,9 @@ pub(crate) struct Api {
     pub(crate) cmd_tx: mpsc::Sender<Command>,
     pub(crate) work_dir: PathBuf,
     pub(crate) metrics: PrometheusHandle,
+    /// Latest container usage, written by the actor.
+    pub(crate) usage:
+        std::sync::Arc<dashmap::DashMap<crate::actor::StreamKey, crate::containerizer::Usage>>,
 }
 
 impl Api {
@@ -101,8 +104,10 @@ impl Api {
 }
 
 /// The gRPC services and the HTTP routes on one router.
-pub(crate) fn routes(api: Api) -> Routes {
-    let grpc = Routes::new(AgentServer::new(api.clone())).into_axum_router();
+pub(crate) fn routes(api: Api, images: crate::images::ImagesApi) -> Routes {
+    let grpc = Routes::new(AgentServer::new(api.clone()))
+        .add_service(images.into_server())
+        .into_axum_router();
     let http = axum::Router::new()
         .route("/metrics", get(metrics))
         .route("/state", get(state))
@@ -127,11 +132,14 @@ async fn not_found(request: axum::extract::Request) -> Response {
 }
 
 async fn metrics(State(api): State<Api>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        api.metrics.render(),
-    )
-        .into_response()
+    let mut text = api.metrics.render();
+    let usage: Vec<_> = api
+        .usage
+        .iter()
+        .map(|e| (e.key().clone(), *e.value()))
+        .collect();
+    text.push_str(&crate::metrics::render_container_usage(&usage));
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 async fn state(State(api): State<Api>) -> Response {
@@ -234,24 +242,19 @@ async fn stream_file(
         // Read the terminal flag before draining: whatever the task wrote
         // before it ended is then certainly read by the drain below.
         let finished = !follow || flag_gone || *done.borrow_and_update();
-        loop {
-            let n = match file.read(&mut buf).await {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(source) => {
-                    let _ = tx.send(Err(io_status(&path, source))).await;
-                    return;
-                }
-            };
-            let chunk = pb::FileChunk {
-                offset,
-                data: buf[..n].to_vec(),
-            };
-            offset += n as u64;
-            if tx.send(Ok(chunk)).await.is_err() {
-                debug!(path = %path.display(), "ReadFile client went away");
+        if !drain(&mut file, &path, &mut offset, &mut buf, &tx).await {
+            return;
+        }
+        // The log was rotated (`stdout` → `stdout.1`): the old file is
+        // drained, go on with the new one from its start.
+        if follow && let Some(new) = rotated(&file, &path).await {
+            // What was written before the rename is still in the old file.
+            if !drain(&mut file, &path, &mut offset, &mut buf, &tx).await {
                 return;
             }
+            file = new;
+            offset = 0;
+            continue;
         }
         if finished {
             return;
@@ -262,6 +265,52 @@ async fn stream_file(
             () = tx.closed() => return,
         }
     }
+}
+
+/// Sends `file` from where it is to its end; false when the stream is over
+/// (client gone, or a read error was sent).
+async fn drain(
+    file: &mut tokio::fs::File,
+    path: &Path,
+    offset: &mut u64,
+    buf: &mut [u8],
+    tx: &mpsc::Sender<Result<pb::FileChunk, Status>>,
+) -> bool {
+    loop {
+        let n = match file.read(buf).await {
+            Ok(0) => return true,
+            Ok(n) => n,
+            Err(source) => {
+                let _ = tx.send(Err(io_status(path, source))).await;
+                return false;
+            }
+        };
+        let chunk = pb::FileChunk {
+            offset: *offset,
+            data: buf[..n].to_vec(),
+        };
+        *offset += n as u64;
+        if tx.send(Ok(chunk)).await.is_err() {
+            debug!(path = %path.display(), "ReadFile client went away");
+            return false;
+        }
+    }
+}
+
+/// The file now at `path`, when it is no longer the one `file` reads.
+async fn rotated(file: &tokio::fs::File, path: &Path) -> Option<tokio::fs::File> {
+    use std::os::unix::fs::MetadataExt;
+    let current = file.metadata().await.ok()?.ino();
+    let at_path = tokio::fs::symlink_metadata(path).await.ok()?;
+    if at_path.ino() == current || !at_path.is_file() {
+        return None;
+    }
+    tokio::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .await
+        .ok()
 }
 
 fn io_status(path: &Path, source: std::io::Error) -> Status {

@@ -28,6 +28,36 @@ pub const DEFAULT_STATUS_UPDATE_RETRY_MAX: Duration = Duration::from_secs(60);
 /// the wire contract documents 3 s).
 pub const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(3);
 
+/// Default `--cgroup-root`: the agent's subtree in every cgroup hierarchy.
+pub const DEFAULT_CGROUP_ROOT: &str = "corral";
+/// Default `--pids-limit` per container: far above what a service needs,
+/// low enough that a fork bomb cannot exhaust the host's pid space.
+pub const DEFAULT_PIDS_LIMIT: u64 = 4096;
+/// How often container usage is sampled for `/metrics` and sent to the
+/// master (Mesos' resource monitor samples on demand; 5 s keeps the cost of
+/// thousands of containers small).
+pub const DEFAULT_USAGE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How the agent runs tasks (`--isolation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isolation {
+    /// Every task is a container: cgroups, namespaces, optional image.
+    Container,
+    /// Plain processes in a sandbox, for hosts where the agent cannot
+    /// create cgroups or namespaces; advertised as `isolation:none`.
+    None,
+}
+
+impl Isolation {
+    /// The value of the `isolation` attribute the agent advertises.
+    pub fn attribute(self) -> &'static str {
+        match self {
+            Isolation::Container => "container",
+            Isolation::None => "none",
+        }
+    }
+}
+
 /// Everything [`crate::run`] needs. Build with [`AgentConfig::new`] and
 /// override fields as needed.
 #[derive(Debug, Clone)]
@@ -55,6 +85,20 @@ pub struct AgentConfig {
     pub status_update_retry_max: Duration,
     /// SIGTERM→SIGKILL grace when neither the task nor the kill sets one.
     pub default_kill_grace: Duration,
+    pub isolation: Isolation,
+    /// The agent's subtree in each cgroup hierarchy; containers found there
+    /// at start that the agent has no record of are destroyed.
+    pub cgroup_root: String,
+    /// Cap cpu time with a CFS quota (not only weight it with shares).
+    pub cpu_hard_limit: bool,
+    pub pids_limit: u64,
+    /// Host paths tasks may mount as volumes must be under one of these.
+    pub allowed_host_paths: Vec<PathBuf>,
+    /// Registries (`host:port`) that may be reached over plain http.
+    pub insecure_registries: Vec<String>,
+    /// Rotation of task stdout/stderr files.
+    pub log: crate::logs::LogConfig,
+    pub usage_interval: Duration,
 }
 
 impl AgentConfig {
@@ -76,6 +120,14 @@ impl AgentConfig {
             status_update_retry_initial: DEFAULT_STATUS_UPDATE_RETRY_INITIAL,
             status_update_retry_max: DEFAULT_STATUS_UPDATE_RETRY_MAX,
             default_kill_grace: DEFAULT_KILL_GRACE,
+            isolation: Isolation::Container,
+            cgroup_root: DEFAULT_CGROUP_ROOT.to_string(),
+            cpu_hard_limit: true,
+            pids_limit: DEFAULT_PIDS_LIMIT,
+            allowed_host_paths: Vec::new(),
+            insecure_registries: Vec::new(),
+            log: crate::logs::LogConfig::default(),
+            usage_interval: DEFAULT_USAGE_INTERVAL,
         }
     }
 }

@@ -34,4 +34,10 @@ pub enum AgentError {
     RemovedByMaster { message: String },
     #[error("agent {what} stopped unexpectedly: {reason}")]
     Internal { what: &'static str, reason: String },
+    #[error("cannot open the image store: {0}")]
+    Images(#[from] crate::images::ImageError),
+    /// Containers are impossible here (no root, no cgroups): the message
+    /// says why and suggests `--isolation=none`.
+    #[error("{0}")]
+    Isolation(String),
 }

@@ -30,6 +30,7 @@ mod config;
 pub mod containerizer;
 mod error;
 pub mod images;
+mod launch;
 pub mod logs;
 mod master_link;
 pub mod metrics;
@@ -47,9 +48,9 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{Instrument, info, warn};
 
 pub use config::{
-    AgentConfig, DEFAULT_KILL_GRACE, DEFAULT_RECONNECT_BACKOFF_MAX,
-    DEFAULT_STATUS_UPDATE_RETRY_INITIAL, DEFAULT_STATUS_UPDATE_RETRY_MAX,
-    RECONNECT_BACKOFF_INITIAL,
+    AgentConfig, DEFAULT_CGROUP_ROOT, DEFAULT_KILL_GRACE, DEFAULT_PIDS_LIMIT,
+    DEFAULT_RECONNECT_BACKOFF_MAX, DEFAULT_STATUS_UPDATE_RETRY_INITIAL,
+    DEFAULT_STATUS_UPDATE_RETRY_MAX, DEFAULT_USAGE_INTERVAL, Isolation, RECONNECT_BACKOFF_INITIAL,
 };
 pub use error::AgentError;
 pub use resources::{detect_resources, merge_override};
@@ -97,21 +98,61 @@ pub async fn run(
     info!(parent: &span, master = %config.master, resources = %resources,
           work_dir = %config.work_dir.display(), "agent starting");
 
+    let images = std::sync::Arc::new(images::ImageStore::open(
+        config.work_dir.join("images"),
+        config.insecure_registries.clone(),
+    )?);
+    // Layers of running containers, by container: written by the actor,
+    // read by the image API so garbage collection never removes them.
+    let layers_in_use: std::sync::Arc<dashmap::DashMap<String, Vec<String>>> = Default::default();
+    let in_use_view = layers_in_use.clone();
+    let images_api = images::ImagesApi::new(
+        images.clone(),
+        std::sync::Arc::new(move || in_use_view.iter().flat_map(|e| e.value().clone()).collect()),
+    );
+
+    let containerizer = match config.isolation {
+        Isolation::None => None,
+        Isolation::Container => Some(std::sync::Arc::new(start_containerizer(&config)?)),
+    };
+    let mut attributes = config.attributes.clone();
+    if !attributes.iter().any(|a| a.name == "isolation") {
+        attributes.push(corral_proto::pb::Attribute {
+            name: "isolation".into(),
+            value: Some(corral_proto::pb::attribute::Value::Text(
+                config.isolation.attribute().into(),
+            )),
+        });
+    }
+    raise_fd_limit();
+    let usage: std::sync::Arc<dashmap::DashMap<actor::StreamKey, containerizer::Usage>> =
+        Default::default();
+    let launcher = launch::Launcher {
+        isolation: config.isolation,
+        containerizer,
+        images: images.clone(),
+        work_dir: config.work_dir.clone(),
+        allowed_host_paths: config.allowed_host_paths.clone(),
+        log: config.log,
+        layers_in_use,
+    };
+
     let metrics = metrics::AgentMetrics::new(&resources);
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_CHANNEL_CAPACITY);
     let api = api::Api {
         cmd_tx: cmd_tx.clone(),
         work_dir: config.work_dir.clone(),
         metrics: metrics.handle(),
+        usage: usage.clone(),
     };
     let identity = Identity {
         hostname: config.hostname.clone(),
         address,
         resources,
-        attributes: config.attributes.clone(),
+        attributes,
         work_dir: config.work_dir.clone(),
     };
-    let actor = Actor::new(identity, &config, metrics, cmd_tx.clone());
+    let actor = Actor::new(identity, &config, metrics, cmd_tx.clone(), launcher, usage);
 
     let mut actor_task = tokio::spawn(actor.run(cmd_rx).instrument(span.clone()));
     let _actor_guard = AbortOnDrop(actor_task.abort_handle());
@@ -123,7 +164,7 @@ pub async fn run(
     let (stop_server, server_stopped) = oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
         .accept_http1(true)
-        .add_routes(api::routes(api))
+        .add_routes(api::routes(api, images_api))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
             let _ = server_stopped.await;
         });
@@ -158,6 +199,54 @@ pub async fn run(
     }
     info!(parent: &span, ok = result.is_ok(), "agent stopped");
     result
+}
+
+/// The containerizer, after sweeping orphans: containers in our cgroup
+/// subtree that this agent has no record of (all of them, until agent
+/// recovery re-adopts known ones) are killed and removed, and so are the
+/// leftover root filesystem dirs.
+fn start_containerizer(config: &AgentConfig) -> Result<containerizer::Containerizer, AgentError> {
+    let c = containerizer::Containerizer::new(containerizer::IsolationConfig {
+        cgroup_root: config.cgroup_root.clone(),
+        cpu_hard_limit: config.cpu_hard_limit,
+        pids_limit: config.pids_limit,
+    })
+    .map_err(|e| AgentError::Isolation(e.to_string()))?;
+    match c.list() {
+        Ok(orphans) => {
+            for id in orphans {
+                warn!(container_id = %id, "destroying an orphan container");
+                if let Err(e) = c.destroy(&id) {
+                    warn!(container_id = %id, error = %e, "cannot destroy orphan container");
+                }
+            }
+        }
+        Err(e) => warn!(error = %e, "cannot list containers to sweep orphans"),
+    }
+    let leftovers = config.work_dir.join("containers");
+    if leftovers.exists()
+        && let Err(e) = std::fs::remove_dir_all(&leftovers)
+    {
+        warn!(path = %leftovers.display(), error = %e, "cannot remove old container dirs");
+    }
+    Ok(c)
+}
+
+/// Every container holds a few fds in the agent (pidfd, log pipes, a
+/// socket): lift the soft limit to the hard one so thousands fit.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read/write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
 }
 
 async fn stop_actor(

@@ -191,7 +191,10 @@ mod tests {
         assert_eq!(read(&path), "dd");
         assert_eq!(read(&dir.path().join("stdout.1")), "cccc");
         assert_eq!(read(&dir.path().join("stdout.2")), "bbbb");
-        assert!(!dir.path().join("stdout.3").exists(), "only 3 files are kept");
+        assert!(
+            !dir.path().join("stdout.3").exists(),
+            "only 3 files are kept"
+        );
     }
 
     #[test]

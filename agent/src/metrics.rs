@@ -132,6 +132,81 @@ fn describe(recorder: &PrometheusRecorder) {
     }
 }
 
+/// Per-container usage series, `corral_agent_container_*{framework,task}`.
+/// Rendered from the latest samples at scrape time, so a container that is
+/// gone has no series (the recorder would keep them forever).
+pub const CONTAINER_METRICS: [(&str, &str, &str); 8] = [
+    (
+        "corral_agent_container_cpu_user_seconds",
+        "counter",
+        "CPU time in user mode.",
+    ),
+    (
+        "corral_agent_container_cpu_system_seconds",
+        "counter",
+        "CPU time in kernel mode.",
+    ),
+    (
+        "corral_agent_container_cpu_throttled_periods",
+        "counter",
+        "CFS periods in which the container was throttled.",
+    ),
+    (
+        "corral_agent_container_cpu_throttled_seconds",
+        "counter",
+        "Time the container was throttled.",
+    ),
+    (
+        "corral_agent_container_memory_rss_bytes",
+        "gauge",
+        "Anonymous memory (RSS) of the container.",
+    ),
+    (
+        "corral_agent_container_memory_cache_bytes",
+        "gauge",
+        "Page cache charged to the container.",
+    ),
+    (
+        "corral_agent_container_memory_limit_bytes",
+        "gauge",
+        "Memory limit of the container.",
+    ),
+    (
+        "corral_agent_container_pids",
+        "gauge",
+        "Processes in the container.",
+    ),
+];
+
+pub(crate) fn render_container_usage(
+    samples: &[((String, String), crate::containerizer::Usage)],
+) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    for (i, (name, kind, help)) in CONTAINER_METRICS.iter().enumerate() {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for ((framework, task), u) in samples {
+            let v = match i {
+                0 => u.cpu_user_seconds,
+                1 => u.cpu_system_seconds,
+                2 => u.cpu_throttled_periods as f64,
+                3 => u.cpu_throttled_seconds,
+                4 => u.mem_rss_bytes as f64,
+                5 => u.mem_cache_bytes as f64,
+                6 => u.mem_limit_bytes as f64,
+                _ => u.pids as f64,
+            };
+            // Ids are validated (no quotes, backslashes or newlines).
+            let _ = writeln!(
+                out,
+                "{name}{{framework=\"{framework}\",task=\"{task}\"}} {v}"
+            );
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -32,4 +32,34 @@ pub(crate) struct TaskView {
     pub(crate) sandbox: String,
     pub(crate) exit_code: Option<i32>,
     pub(crate) signal: Option<i32>,
+    /// Latest cgroup usage of the task's container.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) usage: Option<UsageView>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct UsageView {
+    pub(crate) cpu_user_seconds: f64,
+    pub(crate) cpu_system_seconds: f64,
+    pub(crate) cpu_throttled_periods: u64,
+    pub(crate) cpu_throttled_seconds: f64,
+    pub(crate) mem_rss_bytes: u64,
+    pub(crate) mem_cache_bytes: u64,
+    pub(crate) mem_limit_bytes: u64,
+    pub(crate) pids: u64,
+}
+
+impl From<&crate::containerizer::Usage> for UsageView {
+    fn from(u: &crate::containerizer::Usage) -> Self {
+        Self {
+            cpu_user_seconds: u.cpu_user_seconds,
+            cpu_system_seconds: u.cpu_system_seconds,
+            cpu_throttled_periods: u.cpu_throttled_periods,
+            cpu_throttled_seconds: u.cpu_throttled_seconds,
+            mem_rss_bytes: u.mem_rss_bytes,
+            mem_cache_bytes: u.mem_cache_bytes,
+            mem_limit_bytes: u.mem_limit_bytes,
+            pids: u.pids,
+        }
+    }
 }

@@ -5,7 +5,7 @@
 //! and everything is SIGKILLed once the main process is gone. cgroups and
 //! namespaces come in a later issue.
 
-use std::fs::File;
+use std::os::fd::OwnedFd;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -22,22 +22,12 @@ pub(crate) const SANDBOX_FILES: [&str; 2] = ["stdout", "stderr"];
 
 /// `PATH` of every task; the agent's own environment is not passed on, so
 /// tasks do not depend on how the agent was started.
-const TASK_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub(crate) const TASK_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// One error per thing that can go wrong launching a task; the message ends
 /// up in the TASK_FAILED update.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum LaunchError {
-    #[error("cannot create sandbox {path}: {source}")]
-    Sandbox {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("cannot create {path}: {source}")]
-    LogFile {
-        path: PathBuf,
-        source: std::io::Error,
-    },
     #[error("cannot start '{program}': {source}")]
     Spawn {
         program: String,
@@ -67,8 +57,8 @@ pub(crate) struct LaunchSpec<'a> {
     pub(crate) command: &'a pb::CommandInfo,
 }
 
-/// Creates the sandbox with fresh `stdout` and `stderr` files and starts the
-/// command in it.
+/// Starts the command in its (existing) sandbox, writing to the given
+/// stdout/stderr (the write ends of the log pipes).
 ///
 /// The environment is built from scratch: `PATH` (above), `HOME` = the
 /// sandbox (tasks get a private writable home instead of the agent's),
@@ -79,17 +69,11 @@ pub(crate) struct LaunchSpec<'a> {
 ///
 /// Runs on the caller's thread: mkdir, two opens and a fork/exec are short,
 /// and doing them in order keeps the launch simple.
-pub(crate) fn launch(spec: &LaunchSpec<'_>) -> Result<Child, LaunchError> {
-    std::fs::create_dir_all(spec.sandbox).map_err(|source| LaunchError::Sandbox {
-        path: spec.sandbox.to_path_buf(),
-        source,
-    })?;
-    let open = |name: &str| {
-        let path = spec.sandbox.join(name);
-        File::create(&path).map_err(|source| LaunchError::LogFile { path, source })
-    };
-    let (stdout, stderr) = (open("stdout")?, open("stderr")?);
-
+pub(crate) fn launch(
+    spec: &LaunchSpec<'_>,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+) -> Result<Child, LaunchError> {
     let cmd = spec.command;
     let (program, mut command) = if cmd.shell {
         let mut c = Command::new("/bin/sh");
@@ -113,8 +97,8 @@ pub(crate) fn launch(spec: &LaunchSpec<'_>) -> Result<Child, LaunchError> {
         .env("CORRAL_AGENT_ID", spec.agent_id)
         .envs(&cmd.environment)
         .stdin(Stdio::null())
-        .stdout(stdout)
-        .stderr(stderr)
+        .stdout(Stdio::from(stdout))
+        .stderr(Stdio::from(stderr))
         .process_group(0)
         // The waiter owns the child and kills its whole group itself.
         .kill_on_drop(false);

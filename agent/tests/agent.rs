@@ -55,7 +55,11 @@ async fn first_registration_carries_an_empty_id_and_the_agent_info() {
     assert_eq!(info.id, "");
     assert_eq!(info.hostname, "test-host");
     assert_eq!(info.address, agent.addr.to_string());
-    assert_eq!(info.attributes.len(), 1);
+    // The configured attribute, plus how the agent isolates tasks.
+    assert_eq!(
+        corral_proto::attributes::format(&info.attributes),
+        "rack:r1;isolation:none"
+    );
     let res = corral_proto::Resources::from_proto(&info.resources, "info.resources").unwrap();
     assert_eq!(res.cpus.to_string(), "3");
     assert_eq!(res.gpus.to_string(), "1");
@@ -569,5 +573,63 @@ async fn read_file_does_not_follow_a_symlink_planted_by_the_task() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn output_is_rotated_at_the_size_limit_and_a_follower_sees_all_of_it() {
+    let (_master, agent, mut conn) = registered_agent_with(|c| {
+        c.log = corral_agent::logs::LogConfig {
+            max_size: 1000,
+            max_files: 3,
+        };
+    })
+    .await;
+    // 40 lines of 100 bytes, slowly enough that the follower is attached
+    // before most rotations happen.
+    conn.send(run_shell(
+        FW,
+        "chatty",
+        "for i in $(seq 10 49); do printf '%099d\\n' $i; sleep 0.02; done",
+    ));
+    conn.expect_and_ack(FW, "chatty", TaskState::TaskRunning)
+        .await;
+    let mut client = AgentClient::connect(format!("http://{}", agent.addr))
+        .await
+        .unwrap();
+    let mut stream = client
+        .read_file(pb::ReadFileRequest {
+            framework_id: FW.to_string(),
+            task_id: "chatty".to_string(),
+            file: "stdout".to_string(),
+            offset: 0,
+            follow: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut data = Vec::new();
+    within("the followed file to end", async {
+        while let Some(chunk) = stream.message().await.unwrap() {
+            data.extend_from_slice(&chunk.data);
+        }
+    })
+    .await;
+    conn.expect_and_ack(FW, "chatty", TaskState::TaskFinished)
+        .await;
+    // The follower saw every line, in order, across the rotations.
+    let text = String::from_utf8(data).unwrap();
+    let lines: Vec<u32> = text.lines().map(|l| l.parse().unwrap()).collect();
+    assert_eq!(lines, (10..50).collect::<Vec<_>>());
+    // On disk: the live file and two rotations of at most 1000 bytes; the
+    // oldest output is gone.
+    let sandbox = agent.sandbox(FW, "chatty");
+    for name in ["stdout", "stdout.1", "stdout.2"] {
+        let len = std::fs::metadata(sandbox.join(name)).unwrap().len();
+        assert!(len <= 1000, "{name} is {len} bytes");
+    }
+    assert!(!sandbox.join("stdout.3").exists());
+    let live = std::fs::read_to_string(sandbox.join("stdout")).unwrap();
+    assert!(live.ends_with(&format!("{:099}\n", 49)), "{live}");
     agent.stop().await.unwrap();
 }

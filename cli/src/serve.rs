@@ -109,6 +109,60 @@ struct NodeArgs {
     /// Hostname to advertise (default: this machine's).
     #[arg(long, env = "CORRAL_HOSTNAME")]
     hostname: Option<String>,
+    /// How tasks run: `container` (cgroups + namespaces; needs root) or
+    /// `none` (plain processes, advertised as the attribute isolation:none).
+    #[arg(long, value_enum, default_value_t = IsolationArg::Container, env = "CORRAL_ISOLATION")]
+    isolation: IsolationArg,
+    /// The agent's subtree in every cgroup hierarchy.
+    #[arg(long, default_value = corral_agent::DEFAULT_CGROUP_ROOT, env = "CORRAL_CGROUP_ROOT")]
+    cgroup_root: String,
+    /// Cap each container's cpu time at its cpus (CFS quota), not only weight it.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "CORRAL_CPU_HARD_LIMIT")]
+    cpu_hard_limit: bool,
+    /// Most processes per container.
+    #[arg(long, default_value_t = corral_agent::DEFAULT_PIDS_LIMIT, env = "CORRAL_PIDS_LIMIT")]
+    pids_limit: u64,
+    /// Comma-separated host path prefixes tasks may mount as volumes.
+    #[arg(long, value_delimiter = ',', env = "CORRAL_ALLOWED_HOST_PATHS")]
+    allowed_host_paths: Vec<PathBuf>,
+    /// Registry HOST:PORT that may be reached over plain http (repeatable).
+    #[arg(
+        long = "insecure-registry",
+        value_delimiter = ',',
+        env = "CORRAL_INSECURE_REGISTRIES"
+    )]
+    insecure_registries: Vec<String>,
+    /// Rotate a task's stdout/stderr when it reaches this size (e.g. 10M, 512K).
+    #[arg(long, default_value = "10M", value_parser = parse_size, env = "CORRAL_LOG_MAX_SIZE")]
+    log_max_size: u64,
+    /// Files kept per stream, the live one included.
+    #[arg(long, default_value_t = corral_agent::logs::DEFAULT_LOG_MAX_FILES,
+          value_parser = clap::value_parser!(u32).range(1..), env = "CORRAL_LOG_MAX_FILES")]
+    log_max_files: u32,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum IsolationArg {
+    Container,
+    None,
+}
+
+/// Parses `10M`, `512K`, `1G` or a number of bytes.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let (number, mult) = match t.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&t[..i], 1024),
+        Some((i, 'M' | 'm')) => (&t[..i], 1024 * 1024),
+        Some((i, 'G' | 'g')) => (&t[..i], 1024 * 1024 * 1024),
+        _ => (t, 1),
+    };
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("'{text}' is not a size like 10M, 512K or 1048576"))?;
+    match n.checked_mul(mult) {
+        Some(0) | None => Err(format!("'{text}' must be > 0 and fit in 64 bits")),
+        Some(v) => Ok(v),
+    }
 }
 
 impl NodeArgs {
@@ -123,6 +177,30 @@ impl NodeArgs {
         if let Some(h) = &self.hostname {
             config.hostname = h.clone();
         }
+        config.isolation = match self.isolation {
+            IsolationArg::Container => corral_agent::Isolation::Container,
+            IsolationArg::None => corral_agent::Isolation::None,
+        };
+        config.cgroup_root = self.cgroup_root.clone();
+        config.cpu_hard_limit = self.cpu_hard_limit;
+        if self.pids_limit == 0 {
+            bail!("--pids-limit: must be > 0");
+        }
+        config.pids_limit = self.pids_limit;
+        for p in &self.allowed_host_paths {
+            if !p.is_absolute() {
+                bail!(
+                    "--allowed-host-paths: '{}' is not an absolute path",
+                    p.display()
+                );
+            }
+        }
+        config.allowed_host_paths = self.allowed_host_paths.clone();
+        config.insecure_registries = self.insecure_registries.clone();
+        config.log = corral_agent::logs::LogConfig {
+            max_size: self.log_max_size,
+            max_files: self.log_max_files,
+        };
         Ok(config)
     }
 }
@@ -257,6 +335,15 @@ pub async fn dev(args: DevArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_size("10M"), Ok(10 * 1024 * 1024));
+        assert_eq!(parse_size("512k"), Ok(512 * 1024));
+        assert_eq!(parse_size("100"), Ok(100));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("ten").is_err());
+    }
 
     #[test]
     fn durations_parse_with_units() {

@@ -9,13 +9,23 @@ use std::time::{Duration, Instant};
 const CORRAL: &str = env!("CARGO_BIN_EXE_corral");
 const WAIT: Duration = Duration::from_secs(30);
 
-/// Kills the dev cluster even when the test fails.
-struct Dev(Child);
+/// Kills the dev cluster even when the test fails, and removes its cgroup
+/// subtree (empty once the agent stopped).
+struct Dev {
+    child: Child,
+    cgroup_root: String,
+    agent: String,
+}
 
 impl Drop for Dev {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Ok(hierarchies) = std::fs::read_dir("/sys/fs/cgroup") {
+            for h in hierarchies.flatten() {
+                let _ = std::fs::remove_dir(h.path().join(&self.cgroup_root));
+            }
+        }
     }
 }
 
@@ -35,8 +45,9 @@ fn corral(master: &str, args: &[&str]) -> Output {
         .expect("run corral")
 }
 
-fn start_dev(work_dir: &Path) -> (Dev, String) {
+fn start_dev(work_dir: &Path, extra: &[&str]) -> (Dev, String) {
     let (mp, ap) = (free_port(), free_port());
+    let cgroup_root = format!("corral-e2e-{ap}");
     let child = Command::new(CORRAL)
         .args([
             "dev",
@@ -47,13 +58,23 @@ fn start_dev(work_dir: &Path) -> (Dev, String) {
         ])
         .arg("--work-dir")
         .arg(work_dir)
-        .args(["--resources", "cpus:2;mem:1024"])
+        .args([
+            "--resources",
+            "cpus:2;mem:1024",
+            "--cgroup-root",
+            &cgroup_root,
+        ])
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("start corral dev");
-    let dev = Dev(child);
+    let dev = Dev {
+        child,
+        cgroup_root,
+        agent: format!("127.0.0.1:{ap}"),
+    };
     let master = format!("127.0.0.1:{mp}");
     let deadline = Instant::now() + WAIT;
     loop {
@@ -79,7 +100,7 @@ fn start_dev(work_dir: &Path) -> (Dev, String) {
 #[test]
 fn corral_dev_runs_tasks_submitted_with_corral_run() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let (mut dev, master) = start_dev(dir.path());
+    let (mut dev, master) = start_dev(dir.path(), &[]);
 
     let out = corral(&master, &["run", "--", "echo", "hello from corral"]);
     assert!(out.status.success(), "corral run failed: {out:?}");
@@ -115,14 +136,14 @@ fn corral_dev_runs_tasks_submitted_with_corral_run() {
     );
 
     // SIGTERM stops the whole cluster cleanly.
-    let pid = dev.0.id().to_string();
+    let pid = dev.child.id().to_string();
     Command::new("kill")
         .args(["-TERM", &pid])
         .status()
         .expect("kill");
     let deadline = Instant::now() + WAIT;
     let status = loop {
-        if let Some(s) = dev.0.try_wait().expect("wait") {
+        if let Some(s) = dev.child.try_wait().expect("wait") {
             break s;
         }
         assert!(
@@ -132,4 +153,158 @@ fn corral_dev_runs_tasks_submitted_with_corral_run() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "corral dev exited with {status}");
+}
+
+/// A docker-registry on loopback, killed on drop (then its storage dir goes).
+struct Registry {
+    child: Child,
+    _storage: tempfile::TempDir,
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_registry() -> (Registry, String) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let config = dir.path().join("config.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+            dir.path().join("storage").display()
+        ),
+    )
+    .expect("registry config");
+    let child = Command::new("docker-registry")
+        .arg("serve")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("docker-registry is missing: apt-get install docker-registry");
+    let registry = Registry {
+        child,
+        _storage: dir,
+    };
+    let deadline = Instant::now() + WAIT;
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(Instant::now() < deadline, "docker-registry did not come up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (registry, addr)
+}
+
+#[test]
+fn corral_runs_images_imported_into_the_agent_and_pulled_from_a_registry() {
+    use corral_tests::images::{self, Config, Entry};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let extra = images::layer(&[
+        Entry::Dir {
+            path: "data".into(),
+            mode: 0o755,
+        },
+        Entry::file("data/hello", b"hello from the image\n"),
+    ]);
+    let layers = [images::busybox_layer(), extra];
+    let config = Config::default();
+
+    // Pushed to a registry on loopback with skopeo, from an OCI layout.
+    let (_registry, registry) = start_registry();
+    let layout = dir.path().join("layout");
+    images::write_oci_dir(&layout, &layers, &config, "v1");
+    let pushed = Command::new("skopeo")
+        .args(["copy", "--dest-tls-verify=false"])
+        .arg(format!("oci:{}:v1", layout.display()))
+        .arg(format!("docker://{registry}/test/hello:v1"))
+        .output()
+        .expect("skopeo is missing: apt-get install skopeo");
+    assert!(
+        pushed.status.success(),
+        "skopeo copy: {}",
+        String::from_utf8_lossy(&pushed.stderr)
+    );
+
+    let (dev, master) = start_dev(
+        &dir.path().join("cluster"),
+        &["--insecure-registry", &registry],
+    );
+
+    // Imported from an archive.
+    let archive = dir.path().join("hello.tar");
+    images::write_oci_archive(&archive, &layers, &config, "v1");
+    let out = Command::new(CORRAL)
+        .args([
+            "image",
+            "import",
+            "--agent",
+            &dev.agent,
+            "--name",
+            "local/hello:v1",
+        ])
+        .arg(&archive)
+        .output()
+        .expect("corral image import");
+    assert!(out.status.success(), "import: {out:?}");
+    let out = Command::new(CORRAL)
+        .args(["image", "ls", "--agent", &dev.agent])
+        .output()
+        .expect("ls");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("local/hello:v1"),
+        "{out:?}"
+    );
+    let out = corral(
+        &master,
+        &[
+            "run",
+            "--image",
+            "local/hello:v1",
+            "--",
+            "cat",
+            "/data/hello",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hello from the image\n"
+    );
+
+    // Pulled by the agent on first use.
+    let reference = format!("{registry}/test/hello:v1");
+    let out = corral(
+        &master,
+        &[
+            "run",
+            "--image",
+            &reference,
+            "--",
+            "sh",
+            "-c",
+            "cat /data/hello; id -u",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hello from the image\n0\n"
+    );
+    let out = corral(
+        &master,
+        &[
+            "run", "--image", &reference, "--user", "65534", "--", "id", "-u",
+        ],
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "65534\n", "{out:?}");
+
+    let out = Command::new(CORRAL)
+        .args(["image", "rm", "--agent", &dev.agent, "local/hello:v1"])
+        .output()
+        .expect("rm");
+    assert!(out.status.success(), "{out:?}");
 }

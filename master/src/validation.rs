@@ -274,7 +274,10 @@ pub fn user(value: &str, field: &str) -> Result<(u32, Option<u32>), FieldError> 
 fn container_info(c: &pb::ContainerInfo) -> Result<(), FieldError> {
     text(&c.image, "task.container.image", false)?;
     if c.image.contains(char::is_whitespace) {
-        return Err(FieldError::new("task.container.image", "must not contain spaces"));
+        return Err(FieldError::new(
+            "task.container.image",
+            "must not contain spaces",
+        ));
     }
     if !c.user.is_empty() {
         user(&c.user, "task.container.user")?;
@@ -283,11 +286,20 @@ fn container_info(c: &pb::ContainerInfo) -> Result<(), FieldError> {
         absolute_path(&c.working_dir, "task.container.working_dir")?;
     }
     if c.volumes.len() > MAX_VOLUMES {
-        return Err(FieldError::new("task.container.volumes", "at most 64 volumes"));
+        return Err(FieldError::new(
+            "task.container.volumes",
+            "at most 64 volumes",
+        ));
     }
     for (i, v) in c.volumes.iter().enumerate() {
-        absolute_path(&v.host_path, &format!("task.container.volumes[{i}].host_path"))?;
-        absolute_path(&v.container_path, &format!("task.container.volumes[{i}].container_path"))?;
+        absolute_path(
+            &v.host_path,
+            &format!("task.container.volumes[{i}].host_path"),
+        )?;
+        absolute_path(
+            &v.container_path,
+            &format!("task.container.volumes[{i}].container_path"),
+        )?;
     }
     Ok(())
 }
@@ -430,7 +442,10 @@ mod tests {
             read_only: true,
         });
         t.container = Some(c.clone());
-        assert_eq!(task(&t).unwrap_err().field, "task.container.volumes[0].host_path");
+        assert_eq!(
+            task(&t).unwrap_err().field,
+            "task.container.volumes[0].host_path"
+        );
         c.volumes[0].host_path = "/srv/../etc".into();
         t.container = Some(c.clone());
         assert!(task(&t).unwrap_err().reason.contains(".."));

@@ -69,6 +69,7 @@ pub struct TestAgent {
     /// The agent's own API address.
     pub address: SocketAddr,
     pub work_dir: PathBuf,
+    pub cgroup_root: String,
     /// Between this agent and the master; cut it to partition the agent.
     pub proxy: Proxy,
     stop: watch::Sender<bool>,
@@ -88,6 +89,46 @@ impl TestAgent {
             }
         }
         self.proxy.shutdown();
+        assert_clean(&self.cgroup_root, &self.work_dir);
+    }
+}
+
+/// After an agent stopped: no cgroup, process or mount of it is left. Then
+/// its (empty) cgroup subtree is removed.
+pub fn assert_clean(cgroup_root: &str, work_dir: &std::path::Path) {
+    let mut leftovers = Vec::new();
+    if let Ok(hierarchies) = std::fs::read_dir("/sys/fs/cgroup") {
+        for h in hierarchies.flatten() {
+            let root = h.path().join(cgroup_root);
+            let Ok(children) = std::fs::read_dir(&root) else {
+                continue;
+            };
+            for c in children.flatten() {
+                if c.path().is_dir() {
+                    leftovers.push(c.path().display().to_string());
+                }
+            }
+            if let Ok(procs) = std::fs::read_to_string(root.join("cgroup.procs"))
+                && !procs.trim().is_empty()
+            {
+                leftovers.push(format!("processes in {}: {}", root.display(), procs.trim()));
+            }
+        }
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let wd = work_dir.display().to_string();
+    for line in mounts.lines().filter(|l| l.contains(&wd)) {
+        leftovers.push(format!("mount: {line}"));
+    }
+    assert!(
+        leftovers.is_empty(),
+        "the agent left behind:\n{}",
+        leftovers.join("\n")
+    );
+    if let Ok(hierarchies) = std::fs::read_dir("/sys/fs/cgroup") {
+        for h in hierarchies.flatten() {
+            let _ = std::fs::remove_dir(h.path().join(cgroup_root));
+        }
     }
 }
 
@@ -150,6 +191,12 @@ impl Cluster {
         config.status_update_retry_max = Duration::from_secs(2);
         config.reconnect_backoff_max = Duration::from_millis(300);
         config.default_kill_grace = Duration::from_secs(2);
+        // Each agent its own cgroup subtree: agents sweep theirs for orphans
+        // at start, and tests run in parallel.
+        config.cgroup_root = format!(
+            "corral-test-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
         config
     }
 
@@ -166,11 +213,13 @@ impl Cluster {
         let address = listener.local_addr().expect("agent address");
         config.advertise_address = Some(address.to_string());
         let work_dir = config.work_dir.clone();
+        let cgroup_root = config.cgroup_root.clone();
         let (stop, rx) = watch::channel(false);
         let task = tokio::spawn(corral_agent::run(config, listener, until(rx)));
         self.agents.push(TestAgent {
             address,
             work_dir,
+            cgroup_root,
             proxy,
             stop,
             task: Some(task),
@@ -209,6 +258,46 @@ impl Cluster {
             .text()
             .await
             .expect("agent /metrics text")
+    }
+
+    /// Streams an image archive into agent `index`'s store as `name`.
+    pub async fn try_import_image(
+        &self,
+        index: usize,
+        archive: &std::path::Path,
+        name: &str,
+    ) -> Result<(), String> {
+        use corral_proto::pb;
+        let data = std::fs::read(archive).map_err(|e| e.to_string())?;
+        let mut client = pb::images_client::ImagesClient::connect(format!(
+            "http://{}",
+            self.agents[index].address
+        ))
+        .await
+        .map_err(|e| e.to_string())?;
+        let chunks: Vec<pb::ImageChunk> = data
+            .chunks(1024 * 1024)
+            .enumerate()
+            .map(|(i, c)| pb::ImageChunk {
+                name: if i == 0 {
+                    name.to_string()
+                } else {
+                    String::new()
+                },
+                data: c.to_vec(),
+            })
+            .collect();
+        client
+            .import_image(tokio_stream::iter(chunks))
+            .await
+            .map(|_| ())
+            .map_err(|s| s.message().to_string())
+    }
+
+    pub async fn import_image(&self, index: usize, archive: &std::path::Path, name: &str) {
+        if let Err(e) = self.try_import_image(index, archive, name).await {
+            panic!("importing {} as {name}: {e}", archive.display());
+        }
     }
 
     /// Waits until `/state` satisfies `check`.

@@ -242,6 +242,10 @@ impl TestAgent {
         let mut config = AgentConfig::new(master.to_string(), work_dir.path().to_path_buf());
         config.reconnect_backoff_max = Duration::from_millis(200);
         config.hostname = "test-host".to_string();
+        // These tests are about the agent's protocol; they run tasks as plain
+        // processes (--isolation=none). Containers are tested in
+        // containerizer.rs and, through the whole cluster, in tests/.
+        config.isolation = corral_agent::Isolation::None;
         tweak(&mut config);
         let (tx, rx) = oneshot::channel::<()>();
         let join = tokio::spawn(corral_agent::run(config, listener, async {

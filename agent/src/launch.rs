@@ -1,0 +1,748 @@
+//! From a `RunTask` to a running task: sandbox, log pipes, image (resolved
+//! or pulled), the container spec, and the launch itself, all off the
+//! actor's loop. Then the task's whole life until it ended: wait, destroy,
+//! drain the logs, remove the container's root filesystem dirs.
+//!
+//! The spec is built by pure functions (command, environment, user,
+//! volumes) that are unit-tested without root.
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use corral_proto::{FrameworkId, TaskId, pb};
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use crate::actor::{Command, StreamKey};
+use crate::config::Isolation;
+use crate::containerizer::{BindMount, Container, ContainerSpec, Containerizer, RootFs};
+use crate::images::{ImageConfig, ImageStore};
+use crate::logs::{self, LogConfig, RotatingFile};
+use crate::task::{self, TASK_PATH, Termination};
+
+/// Where an image task sees its sandbox (`CORRAL_SANDBOX`).
+pub(crate) const CONTAINER_SANDBOX: &str = "/mnt/sandbox";
+/// How long the log pumps may take to drain after the task is gone.
+const LOG_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the launcher needs from the agent, shared by every launch.
+#[derive(Clone)]
+pub(crate) struct Launcher {
+    pub(crate) isolation: Isolation,
+    pub(crate) containerizer: Option<Arc<Containerizer>>,
+    pub(crate) images: Arc<ImageStore>,
+    pub(crate) work_dir: PathBuf,
+    pub(crate) allowed_host_paths: Vec<PathBuf>,
+    pub(crate) log: LogConfig,
+    /// Layers of running containers, by container id (for image GC).
+    pub(crate) layers_in_use: Arc<dashmap::DashMap<String, Vec<String>>>,
+}
+
+/// One task to start.
+pub(crate) struct LaunchRequest {
+    pub(crate) key: StreamKey,
+    pub(crate) framework_id: FrameworkId,
+    pub(crate) task_id: TaskId,
+    pub(crate) agent_id: String,
+    pub(crate) info: pb::TaskInfo,
+    pub(crate) sandbox: PathBuf,
+}
+
+/// A started task, as the actor holds it.
+#[derive(Debug, Clone)]
+pub(crate) enum Running {
+    /// A plain process (`--isolation=none`), in its own process group.
+    Process {
+        pgid: u32,
+    },
+    Container(Arc<Container>),
+}
+
+impl Running {
+    pub(crate) fn pid(&self) -> u32 {
+        match self {
+            Running::Process { pgid } => *pgid,
+            Running::Container(c) => c.pid,
+        }
+    }
+
+    /// SIGTERM: to the process group, or to the container's init, which
+    /// forwards it to the command.
+    pub(crate) fn terminate(&self) -> Result<(), String> {
+        match self {
+            Running::Process { pgid } => {
+                task::signal_group(*pgid, nix::sys::signal::Signal::SIGTERM)
+                    .map_err(|e| e.to_string())
+            }
+            Running::Container(c) => c.terminate().map_err(|e| e.to_string()),
+        }
+    }
+
+    /// SIGKILL to everything the task started.
+    pub(crate) fn kill(&self) -> Result<(), String> {
+        match self {
+            Running::Process { pgid } => {
+                task::signal_group(*pgid, nix::sys::signal::Signal::SIGKILL)
+                    .map_err(|e| e.to_string())
+            }
+            Running::Container(c) => c.kill().map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// The log pumps of one task.
+type Pumps = Vec<tokio::task::JoinHandle<std::io::Result<u64>>>;
+/// A started task: what the actor holds, what the launcher waits on, its
+/// log pumps and its container id.
+type Started = (Running, Handle, Pumps, Option<String>);
+
+/// What the launcher waits on.
+enum Handle {
+    Process(tokio::process::Child, u32),
+    Container(Arc<Container>),
+}
+
+/// How a launch ended badly: the task fails with this message.
+#[derive(Debug)]
+pub(crate) struct LaunchFailure(pub(crate) String);
+
+/// How the task ended, for the final status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Ended {
+    pub(crate) termination: Termination,
+    /// The cgroup's OOM killer fired; with the limit in bytes.
+    pub(crate) oom_limit: Option<u64>,
+}
+
+impl Launcher {
+    /// Runs the task's whole life; reports `Started` (or `LaunchFailed`)
+    /// and then `Ended` to the actor.
+    pub(crate) async fn run(self, req: LaunchRequest, tx: mpsc::Sender<Command>) {
+        let key = req.key.clone();
+        let started = self.start(&req).await;
+        let (running, handle, pumps, container_id) = match started {
+            Ok(s) => s,
+            Err(LaunchFailure(message)) => {
+                let _ = tx.send(Command::LaunchFailed { key, message }).await;
+                return;
+            }
+        };
+        let pid = running.pid();
+        let _ = tx
+            .send(Command::Started {
+                key: key.clone(),
+                running: running.clone(),
+            })
+            .await;
+        let ended = self.wait(handle).await;
+        // The task is gone; what it wrote is drained before anyone is told,
+        // so the sandbox has all of it when the final update goes out.
+        for pump in pumps {
+            match tokio::time::timeout(LOG_DRAIN_TIMEOUT, pump).await {
+                Ok(Ok(Ok(_))) => {}
+                Ok(Ok(Err(e))) => warn!(task_id = %req.task_id, error = %e, "log pump failed"),
+                Ok(Err(e)) => warn!(task_id = %req.task_id, error = %e, "log pump panicked"),
+                Err(_) => warn!(task_id = %req.task_id, "log pump did not drain in time"),
+            }
+        }
+        if let Some(id) = container_id {
+            self.layers_in_use.remove(&id);
+            let dir = self.container_dir(&id);
+            if dir.exists()
+                && let Err(e) = tokio::fs::remove_dir_all(&dir).await
+            {
+                warn!(container_id = %id, error = %e, "cannot remove container dir");
+            }
+        }
+        let _ = tx.send(Command::Exited { key, pid, ended }).await;
+    }
+
+    fn container_dir(&self, id: &str) -> PathBuf {
+        self.work_dir.join("containers").join(id)
+    }
+
+    /// Waits for the task to end and makes sure nothing of it is left.
+    async fn wait(&self, handle: Handle) -> Ended {
+        match handle {
+            Handle::Process(child, pgid) => Ended {
+                termination: task::wait(child, pgid).await,
+                oom_limit: None,
+            },
+            Handle::Container(container) => {
+                let exit = container.wait().await;
+                let id = container.id.clone();
+                drop(container);
+                // Kill what is left and remove the cgroup; blocking, a few ms.
+                if let Some(c) = self.containerizer.clone() {
+                    let destroyed = tokio::task::spawn_blocking(move || c.destroy(&id)).await;
+                    match destroyed {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => warn!(error = %e, "cannot destroy container"),
+                        Err(e) => warn!(error = %e, "container destroy panicked"),
+                    }
+                }
+                match exit {
+                    Ok(e) => Ended {
+                        termination: match (e.code, e.signal) {
+                            (Some(code), _) => Termination::Exited(code),
+                            (None, Some(sig)) => Termination::Signaled(sig),
+                            (None, None) => Termination::WaitFailed("no exit status".into()),
+                        },
+                        oom_limit: e.oom_killed.then_some(e.mem_limit_bytes),
+                    },
+                    Err(e) => Ended {
+                        termination: Termination::WaitFailed(e.to_string()),
+                        oom_limit: None,
+                    },
+                }
+            }
+        }
+    }
+
+    /// Sandbox, log pumps, then the process or container.
+    async fn start(&self, req: &LaunchRequest) -> Result<Started, LaunchFailure> {
+        let fail = |what: &str, e: &dyn std::fmt::Display| LaunchFailure(format!("{what}: {e}"));
+        tokio::fs::create_dir_all(&req.sandbox).await.map_err(|e| {
+            fail(
+                &format!("cannot create sandbox {}", req.sandbox.display()),
+                &e,
+            )
+        })?;
+        let (out_r, out_w) = logs::pipe().map_err(|e| fail("cannot create the stdout pipe", &e))?;
+        let (err_r, err_w) = logs::pipe().map_err(|e| fail("cannot create the stderr pipe", &e))?;
+        let out = RotatingFile::create(req.sandbox.join("stdout"), self.log)
+            .map_err(|e| fail("cannot create stdout in the sandbox", &e))?;
+        let err = RotatingFile::create(req.sandbox.join("stderr"), self.log)
+            .map_err(|e| fail("cannot create stderr in the sandbox", &e))?;
+        let pumps = vec![
+            tokio::spawn(logs::pump(out_r, out)),
+            tokio::spawn(logs::pump(err_r, err)),
+        ];
+
+        let result = match (self.isolation, &self.containerizer) {
+            (Isolation::Container, Some(c)) => {
+                self.start_container(req, c.clone(), out_w, err_w).await
+            }
+            _ => start_process(req, out_w, err_w),
+        };
+        match result {
+            Ok((running, handle, id)) => Ok((running, handle, pumps, id)),
+            Err(e) => {
+                // The write ends are gone with the failed launch: the pumps end.
+                for p in pumps {
+                    let _ = tokio::time::timeout(LOG_DRAIN_TIMEOUT, p).await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn start_container(
+        &self,
+        req: &LaunchRequest,
+        containerizer: Arc<Containerizer>,
+        stdout: OwnedFd,
+        stderr: OwnedFd,
+    ) -> Result<(Running, Handle, Option<String>), LaunchFailure> {
+        let container = req.info.container.clone().unwrap_or_default();
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let image = if container.image.is_empty() {
+            None
+        } else {
+            Some(self.image(&container.image).await?)
+        };
+        let mut mounts = Vec::new();
+        for (i, v) in container.volumes.iter().enumerate() {
+            let source = allowed_volume(Path::new(&v.host_path), &self.allowed_host_paths)
+                .map_err(|e| {
+                    LaunchFailure(format!("task.container.volumes[{i}].host_path: {e}"))
+                })?;
+            mounts.push(BindMount {
+                source,
+                target: PathBuf::from(&v.container_path),
+                read_only: v.read_only,
+            });
+        }
+        let empty = ImageConfig::default();
+        let config = image.as_ref().map_or(&empty, |i| &i.config);
+        let argv = command_argv(
+            req.info.command.as_ref(),
+            image.as_ref().map(|i| &i.config),
+            container.entrypoint_override,
+        )
+        .map_err(LaunchFailure)?;
+        let (rootfs, sandbox_env, cwd) = match &image {
+            None => (
+                RootFs::Host,
+                req.sandbox.display().to_string(),
+                non_empty(&container.working_dir)
+                    .map_or_else(|| req.sandbox.clone(), PathBuf::from),
+            ),
+            Some(img) => {
+                let dir = self.container_dir(&id);
+                let (upper, work, target) =
+                    (dir.join("upper"), dir.join("work"), dir.join("rootfs"));
+                for d in [&upper, &work, &target] {
+                    tokio::fs::create_dir_all(d).await.map_err(|e| {
+                        LaunchFailure(format!("cannot create {}: {e}", d.display()))
+                    })?;
+                }
+                mounts.insert(
+                    0,
+                    BindMount {
+                        source: req.sandbox.clone(),
+                        target: PathBuf::from(CONTAINER_SANDBOX),
+                        read_only: false,
+                    },
+                );
+                self.layers_in_use.insert(id.clone(), img.layer_ids.clone());
+                let cwd = non_empty(&container.working_dir)
+                    .or_else(|| non_empty(&img.config.working_dir))
+                    .unwrap_or(CONTAINER_SANDBOX);
+                (
+                    RootFs::Overlay {
+                        lower: img.layers.iter().rev().cloned().collect(),
+                        upper,
+                        work,
+                        target,
+                    },
+                    CONTAINER_SANDBOX.to_string(),
+                    PathBuf::from(cwd),
+                )
+            }
+        };
+        let user_text = non_empty(&container.user).or_else(|| non_empty(&config.user));
+        let user = match (user_text, &image) {
+            (None, _) => None,
+            (Some(u), img) => Some(
+                resolve_user(u, img.as_ref().map_or(&[][..], |i| i.layers.as_slice()))
+                    .map_err(|e| LaunchFailure(format!("user '{u}': {e}")))?,
+            ),
+        };
+        let command_env = req
+            .info
+            .command
+            .as_ref()
+            .map(|c| c.environment.clone())
+            .unwrap_or_default();
+        let env = environment(
+            &config.env,
+            &[
+                ("CORRAL_SANDBOX", sandbox_env.as_str()),
+                ("CORRAL_TASK_ID", req.task_id.as_str()),
+                ("CORRAL_FRAMEWORK_ID", req.framework_id.as_str()),
+                ("CORRAL_AGENT_ID", req.agent_id.as_str()),
+            ],
+            if image.is_some() {
+                None
+            } else {
+                Some(req.sandbox.as_path())
+            },
+            &command_env,
+        );
+        let resources = corral_proto::Resources::from_proto(&req.info.resources, "task.resources")
+            .unwrap_or_default();
+        let spec = ContainerSpec {
+            id: id.clone(),
+            argv,
+            env,
+            cwd,
+            rootfs,
+            hostname: hostname_for(req.task_id.as_str()),
+            mounts,
+            user,
+            cpus_milli: resources.cpus.milli(),
+            mem_bytes: (resources.mem.milli() * 1024 * 1024) / 1000,
+            stdout,
+            stderr,
+        };
+        let launched = tokio::task::spawn_blocking(move || containerizer.launch(&spec))
+            .await
+            .map_err(|e| LaunchFailure(format!("launch panicked: {e}")))?;
+        match launched {
+            Ok(c) => {
+                debug!(container_id = %id, pid = c.pid, "container started");
+                let c = Arc::new(c);
+                Ok((
+                    Running::Container(c.clone()),
+                    Handle::Container(c),
+                    Some(id),
+                ))
+            }
+            Err(e) => {
+                self.layers_in_use.remove(&id);
+                let _ = tokio::fs::remove_dir_all(self.container_dir(&id)).await;
+                Err(LaunchFailure(e.to_string()))
+            }
+        }
+    }
+
+    /// The image from the store, pulled first when it is not there.
+    async fn image(&self, reference: &str) -> Result<crate::images::Image, LaunchFailure> {
+        let store = self.images.clone();
+        let r = reference.to_string();
+        let local = tokio::task::spawn_blocking(move || store.resolve(&r))
+            .await
+            .map_err(|e| LaunchFailure(format!("image lookup panicked: {e}")))?;
+        if let Ok(image) = local {
+            return Ok(image);
+        }
+        self.images
+            .pull(reference, None)
+            .await
+            .map_err(|e| LaunchFailure(format!("image {reference}: {e}")))?;
+        let store = self.images.clone();
+        let r = reference.to_string();
+        tokio::task::spawn_blocking(move || store.resolve(&r))
+            .await
+            .map_err(|e| LaunchFailure(format!("image lookup panicked: {e}")))?
+            .map_err(|e| LaunchFailure(format!("image {reference}: {e}")))
+    }
+}
+
+fn non_empty(s: &str) -> Option<&str> {
+    (!s.is_empty()).then_some(s)
+}
+
+/// The container's hostname: the task id, cut to a valid hostname.
+fn hostname_for(task_id: &str) -> String {
+    let h: String = task_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(63)
+        .collect();
+    if h.is_empty() { "task".into() } else { h }
+}
+
+/// The argv to run. A shell command is `/bin/sh -c value` and replaces the
+/// image's Entrypoint and Cmd; otherwise the task's argv (its `arguments`,
+/// or `[value]`) replaces the image's Cmd, and the Entrypoint stays unless
+/// overridden — `docker run IMAGE ARGS...` semantics. No command at all: the
+/// image's Entrypoint + Cmd.
+pub(crate) fn command_argv(
+    command: Option<&pb::CommandInfo>,
+    image: Option<&ImageConfig>,
+    entrypoint_override: bool,
+) -> Result<Vec<String>, String> {
+    let task_argv: Option<Vec<String>> = command.and_then(|c| {
+        if c.shell {
+            (!c.value.is_empty()).then(|| vec!["/bin/sh".into(), "-c".into(), c.value.clone()])
+        } else if !c.arguments.is_empty() {
+            Some(c.arguments.clone())
+        } else {
+            (!c.value.is_empty()).then(|| vec![c.value.clone()])
+        }
+    });
+    let shell = command.is_some_and(|c| c.shell);
+    let argv = match (task_argv, image) {
+        (Some(argv), None) => argv,
+        (Some(argv), Some(_)) if shell || entrypoint_override => argv,
+        (Some(argv), Some(img)) => img.entrypoint.iter().cloned().chain(argv).collect(),
+        (None, Some(img)) => img
+            .entrypoint
+            .iter()
+            .chain(img.cmd.iter())
+            .cloned()
+            .collect(),
+        (None, None) => Vec::new(),
+    };
+    if argv.is_empty() {
+        return Err("the task has no command and its image none either".into());
+    }
+    // A non-shell command names its program in `value`; argv[0] is only
+    // what the program sees, so run `value` when it differs.
+    if let Some(c) = command.filter(|c| !c.shell && !c.value.is_empty() && !c.arguments.is_empty())
+        && c.arguments.first() != Some(&c.value)
+        && image.is_none()
+    {
+        let mut v = vec![c.value.clone()];
+        v.extend(c.arguments.iter().skip(1).cloned());
+        return Ok(v);
+    }
+    Ok(argv)
+}
+
+/// The container's environment: the image's, then a default PATH and HOME
+/// where missing, then Corral's variables, then the task's (which win).
+pub(crate) fn environment(
+    image_env: &[String],
+    corral: &[(&str, &str)],
+    home: Option<&Path>,
+    task: &HashMap<String, String>,
+) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = Vec::new();
+    let mut set = |k: &str, v: &str| {
+        if let Some(slot) = env.iter_mut().find(|(ek, _)| ek == k) {
+            slot.1 = v.to_string();
+        } else {
+            env.push((k.to_string(), v.to_string()));
+        }
+    };
+    for kv in image_env {
+        if let Some((k, v)) = kv.split_once('=') {
+            set(k, v);
+        }
+    }
+    let has = |k: &str| {
+        image_env
+            .iter()
+            .any(|kv| kv.split_once('=').is_some_and(|(ek, _)| ek == k))
+    };
+    if !has("PATH") {
+        set("PATH", TASK_PATH);
+    }
+    match home {
+        Some(h) => set("HOME", &h.display().to_string()),
+        None if !has("HOME") => set("HOME", "/root"),
+        None => {}
+    }
+    for (k, v) in corral {
+        set(k, v);
+    }
+    let mut task: Vec<_> = task.iter().collect();
+    task.sort();
+    for (k, v) in task {
+        set(k, v);
+    }
+    env
+}
+
+/// `UID[:GID]`, or a user (and group) name looked up in the image's
+/// `/etc/passwd` (`/etc/group`), top layer first.
+pub(crate) fn resolve_user(
+    text: &str,
+    layers_bottom_first: &[PathBuf],
+) -> Result<(u32, u32), String> {
+    let (user, group) = match text.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (text, None),
+    };
+    let lookup = |file: &str, name: &str| -> Option<(u32, u32)> {
+        for layer in layers_bottom_first.iter().rev() {
+            let Ok(content) = std::fs::read_to_string(layer.join("etc").join(file)) else {
+                continue;
+            };
+            for line in content.lines() {
+                let f: Vec<&str> = line.split(':').collect();
+                if f.first() == Some(&name) && f.len() >= 4 {
+                    let id = f[2].parse().ok()?;
+                    let gid = f[3].parse().unwrap_or(id);
+                    return Some((id, gid));
+                }
+            }
+            return None;
+        }
+        None
+    };
+    let (uid, default_gid) = match user.parse::<u32>() {
+        Ok(uid) => (uid, uid),
+        Err(_) => lookup("passwd", user)
+            .ok_or_else(|| format!("no user '{user}' in the image's /etc/passwd"))?,
+    };
+    let gid = match group {
+        None => default_gid,
+        Some(g) => match g.parse::<u32>() {
+            Ok(gid) => gid,
+            Err(_) => lookup("group", g)
+                .map(|(gid, _)| gid)
+                .ok_or_else(|| format!("no group '{g}' in the image's /etc/group"))?,
+        },
+    };
+    Ok((uid, gid))
+}
+
+/// The host path of a volume, if it is under an allowed prefix. Both are
+/// resolved first, so `..` or a symlink cannot lead outside.
+pub(crate) fn allowed_volume(host: &Path, allowed: &[PathBuf]) -> Result<PathBuf, String> {
+    if allowed.is_empty() {
+        return Err(
+            "host path volumes are not allowed on this agent (start it with --allowed-host-paths)"
+                .into(),
+        );
+    }
+    let real = host
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", host.display()))?;
+    let ok = allowed
+        .iter()
+        .filter_map(|p| p.canonicalize().ok())
+        .any(|prefix| real.starts_with(&prefix));
+    if ok {
+        Ok(real)
+    } else {
+        let list: Vec<String> = allowed.iter().map(|p| p.display().to_string()).collect();
+        Err(format!(
+            "{} is not under an allowed host path ({})",
+            real.display(),
+            list.join(", ")
+        ))
+    }
+}
+
+/// Plain process (`--isolation=none`): no cgroup, no namespaces; its own
+/// process group and the log pipes.
+fn start_process(
+    req: &LaunchRequest,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+) -> Result<(Running, Handle, Option<String>), LaunchFailure> {
+    let empty = pb::CommandInfo::default();
+    let command = req.info.command.as_ref().unwrap_or(&empty);
+    if command.value.is_empty() {
+        return Err(LaunchFailure("task has no command".into()));
+    }
+    if req
+        .info
+        .container
+        .as_ref()
+        .is_some_and(|c| !c.image.is_empty() || !c.volumes.is_empty())
+    {
+        return Err(LaunchFailure(
+            "this agent runs plain processes (--isolation=none): images and volumes need isolation == container".into(),
+        ));
+    }
+    let child = task::launch(
+        &task::LaunchSpec {
+            sandbox: &req.sandbox,
+            framework_id: &req.framework_id,
+            task_id: &req.task_id,
+            agent_id: &req.agent_id,
+            command,
+        },
+        stdout,
+        stderr,
+    )
+    .map_err(|e| LaunchFailure(e.to_string()))?;
+    let pgid = child
+        .id()
+        .ok_or_else(|| LaunchFailure("the command exited before its pid was known".into()))?;
+    Ok((
+        Running::Process { pgid },
+        Handle::Process(child, pgid),
+        None,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shell(cmd: &str) -> pb::CommandInfo {
+        pb::CommandInfo {
+            shell: true,
+            value: cmd.into(),
+            ..Default::default()
+        }
+    }
+
+    fn argv_cmd(args: &[&str]) -> pb::CommandInfo {
+        pb::CommandInfo {
+            shell: false,
+            value: args[0].into(),
+            arguments: args.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn image(entrypoint: &[&str], cmd: &[&str]) -> ImageConfig {
+        ImageConfig {
+            entrypoint: entrypoint.iter().map(|s| s.to_string()).collect(),
+            cmd: cmd.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_command_follows_docker_run_semantics() {
+        let img = image(&["/entry"], &["default"]);
+        assert_eq!(
+            command_argv(None, Some(&img), false).unwrap(),
+            ["/entry", "default"]
+        );
+        assert_eq!(
+            command_argv(Some(&argv_cmd(&["x", "y"])), Some(&img), false).unwrap(),
+            ["/entry", "x", "y"]
+        );
+        assert_eq!(
+            command_argv(Some(&argv_cmd(&["x"])), Some(&img), true).unwrap(),
+            ["x"]
+        );
+        assert_eq!(
+            command_argv(Some(&shell("echo hi")), Some(&img), false).unwrap(),
+            ["/bin/sh", "-c", "echo hi"]
+        );
+        assert_eq!(
+            command_argv(Some(&shell("true")), None, false).unwrap(),
+            ["/bin/sh", "-c", "true"]
+        );
+        assert!(command_argv(None, Some(&image(&[], &[])), false).is_err());
+    }
+
+    #[test]
+    fn task_variables_win_over_corral_and_image_ones() {
+        let task: HashMap<String, String> = [("A".to_string(), "task".to_string())].into();
+        let env = environment(
+            &["A=image".into(), "B=image".into()],
+            &[("CORRAL_TASK_ID", "t1")],
+            None,
+            &task,
+        );
+        let get = |k: &str| env.iter().find(|(ek, _)| ek == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("A"), Some("task"));
+        assert_eq!(get("B"), Some("image"));
+        assert_eq!(get("PATH"), Some(TASK_PATH));
+        assert_eq!(get("HOME"), Some("/root"));
+        assert_eq!(get("CORRAL_TASK_ID"), Some("t1"));
+    }
+
+    #[test]
+    fn users_are_numbers_or_names_from_the_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let bottom = dir.path().join("bottom");
+        std::fs::create_dir_all(bottom.join("etc")).unwrap();
+        std::fs::write(
+            bottom.join("etc/passwd"),
+            "root:x:0:0::/:/bin/sh\napp:x:1000:100::/:/bin/sh\n",
+        )
+        .unwrap();
+        std::fs::write(bottom.join("etc/group"), "root:x:0:\nstaff:x:50:\n").unwrap();
+        let layers = vec![bottom];
+        assert_eq!(resolve_user("1000:5", &layers).unwrap(), (1000, 5));
+        assert_eq!(resolve_user("app", &layers).unwrap(), (1000, 100));
+        assert_eq!(resolve_user("app:staff", &layers).unwrap(), (1000, 50));
+        assert!(resolve_user("ghost", &layers).is_err());
+    }
+
+    #[test]
+    fn volumes_must_resolve_under_an_allowed_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let allowed = dir.path().join("allowed");
+        let other = dir.path().join("other");
+        std::fs::create_dir_all(allowed.join("data")).unwrap();
+        std::fs::create_dir_all(&other).unwrap();
+        std::os::unix::fs::symlink(&other, allowed.join("link")).unwrap();
+        let list = vec![allowed.clone()];
+        assert!(allowed_volume(&allowed.join("data"), &list).is_ok());
+        assert!(allowed_volume(&allowed.join("data/../../other"), &list).is_err());
+        assert!(
+            allowed_volume(&allowed.join("link"), &list).is_err(),
+            "a symlink out is refused"
+        );
+        assert!(allowed_volume(&allowed.join("data"), &[]).is_err());
+    }
+
+    #[test]
+    fn hostnames_are_valid() {
+        assert_eq!(hostname_for("web.1_a"), "web-1-a");
+        assert_eq!(hostname_for(&"x".repeat(100)).len(), 63);
+    }
+}

@@ -1,0 +1,279 @@
+//! Tasks as isolated containers, through the whole cluster: a real master,
+//! a real agent (as root, with cgroups and namespaces) and a framework.
+//! Container internals are tested in depth in `agent/tests/containerizer.rs`;
+//! these prove the wiring: status reasons, images, volumes, cleanup.
+
+use corral_proto::pb::{self, Reason, TaskState};
+use corral_tests::images::{self, Config, Entry};
+use corral_tests::{Cluster, TestFramework, shell_task};
+
+fn sandbox_file(cluster: &Cluster, fw: &TestFramework, task: &str, file: &str) -> String {
+    let path = cluster.agents[0]
+        .work_dir
+        .join("sandboxes")
+        .join(&fw.id)
+        .join(task)
+        .join(file);
+    std::fs::read_to_string(&path).unwrap_or_default()
+}
+
+fn image_task(id: &str, image: &str, command: &str) -> pb::TaskInfo {
+    let mut t = shell_task(id, command, 0.1, 32.0);
+    t.container = Some(pb::ContainerInfo {
+        image: image.into(),
+        ..Default::default()
+    });
+    t
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_rootfs_task_runs_isolated_and_hardened() {
+    let cluster = Cluster::start(1).await;
+    let mut fw = cluster.framework("isolated").await;
+    let offer = fw.wait_offers().await.remove(0);
+    let script = "echo pid1=$(cat /proc/1/comm); \
+                  echo procs=$(ls /proc | grep -c '^[0-9]'); \
+                  echo hostname=$(hostname); \
+                  grep -E '^(NoNewPrivs|CapEff)' /proc/self/status; \
+                  if echo x > /proc/sys/kernel/hostname 2>/dev/null; then echo procsys=writable; else echo procsys=readonly; fi; \
+                  if mount -t tmpfs none /mnt 2>/dev/null; then echo mount=allowed; else echo mount=denied; fi";
+    fw.launch(&offer, vec![shell_task("probe", script, 0.1, 32.0)])
+        .await;
+    let done = fw.wait_terminal("probe").await;
+    assert_eq!(done.state(), TaskState::TaskFinished, "{done:?}");
+    let out = sandbox_file(&cluster, &fw, "probe", "stdout");
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    assert!(!out.contains(&format!("hostname={}", host.trim())), "{out}");
+    assert!(out.contains("NoNewPrivs:\t1"), "{out}");
+    assert!(out.contains("CapEff:\t00000000a80425fb"), "{out}");
+    assert!(out.contains("procsys=readonly"), "{out}");
+    assert!(out.contains("mount=denied"), "{out}");
+    // Only the shell, its command substitutions and the init: a handful, not the host's hundreds.
+    let procs: usize = out
+        .lines()
+        .find_map(|l| l.strip_prefix("procs="))
+        .and_then(|n| n.parse().ok())
+        .expect("procs line");
+    assert!(procs <= 6, "the container sees {procs} processes:\n{out}");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_over_its_memory_limit_fails_with_container_limitation_memory() {
+    let cluster = Cluster::start(1).await;
+    let mut fw = cluster.framework("oom").await;
+    let offer = fw.wait_offers().await.remove(0);
+    // `tail` must hold a whole "line" of 128 MiB of zeros: twice the limit and more.
+    fw.launch(
+        &offer,
+        vec![
+            shell_task(
+                "hog",
+                "head -c 128m /dev/zero | tail > /dev/null",
+                0.1,
+                64.0,
+            ),
+            shell_task("sibling", "exec sleep 600", 0.1, 32.0),
+        ],
+    )
+    .await;
+    fw.wait_update("sibling", TaskState::TaskRunning).await;
+    let failed = fw.wait_update("hog", TaskState::TaskFailed).await;
+    assert_eq!(
+        failed.reason(),
+        Reason::ContainerLimitationMemory,
+        "{failed:?}"
+    );
+    assert!(
+        failed.message.contains("64"),
+        "the message gives the limit: {}",
+        failed.message
+    );
+    let s = cluster.state().await;
+    let sibling = s.tasks.iter().find(|t| t.id == "sibling").expect("sibling");
+    assert_eq!(sibling.state, "TASK_RUNNING", "the sibling was not touched");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_task_sees_the_image_and_cannot_change_it() {
+    let cluster = Cluster::start(1).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let archive = dir.path().join("image.tar");
+    let extra = images::layer(&[
+        Entry::Dir {
+            path: "data".into(),
+            mode: 0o755,
+        },
+        Entry::file("data/only-in-image", b"from the image\n"),
+    ]);
+    images::write_oci_archive(
+        &archive,
+        &[images::busybox_layer(), extra],
+        &Config::default(),
+        "v1",
+    );
+    cluster.import_image(0, &archive, "test/busybox:v1").await;
+
+    let mut fw = cluster.framework("images").await;
+    let offer = fw.wait_offers().await.remove(0);
+    fw.launch(
+        &offer,
+        vec![image_task(
+            "reader",
+            "test/busybox:v1",
+            "cat /data/only-in-image; echo changed > /data/only-in-image; cat /data/only-in-image; \
+             echo sandbox=$CORRAL_SANDBOX; ls /mnt/sandbox",
+        )],
+    )
+    .await;
+    let done = fw.wait_terminal("reader").await;
+    assert_eq!(done.state(), TaskState::TaskFinished, "{done:?}");
+    let out = sandbox_file(&cluster, &fw, "reader", "stdout");
+    assert!(out.starts_with("from the image\nchanged\n"), "{out}");
+    assert!(out.contains("sandbox=/mnt/sandbox"), "{out}");
+    assert!(out.contains("stdout"), "the sandbox is mounted: {out}");
+
+    // A second container of the same image still sees the original file.
+    let offer = fw.wait_offers().await.remove(0);
+    fw.launch(
+        &offer,
+        vec![image_task(
+            "again",
+            "test/busybox:v1",
+            "cat /data/only-in-image",
+        )],
+    )
+    .await;
+    assert_eq!(
+        fw.wait_terminal("again").await.state(),
+        TaskState::TaskFinished
+    );
+    assert_eq!(
+        sandbox_file(&cluster, &fw, "again", "stdout"),
+        "from the image\n"
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_image_or_a_hostile_layer_fails_the_task_and_the_agent_stays_up() {
+    let cluster = Cluster::start(1).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let archive = dir.path().join("evil.tar");
+    let evil = images::layer(&[Entry::file("../../escaped", b"gotcha")]);
+    images::write_oci_archive(
+        &archive,
+        &[images::busybox_layer(), evil],
+        &Config::default(),
+        "evil",
+    );
+    let err = cluster
+        .try_import_image(0, &archive, "test/evil:1")
+        .await
+        .expect_err("a ../ layer is refused");
+    assert!(err.contains(".."), "{err}");
+
+    let mut fw = cluster.framework("unknown-image").await;
+    let offer = fw.wait_offers().await.remove(0);
+    fw.launch(&offer, vec![image_task("nope", "test/evil:1", "true")])
+        .await;
+    let failed = fw.wait_terminal("nope").await;
+    assert_eq!(failed.state(), TaskState::TaskFailed, "{failed:?}");
+    assert_eq!(failed.reason(), Reason::ContainerLaunchFailed);
+    assert!(failed.message.contains("test/evil"), "{}", failed.message);
+    // The agent keeps working.
+    let offer = fw.wait_offers().await.remove(0);
+    fw.launch(&offer, vec![shell_task("fine", "true", 0.1, 32.0)])
+        .await;
+    assert_eq!(
+        fw.wait_terminal("fine").await.state(),
+        TaskState::TaskFinished
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volumes_are_mounted_only_under_allowed_host_paths() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let allowed = dir.path().join("allowed");
+    std::fs::create_dir_all(&allowed).expect("mkdir");
+    std::fs::write(allowed.join("input"), "shared\n").expect("write");
+    let mut cluster = Cluster::start(0).await;
+    let mut config = cluster.agent_config("cpus:2;mem:2048", "");
+    config.allowed_host_paths = vec![allowed.clone()];
+    cluster.add_agent_with(config).await;
+    cluster
+        .wait_state("agent up", |s| s.agents.len() == 1)
+        .await;
+
+    let mut fw = cluster.framework("volumes").await;
+    let offer = fw.wait_offers().await.remove(0);
+    let volume = |host: &std::path::Path, ro| pb::Volume {
+        host_path: host.display().to_string(),
+        container_path: "/data".into(),
+        read_only: ro,
+    };
+    let mut ro = shell_task(
+        "ro",
+        "cat /data/input; if echo x > /data/new 2>/dev/null; then echo writable; else echo readonly; fi",
+        0.1,
+        32.0,
+    );
+    ro.container = Some(pb::ContainerInfo {
+        volumes: vec![volume(&allowed, true)],
+        ..Default::default()
+    });
+    let mut denied = shell_task("denied", "true", 0.1, 32.0);
+    denied.container = Some(pb::ContainerInfo {
+        volumes: vec![volume(dir.path(), false)],
+        ..Default::default()
+    });
+    fw.launch(&offer, vec![ro, denied]).await;
+    assert_eq!(
+        fw.wait_terminal("ro").await.state(),
+        TaskState::TaskFinished
+    );
+    assert_eq!(
+        sandbox_file(&cluster, &fw, "ro", "stdout"),
+        "shared\nreadonly\n"
+    );
+    let failed = fw.wait_terminal("denied").await;
+    assert_eq!(failed.state(), TaskState::TaskFailed, "{failed:?}");
+    assert!(failed.message.contains("allowed"), "{}", failed.message);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn container_usage_reaches_agent_metrics_and_master_state() {
+    let cluster = Cluster::start(1).await;
+    let mut fw = cluster.framework("usage").await;
+    let offer = fw.wait_offers().await.remove(0);
+    fw.launch(
+        &offer,
+        vec![shell_task("busy", "while true; do :; done", 0.2, 32.0)],
+    )
+    .await;
+    fw.wait_update("busy", TaskState::TaskRunning).await;
+    let s = cluster
+        .wait_state("usage in /state", |s| {
+            s.tasks.iter().any(|t| {
+                t.usage
+                    .as_ref()
+                    .is_some_and(|u| u.cpu_user_seconds + u.cpu_system_seconds > 0.0)
+            })
+        })
+        .await;
+    let usage = s.tasks[0].usage.clone().expect("usage");
+    assert_eq!(usage.mem_limit_bytes, 32 * 1024 * 1024);
+    let m = cluster.agent_metrics(0).await;
+    let line = format!(
+        "corral_agent_container_cpu_user_seconds{{framework=\"{}\",task=\"busy\"}}",
+        fw.id
+    );
+    assert!(
+        m.lines().any(|l| l.starts_with(&line)),
+        "{line} missing from:\n{m}"
+    );
+    cluster.shutdown().await;
+}
