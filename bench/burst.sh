@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 N=${1:-1000}
 [ "$(id -u)" -eq 0 ] || { echo "bench/burst.sh: run as root (containers need cgroups and namespaces)" >&2; exit 1; }
 
-cargo build --release --locked -p corral-cli -p corral-tests --example burst >&2
+cargo build --release --locked -p corral-cli --bin corral >&2
+cargo build --release --locked -p corral-tests --example burst >&2
 BIN=target/release
 WORK=$(mktemp -d)
 MASTER_PORT=15050

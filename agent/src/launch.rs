@@ -39,6 +39,10 @@ pub(crate) struct Launcher {
     pub(crate) log: LogConfig,
     /// Layers of running containers, by container id (for image GC).
     pub(crate) layers_in_use: Arc<dashmap::DashMap<String, Vec<String>>>,
+    /// Container launches are CPU-bound syscall work on the blocking pool:
+    /// a few at a time keep a burst of thousands from growing the pool to
+    /// hundreds of threads (and their memory) for no gain in throughput.
+    pub(crate) launch_slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// One task to start.
@@ -122,7 +126,12 @@ impl Launcher {
     /// and then `Ended` to the actor.
     pub(crate) async fn run(self, req: LaunchRequest, tx: mpsc::Sender<Command>) {
         let key = req.key.clone();
-        let started = self.start(&req).await;
+        // Boxed: the launch's large state (spec, image, paths) is freed once
+        // it is done instead of sizing this long-lived future for its whole
+        // life (thousands of containers wait here).
+        let started = Box::pin(self.start(&req)).await;
+        let task_id = req.task_id.clone();
+        drop(req);
         let (running, handle, pumps, container_id) = match started {
             Ok(s) => s,
             Err(LaunchFailure(message)) => {
@@ -137,15 +146,15 @@ impl Launcher {
                 running: running.clone(),
             })
             .await;
-        let ended = self.wait(handle).await;
+        let ended = Box::pin(self.wait(handle)).await;
         // The task is gone; what it wrote is drained before anyone is told,
         // so the sandbox has all of it when the final update goes out.
         for pump in pumps {
             match tokio::time::timeout(LOG_DRAIN_TIMEOUT, pump).await {
                 Ok(Ok(Ok(_))) => {}
-                Ok(Ok(Err(e))) => warn!(task_id = %req.task_id, error = %e, "log pump failed"),
-                Ok(Err(e)) => warn!(task_id = %req.task_id, error = %e, "log pump panicked"),
-                Err(_) => warn!(task_id = %req.task_id, "log pump did not drain in time"),
+                Ok(Ok(Err(e))) => warn!(task_id = %task_id, error = %e, "log pump failed"),
+                Ok(Err(e)) => warn!(task_id = %task_id, error = %e, "log pump panicked"),
+                Err(_) => warn!(task_id = %task_id, "log pump did not drain in time"),
             }
         }
         if let Some(id) = container_id {
@@ -177,7 +186,12 @@ impl Launcher {
                 drop(container);
                 // Kill what is left and remove the cgroup; blocking, a few ms.
                 if let Some(c) = self.containerizer.clone() {
-                    let destroyed = tokio::task::spawn_blocking(move || c.destroy(&id)).await;
+                    let slot = self.launch_slots.clone().acquire_owned().await.ok();
+                    let destroyed = tokio::task::spawn_blocking(move || {
+                        let _slot = slot;
+                        c.destroy(&id)
+                    })
+                    .await;
                     match destroyed {
                         Ok(Ok(())) => {}
                         Ok(Err(e)) => warn!(error = %e, "cannot destroy container"),
@@ -359,9 +373,18 @@ impl Launcher {
             stdout,
             stderr,
         };
-        let launched = tokio::task::spawn_blocking(move || containerizer.launch(&spec))
+        let slot = self
+            .launch_slots
+            .clone()
+            .acquire_owned()
             .await
-            .map_err(|e| LaunchFailure(format!("launch panicked: {e}")))?;
+            .map_err(|e| LaunchFailure(format!("launcher closed: {e}")))?;
+        let launched = tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            containerizer.launch(&spec)
+        })
+        .await
+        .map_err(|e| LaunchFailure(format!("launch panicked: {e}")))?;
         match launched {
             Ok(c) => {
                 debug!(container_id = %id, pid = c.pid, "container started");

@@ -135,6 +135,9 @@ pub async fn run(
         allowed_host_paths: config.allowed_host_paths.clone(),
         log: config.log,
         layers_in_use,
+        launch_slots: std::sync::Arc::new(tokio::sync::Semaphore::new(
+            std::thread::available_parallelism().map_or(2, |n| n.get()) * 2,
+        )),
     };
 
     let metrics = metrics::AgentMetrics::new(&resources);

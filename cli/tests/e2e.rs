@@ -128,6 +128,33 @@ fn corral_dev_runs_tasks_submitted_with_corral_run() {
     let out = corral(&master, &["run", "--cpus", "NaN", "--", "true"]);
     assert!(!out.status.success());
 
+    // Its output stays readable through the agent.
+    let out = corral(
+        &master,
+        &[
+            "run",
+            "--name",
+            "logged",
+            "--",
+            "sh",
+            "-c",
+            "echo out; echo err >&2",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let out = corral(&master, &["tasks", "--all", "--json"]);
+    let tasks: serde_json::Value = serde_json::from_slice(&out.stdout).expect("tasks JSON");
+    let id = tasks
+        .as_array()
+        .and_then(|a| a.iter().find(|t| t["name"] == "logged"))
+        .and_then(|t| t["id"].as_str())
+        .expect("the logged task")
+        .to_string();
+    let out = corral(&master, &["logs", &id]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "out\n", "{out:?}");
+    let out = corral(&master, &["logs", &id, "--stderr"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "err\n", "{out:?}");
+
     let out = corral(&master, &["tasks", "--all"]);
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(

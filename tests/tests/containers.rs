@@ -277,3 +277,66 @@ async fn container_usage_reaches_agent_metrics_and_master_state() {
     );
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_destroys_orphan_containers_in_its_cgroup_subtree_at_start() {
+    use corral_agent::containerizer::{ContainerSpec, Containerizer, IsolationConfig, RootFs};
+    use std::os::fd::OwnedFd;
+    let mut cluster = Cluster::start(0).await;
+    let config = cluster.agent_config("cpus:1;mem:512", "");
+    // A container nobody knows about, in the subtree the agent will use
+    // (as if an earlier agent died without cleaning up).
+    let containerizer = Containerizer::new(IsolationConfig {
+        cgroup_root: config.cgroup_root.clone(),
+        cpu_hard_limit: true,
+        pids_limit: 64,
+    })
+    .expect("containerizer (run the tests as root)");
+    let null = || OwnedFd::from(std::fs::File::create("/dev/null").expect("/dev/null"));
+    let orphan = containerizer
+        .launch(&ContainerSpec {
+            id: "orphan".into(),
+            argv: vec!["sleep".into(), "600".into()],
+            env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+            cwd: "/".into(),
+            rootfs: RootFs::Host,
+            hostname: "orphan".into(),
+            mounts: Vec::new(),
+            user: None,
+            cpus_milli: 100,
+            mem_bytes: 32 << 20,
+            stdout: null(),
+            stderr: null(),
+        })
+        .expect("launch the orphan");
+    let pid = orphan.pid;
+    std::mem::forget(orphan);
+    assert_eq!(
+        containerizer.list().expect("list"),
+        vec!["orphan".to_string()]
+    );
+
+    cluster.add_agent_with(config).await;
+    cluster
+        .wait_state("agent up", |s| s.agents.len() == 1)
+        .await;
+    corral_tests::wait_for("the orphan destroyed", corral_tests::WAIT, || async {
+        containerizer
+            .list()
+            .ok()
+            .filter(|l| l.is_empty())
+            .map(|_| ())
+    })
+    .await;
+    // Its init is gone (only a zombie of ours could remain: reap it).
+    corral_tests::wait_for("the orphan's init gone", corral_tests::WAIT, || async {
+        // /proc/<pid> disappears once the init is reaped.
+        let _ = nix::sys::wait::waitpid(
+            nix::unistd::Pid::from_raw(pid as i32),
+            Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+        );
+        (!std::path::Path::new(&format!("/proc/{pid}")).exists()).then_some(())
+    })
+    .await;
+    cluster.shutdown().await;
+}
