@@ -4,8 +4,8 @@
 //!
 //! Everything after the clone runs in a copy of the multi-threaded agent,
 //! so it is async-signal-safe: raw syscalls on data prepared before the
-//! clone, no allocation, no locks, no std I/O, no panics (no indexing,
-//! no unchecked arithmetic).
+//! clone, no allocation, no locks, no std I/O, and nothing that can panic
+//! (slices are reached with `get`, or with indices checked just before).
 //!
 //! The init:
 //! 1. blocks every signal (it takes them with `sigwaitinfo`), resets every
@@ -13,11 +13,15 @@
 //!    not reach the command), closes every inherited fd but its three;
 //! 2. becomes non-dumpable (so the container cannot open `/proc/1/exe`,
 //!    `/proc/1/environ` or `/proc/1/mem` of what is a copy of the agent)
-//!    and names itself `corral-init`;
-//! 3. runs the mount plan, sets the hostname;
+//!    and names itself `corral-init` (comm and cmdline: the container must
+//!    not see the agent's command line);
+//! 3. opens its cgroup root directories (they are unreachable after the
+//!    pivot), runs the mount plan, sets the hostname;
 //! 4. waits for the agent's "go" (sent once the agent has created the
 //!    cgroup) and moves itself into it, so everything below is accounted
-//!    and limited and the command starts inside it;
+//!    and limited and the command starts inside it; then the last mount
+//!    steps (on the host root: `/sys` read-only, which would also make the
+//!    cgroup files read-only);
 //! 5. stdio, umask 022, `no_new_privs`, capabilities cut to the Docker set
 //!    (bounding, ambient cleared, then effective/permitted/inheritable);
 //! 6. starts the command with `CLONE_VM | CLONE_VFORK` (it closes fds,

@@ -5,7 +5,7 @@
 //!
 //! [`Containerizer::launch`], step by step:
 //! 1. Validate the spec and precompute everything the child needs as plain
-//!    data ([`init::ChildPlan`]): the mount plan (`plan`, pure and
+//!    data (`init::ChildPlan`): the mount plan (`plan`, pure and
 //!    unit-tested), argv/envp C arrays, the executable candidates from the
 //!    task's `PATH`, the capability mask.
 //! 2. `clone3(CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC |
@@ -24,6 +24,25 @@
 //! container. Killing goes through the cgroup. Nothing is mounted in the
 //! host's mount namespace: the overlay and every other mount live and die
 //! with the container's.
+//!
+//! Why it is fast (≈ 2-3 ms for create + run `/bin/true` + destroy on an
+//! overlay, vs ≈ 7-12 ms for `crun run`): no runtime binary to exec and
+//! no config to parse; the rootfs setup overlaps the cgroup creation; the
+//! v1 cgroup join avoids the RCU grace period of `cgroup.procs`; the
+//! command is vfork-started (no page-table copy); the overlay is
+//! `volatile` (no sync of the upper filesystem at teardown); only the five
+//! v1 hierarchies a container needs get a directory.
+//!
+//! What a container costs the agent: two fds (pidfd, socket) and, while
+//! waited for, one epoll registration. The init is a copy-on-write copy of
+//! the agent (its page tables and the few pages it touches); note that the
+//! kernel counts the agent's resident pages in the init's RSS, so in a
+//! memory-cgroup OOM the init can be the victim, which ends the whole
+//! container (Mesos' behaviour on OOM anyway) and is reported the same way.
+//!
+//! cgroup v2 hosts go through the same code (cgroups-rs picks the
+//! hierarchy; file names and the kill method differ); they are unit-tested
+//! on a fake directory tree only — the CI host is v1.
 //!
 //! Modules: `spec` (validation, limits), `plan` (mount plan + the `Sys`
 //! trait), `cgroup` (cgroups-rs), `init` (the cloned child), `sys` (raw
@@ -122,7 +141,8 @@ pub enum RootFs {
     /// The host's root, in the container's own mount namespace: fresh
     /// `/proc` for the pid namespace, read-only `/sys`, private `/dev/shm`,
     /// masks applied; the host's files and `/dev` stay reachable, so this is
-    /// for trusted plain command tasks (normally with `user`).
+    /// for trusted plain command tasks (normally with `user`). Missing bind
+    /// mount targets are created on the host's filesystem.
     Host,
     /// overlayfs. `lower`: read-only layer dirs, top-most first (overlay
     /// `lowerdir` order); `upper`, `work`: dirs the caller created on one
