@@ -71,6 +71,9 @@ fn init_logging(format: LogFormat, default: &str) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Agent(_) | Command::Dev(_)) {
+        corral_agent::tune_allocator();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
