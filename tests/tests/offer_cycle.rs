@@ -130,8 +130,13 @@ async fn two_frameworks_with_equal_weight_converge_to_equal_dominant_shares() {
     let mut cluster = Cluster::start(0).await;
     let mut a = cluster.framework("a").await;
     let mut b = cluster.framework("b").await;
+    // Tasks take exactly half of every scalar of an agent. Offered
+    // resources count toward a framework's share (as in Mesos), so an agent
+    // whose leftovers were all mem or disk would make whoever holds that
+    // leftover offer look richer than its tasks; here leftovers are always
+    // one more task's worth (or only ports, which DRF does not count).
     for _ in 0..2 {
-        cluster.add_agent("cpus:2;mem:2048", "").await;
+        cluster.add_agent("cpus:2;mem:512;disk:2", "").await;
     }
     // Each framework takes one task (1 cpu, 256 MiB) per offer and gives the
     // rest back without a filter, so every round DRF decides who is next.
@@ -161,6 +166,10 @@ async fn two_frameworks_with_equal_weight_converge_to_equal_dominant_shares() {
                 if fits {
                     let id = format!("{}-{round}-{}", ["a", "b"][i], launched[i]);
                     let mut task = shell_task(&id, "exec sleep 600", 1.0, 256.0);
+                    task.resources.push(corral_proto::pb::Resource {
+                        name: "disk".into(),
+                        value: Some(corral_proto::pb::resource::Value::Scalar(1.0)),
+                    });
                     task.agent_id = offer.agent_id.clone();
                     fw.accept(vec![offer.id.clone()], vec![task], Some(0.0))
                         .await
