@@ -127,6 +127,7 @@ pub async fn run(
     raise_fd_limit();
     let usage: std::sync::Arc<dashmap::DashMap<actor::StreamKey, containerizer::Usage>> =
         Default::default();
+    let cgroups = containerizer.clone();
     let launcher = launch::Launcher {
         isolation: config.isolation,
         containerizer,
@@ -199,6 +200,12 @@ pub async fn run(
             .is_err()
     {
         warn!(parent: &span, "api connections still open; closing them");
+    }
+    // Every container is gone: leave no empty cgroup subtree behind either.
+    if let Some(c) = cgroups
+        && let Err(e) = c.remove_root()
+    {
+        warn!(parent: &span, error = %e, "cannot remove the cgroup subtree");
     }
     info!(parent: &span, ok = result.is_ok(), "agent stopped");
     result

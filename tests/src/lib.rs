@@ -76,6 +76,19 @@ pub struct TestAgent {
     task: Option<JoinHandle<Result<(), corral_agent::AgentError>>>,
 }
 
+impl Drop for TestAgent {
+    /// A test that failed never called `stop`: still leave no (empty)
+    /// cgroup subtree behind. The agent's containers are killed when the
+    /// test's runtime drops the agent.
+    fn drop(&mut self) {
+        if let Ok(hierarchies) = std::fs::read_dir("/sys/fs/cgroup") {
+            for h in hierarchies.flatten() {
+                let _ = std::fs::remove_dir(h.path().join(&self.cgroup_root));
+            }
+        }
+    }
+}
+
 impl TestAgent {
     /// Stops the agent (its tasks are killed) and waits for it.
     pub async fn stop(&mut self) {
