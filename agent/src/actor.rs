@@ -782,7 +782,9 @@ impl Actor {
             .tasks
             .iter()
             .filter_map(|(k, t)| match &t.running {
-                Some(Running::Container(c)) => Some((k.clone(), c.clone())),
+                Some(Running::Container { container, .. }) => {
+                    container.upgrade().map(|c| (k.clone(), c))
+                }
                 _ => None,
             })
             .collect();

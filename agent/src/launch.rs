@@ -59,17 +59,21 @@ pub(crate) struct LaunchRequest {
 #[derive(Debug, Clone)]
 pub(crate) enum Running {
     /// A plain process (`--isolation=none`), in its own process group.
-    Process {
-        pgid: u32,
+    Process { pgid: u32 },
+    /// The actor only observes the container (signals, usage); the
+    /// launcher owns it, so its teardown happens once, on the blocking
+    /// pool, never on the actor's loop.
+    Container {
+        pid: u32,
+        container: std::sync::Weak<Container>,
     },
-    Container(Arc<Container>),
 }
 
 impl Running {
     pub(crate) fn pid(&self) -> u32 {
         match self {
             Running::Process { pgid } => *pgid,
-            Running::Container(c) => c.pid,
+            Running::Container { pid, .. } => *pid,
         }
     }
 
@@ -81,7 +85,10 @@ impl Running {
                 task::signal_group(*pgid, nix::sys::signal::Signal::SIGTERM)
                     .map_err(|e| e.to_string())
             }
-            Running::Container(c) => c.terminate().map_err(|e| e.to_string()),
+            Running::Container { container, .. } => match container.upgrade() {
+                Some(c) => c.terminate().map_err(|e| e.to_string()),
+                None => Ok(()), // already gone
+            },
         }
     }
 
@@ -92,7 +99,10 @@ impl Running {
                 task::signal_group(*pgid, nix::sys::signal::Signal::SIGKILL)
                     .map_err(|e| e.to_string())
             }
-            Running::Container(c) => c.kill().map_err(|e| e.to_string()),
+            Running::Container { container, .. } => match container.upgrade() {
+                Some(c) => c.kill().map_err(|e| e.to_string()),
+                None => Ok(()),
+            },
         }
     }
 }
@@ -182,21 +192,25 @@ impl Launcher {
             },
             Handle::Container(container) => {
                 let exit = container.wait().await;
-                let id = container.id.clone();
-                drop(container);
                 // Kill what is left and remove the cgroup; blocking, a few ms.
-                if let Some(c) = self.containerizer.clone() {
-                    let slot = self.launch_slots.clone().acquire_owned().await.ok();
-                    let destroyed = tokio::task::spawn_blocking(move || {
-                        let _slot = slot;
-                        c.destroy(&id)
-                    })
-                    .await;
-                    match destroyed {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => warn!(error = %e, "cannot destroy container"),
-                        Err(e) => warn!(error = %e, "container destroy panicked"),
+                // A usage sample may hold the container for a moment: then
+                // its last reference tears it down (Drop) on that thread.
+                let slot = self.launch_slots.clone().acquire_owned().await.ok();
+                let destroyed = tokio::task::spawn_blocking(move || {
+                    let _slot = slot;
+                    match Arc::try_unwrap(container) {
+                        Ok(c) => c.destroy(),
+                        Err(shared) => {
+                            drop(shared);
+                            Ok(())
+                        }
                     }
+                })
+                .await;
+                match destroyed {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => warn!(error = %e, "cannot destroy container"),
+                    Err(e) => warn!(error = %e, "container destroy panicked"),
                 }
                 match exit {
                     Ok(e) => Ended {
@@ -390,7 +404,10 @@ impl Launcher {
                 debug!(container_id = %id, pid = c.pid, "container started");
                 let c = Arc::new(c);
                 Ok((
-                    Running::Container(c.clone()),
+                    Running::Container {
+                        pid: c.pid,
+                        container: Arc::downgrade(&c),
+                    },
                     Handle::Container(c),
                     Some(id),
                 ))
