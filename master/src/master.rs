@@ -512,16 +512,7 @@ impl Master {
         }
         for (key, info, state) in reported {
             if self.removed_frameworks.contains(&key.0) {
-                self.send_to_agent(
-                    id,
-                    pb::MasterMessage {
-                        message: Some(pb::master_message::Message::ShutdownFramework(
-                            pb::ShutdownFramework {
-                                framework_id: key.0.to_string(),
-                            },
-                        )),
-                    },
-                );
+                self.send_to_agent(id, shutdown_framework_message(&key.0));
                 continue;
             }
             if let Some(task) = self.tasks.get(&key) {
@@ -861,16 +852,7 @@ impl Master {
             }
         }
         for agent_id in agents {
-            self.send_to_agent(
-                &agent_id,
-                pb::MasterMessage {
-                    message: Some(pb::master_message::Message::ShutdownFramework(
-                        pb::ShutdownFramework {
-                            framework_id: id.to_string(),
-                        },
-                    )),
-                },
-            );
+            self.send_to_agent(&agent_id, shutdown_framework_message(id));
         }
         self.allocator.remove_framework(id);
         self.removed_frameworks.insert(id.clone());
@@ -1401,18 +1383,7 @@ impl Master {
         }
         // The agent matches framework, task and uuid, and this is always the
         // caller's framework id: nobody can acknowledge another's updates.
-        self.send_to_agent(
-            &aid,
-            pb::MasterMessage {
-                message: Some(pb::master_message::Message::Acknowledgement(
-                    pb::StatusAcknowledgement {
-                        framework_id: fid.to_string(),
-                        task_id: tid.to_string(),
-                        uuid: r.uuid,
-                    },
-                )),
-            },
-        );
+        self.send_to_agent(&aid, ack_message(fid, &tid, r.uuid));
         Ok(())
     }
 
@@ -1482,18 +1453,7 @@ impl Master {
         if self.removed_frameworks.contains(&fid) {
             // Nobody will acknowledge it: do it for the framework, or the
             // agent retries forever.
-            self.send_to_agent(
-                agent_id,
-                pb::MasterMessage {
-                    message: Some(pb::master_message::Message::Acknowledgement(
-                        pb::StatusAcknowledgement {
-                            framework_id: fid.to_string(),
-                            task_id: tid.to_string(),
-                            uuid: status.uuid.clone(),
-                        },
-                    )),
-                },
-            );
+            self.send_to_agent(agent_id, ack_message(&fid, &tid, status.uuid.clone()));
             return;
         }
         let key = (fid.clone(), tid);
@@ -1718,6 +1678,28 @@ fn kill_message(fid: &FrameworkId, tid: &TaskId, grace: Option<f64>) -> pb::Mast
             task_id: tid.to_string(),
             kill_grace_period_seconds: grace,
         })),
+    }
+}
+
+fn shutdown_framework_message(fid: &FrameworkId) -> pb::MasterMessage {
+    pb::MasterMessage {
+        message: Some(pb::master_message::Message::ShutdownFramework(
+            pb::ShutdownFramework {
+                framework_id: fid.to_string(),
+            },
+        )),
+    }
+}
+
+fn ack_message(fid: &FrameworkId, tid: &TaskId, uuid: Vec<u8>) -> pb::MasterMessage {
+    pb::MasterMessage {
+        message: Some(pb::master_message::Message::Acknowledgement(
+            pb::StatusAcknowledgement {
+                framework_id: fid.to_string(),
+                task_id: tid.to_string(),
+                uuid,
+            },
+        )),
     }
 }
 

@@ -215,6 +215,22 @@ impl RangeSet {
     }
 }
 
+impl RangeSet {
+    /// The wire form: a ranges resource named `name`.
+    pub fn to_resource(&self, name: &str) -> pb::Resource {
+        pb::Resource {
+            name: name.to_string(),
+            value: Some(Value::Ranges(pb::Ranges {
+                range: self
+                    .0
+                    .iter()
+                    .map(|&(begin, end)| pb::Range { begin, end })
+                    .collect(),
+            })),
+        }
+    }
+}
+
 impl fmt::Display for RangeSet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("[")?;
@@ -398,17 +414,7 @@ impl Resources {
             })
             .collect();
         if !self.ports.is_empty() {
-            out.push(pb::Resource {
-                name: "ports".to_string(),
-                value: Some(Value::Ranges(pb::Ranges {
-                    range: self
-                        .ports
-                        .ranges()
-                        .iter()
-                        .map(|&(begin, end)| pb::Range { begin, end })
-                        .collect(),
-                })),
-            });
+            out.push(self.ports.to_resource("ports"));
         }
         out
     }

@@ -167,17 +167,7 @@ impl TaskBuilder {
             })
             .collect();
         if !self.ports.is_empty() {
-            list.push(pb::Resource {
-                name: "ports".to_string(),
-                value: Some(Value::Ranges(pb::Ranges {
-                    range: self
-                        .ports
-                        .ranges()
-                        .iter()
-                        .map(|&(begin, end)| pb::Range { begin, end })
-                        .collect(),
-                })),
-            });
+            list.push(self.ports.to_resource("ports"));
         }
         list
     }
