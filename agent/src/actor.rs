@@ -2,7 +2,9 @@
 //! update manager, the master stream's sender) and changes it only in
 //! response to [`Command`]s. The master link, the API handlers and the
 //! per-task waiters only send commands; timers (status update retries,
-//! SIGKILL after the grace period) are deadlines of the actor's own loop.
+//! SIGKILL after the grace period, a task's max completion time) are
+//! deadlines of the actor's own loop, so they cost no task or thread each,
+//! go away with the task and follow `tokio::time::pause` in tests.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -31,6 +33,10 @@ pub(crate) const COMMAND_CHANNEL_CAPACITY: usize = 1024;
 /// Longest kill grace period honoured; also keeps `Instant + grace` from
 /// overflowing on absurd values.
 const MAX_KILL_GRACE: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// Longest max completion time honoured (the master allows up to a year);
+/// keeps `Instant + max` from overflowing on absurd values.
+const MAX_COMPLETION_TIME: Duration = Duration::from_secs(366 * 24 * 60 * 60);
 
 /// The version reported in `Register`.
 const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -103,6 +109,16 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// Why the agent signalled a task: decides its final state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum KillCause {
+    /// A framework kill or shutdown, or the agent stopping: TASK_KILLED.
+    Requested,
+    /// The task's max completion time (this long) elapsed: TASK_FAILED
+    /// with REASON_MAX_COMPLETION_TIME_REACHED, as Mesos reports it.
+    MaxCompletionTime(Duration),
+}
+
 #[derive(Debug)]
 struct KillTimer {
     sigkill_at: Instant,
@@ -131,9 +147,12 @@ struct Task {
     exit_code: Option<i32>,
     signal: Option<i32>,
     kill: Option<KillTimer>,
-    /// The agent signalled the task (kill or shutdown): its end is
-    /// TASK_KILLED, not TASK_FAILED.
-    killed_by_agent: bool,
+    /// When the task's max completion time elapses; set while its command
+    /// runs and no kill has begun, cleared when either ends.
+    completion_deadline: Option<(Instant, Duration)>,
+    /// The agent signalled the task, and why (the first cause wins); `None`:
+    /// it ended on its own.
+    kill_cause: Option<KillCause>,
     done: watch::Sender<bool>,
 }
 
@@ -165,8 +184,13 @@ pub(crate) struct Actor {
 /// The status a task's end maps to: `(state, reason, message)`; the
 /// container's OOM kill takes precedence: the
 /// kernel killed it for going over its memory limit (Mesos
-/// `REASON_CONTAINER_LIMITATION_MEMORY`).
-pub(crate) fn final_status_of(ended: &Ended, killed_by_agent: bool) -> (TaskState, Reason, String) {
+/// `REASON_CONTAINER_LIMITATION_MEMORY`). A task killed for reaching its
+/// max completion time failed, however its command ended (Mesos'
+/// command executor reports TASK_FAILED, not TASK_KILLED).
+pub(crate) fn final_status_of(
+    ended: &Ended,
+    kill_cause: Option<KillCause>,
+) -> (TaskState, Reason, String) {
     if let Some(limit) = ended.oom_limit {
         return (
             TaskState::TaskFailed,
@@ -177,6 +201,17 @@ pub(crate) fn final_status_of(ended: &Ended, killed_by_agent: bool) -> (TaskStat
             ),
         );
     }
+    let killed_by_agent = match kill_cause {
+        Some(KillCause::MaxCompletionTime(max)) => {
+            return (
+                TaskState::TaskFailed,
+                Reason::MaxCompletionTimeReached,
+                max_completion_message(max),
+            );
+        }
+        Some(KillCause::Requested) => true,
+        None => false,
+    };
     let termination = &ended.termination;
     match (termination, killed_by_agent) {
         (Termination::Exited(code), true) => (
@@ -214,6 +249,23 @@ pub(crate) fn final_status_of(ended: &Ended, killed_by_agent: bool) -> (TaskStat
             Reason::CommandFailed,
             format!("cannot wait for the command: {e}"),
         ),
+    }
+}
+
+/// `max completion time of 2s reached`.
+fn max_completion_message(max: Duration) -> String {
+    format!("max completion time of {}s reached", max.as_secs_f64())
+}
+
+/// A max completion time from the wire, or `None` when it is not usable
+/// (the master rejects those; an agent never trusts the wire).
+fn completion_time_from_seconds(seconds: f64) -> Option<Duration> {
+    if seconds.is_finite() && seconds > 0.0 {
+        Some(Duration::from_secs_f64(
+            seconds.min(MAX_COMPLETION_TIME.as_secs_f64()),
+        ))
+    } else {
+        None
     }
 }
 
@@ -281,17 +333,23 @@ impl Actor {
             if let Some(result) = self.finished() {
                 return result;
             }
-            let deadline = self.next_deadline();
-            tokio::select! {
-                cmd = rx.recv() => match cmd {
-                    Some(cmd) => self.handle(cmd),
-                    // Cannot happen while we hold `cmd_tx`; stop cleanly anyway.
-                    None => self.begin_stop(Stop::Requested),
-                },
-                () = sleep_until_opt(deadline) => self.on_timer(),
-            }
-            self.update_metrics();
+            self.step(&mut rx).await;
         }
+    }
+
+    /// One turn of the loop: the next command or the earliest timer. Tests
+    /// call it directly to look at the actor between turns.
+    async fn step(&mut self, rx: &mut mpsc::Receiver<Command>) {
+        let deadline = self.next_deadline();
+        tokio::select! {
+            cmd = rx.recv() => match cmd {
+                Some(cmd) => self.handle(cmd),
+                // Cannot happen while we hold `cmd_tx`; stop cleanly anyway.
+                None => self.begin_stop(Stop::Requested),
+            },
+            () = sleep_until_opt(deadline) => self.on_timer(),
+        }
+        self.update_metrics();
     }
 
     fn finished(&mut self) -> Option<Result<(), AgentError>> {
@@ -463,7 +521,8 @@ impl Actor {
             exit_code: None,
             signal: None,
             kill: None,
-            killed_by_agent: false,
+            completion_deadline: None,
+            kill_cause: None,
             done,
         };
         let agent_id = self
@@ -499,6 +558,15 @@ impl Actor {
         task.pid = Some(running.pid());
         task.running = Some(running);
         task.state = TaskState::TaskRunning;
+        // Counted from the command's start, as Mesos' command executor does:
+        // an image pull does not eat into it.
+        if let Some(secs) = task.info.max_completion_time_seconds {
+            match completion_time_from_seconds(secs) {
+                Some(max) => task.completion_deadline = Some((Instant::now() + max, max)),
+                None => warn!(task_id = %task.task_id, secs,
+                              "invalid max completion time; not enforced"),
+            }
+        }
         info!(framework_id = %task.framework_id, task_id = %task.task_id, pid = ?task.pid,
               sandbox = %task.sandbox.display(), "task started");
         let mut st = status(
@@ -515,7 +583,7 @@ impl Actor {
                 hard_kill(task);
             }
         } else if let Some(grace) = pending_kill {
-            self.start_kill(&key, grace);
+            self.start_kill(&key, grace, KillCause::Requested);
         }
     }
 
@@ -559,7 +627,7 @@ impl Actor {
                     t.pending_kill = Some(kill.kill_grace_period_seconds);
                 }
             }
-            Some(_) => self.start_kill(&key, kill.kill_grace_period_seconds),
+            Some(_) => self.start_kill(&key, kill.kill_grace_period_seconds, KillCause::Requested),
         }
     }
 
@@ -572,13 +640,14 @@ impl Actor {
             .collect();
         info!(framework_id, tasks = keys.len(), "shutting down framework");
         for key in keys {
-            self.start_kill(&key, None);
+            self.start_kill(&key, None, KillCause::Requested);
         }
     }
 
     /// SIGTERM now, SIGKILL after the grace period (the kill's, else the
-    /// task's, else the agent default). A second kill can only shorten it.
-    fn start_kill(&mut self, key: &StreamKey, grace_override: Option<f64>) {
+    /// task's, else the agent default). A second kill can only shorten it;
+    /// the first kill's cause decides the task's final state.
+    fn start_kill(&mut self, key: &StreamKey, grace_override: Option<f64>, cause: KillCause) {
         let default = self.default_kill_grace;
         let Some(task) = self.tasks.get_mut(key) else {
             return;
@@ -601,21 +670,30 @@ impl Actor {
             return;
         };
         task.state = TaskState::TaskKilling;
-        task.killed_by_agent = true;
+        let cause = *task.kill_cause.get_or_insert(cause);
+        task.completion_deadline = None;
         task.kill = Some(KillTimer {
             sigkill_at,
             sigkill_sent: false,
         });
         info!(framework_id = %task.framework_id, task_id = %task.task_id, pid,
-              grace_ms = grace.as_millis() as u64, "killing task");
+              grace_ms = grace.as_millis() as u64, cause = ?cause, "killing task");
         if let Err(e) = running.terminate() {
             warn!(task_id = %task.task_id, pid, error = %e, "cannot send SIGTERM");
         }
+        // Tell the framework why now, not only in the terminal update.
+        let (reason, message) = match cause {
+            KillCause::Requested => (Reason::Unspecified, String::new()),
+            KillCause::MaxCompletionTime(max) => (
+                Reason::MaxCompletionTimeReached,
+                max_completion_message(max),
+            ),
+        };
         let st = status(
             task.task_id.as_str(),
             TaskState::TaskKilling,
-            Reason::Unspecified,
-            String::new(),
+            reason,
+            message,
         );
         let framework_id = key.0.clone();
         self.emit(&framework_id, st);
@@ -639,12 +717,13 @@ impl Actor {
             warn!(framework_id = %key.0, task_id = %key.1, pid, "exit of a stale process");
             return;
         }
-        let (state, reason, message) = final_status_of(&ended, task.killed_by_agent);
+        let (state, reason, message) = final_status_of(&ended, task.kill_cause);
         let termination = ended.termination;
         task.pid = None;
         task.running = None;
         self.usage.remove(&key);
         task.kill = None;
+        task.completion_deadline = None;
         task.state = state;
         let (exit_code, signal) = match termination {
             Termination::Exited(code) => (Some(code), None),
@@ -738,6 +817,10 @@ impl Actor {
             .filter_map(|t| t.kill.as_ref())
             .filter(|k| !k.sigkill_sent)
             .map(|k| k.sigkill_at);
+        let completions = self
+            .tasks
+            .values()
+            .filter_map(|t| t.completion_deadline.map(|(at, _)| at));
         let retry = self
             .outbound
             .as_ref()
@@ -748,11 +831,28 @@ impl Actor {
             .containerizer
             .as_ref()
             .map(|_| self.next_usage);
-        kills.chain(retry).chain(usage).min()
+        kills.chain(completions).chain(retry).chain(usage).min()
     }
 
     fn on_timer(&mut self) {
         let now = Instant::now();
+        // Taken, not just read: a deadline left in the past would spin the loop.
+        let expired: Vec<(StreamKey, Duration)> = self
+            .tasks
+            .iter_mut()
+            .filter_map(|(k, t)| match t.completion_deadline {
+                Some((at, max)) if at <= now => {
+                    t.completion_deadline = None;
+                    Some((k.clone(), max))
+                }
+                _ => None,
+            })
+            .collect();
+        for (key, max) in expired {
+            info!(framework_id = %key.0, task_id = %key.1, max_secs = max.as_secs_f64(),
+                  "max completion time reached; killing task");
+            self.start_kill(&key, None, KillCause::MaxCompletionTime(max));
+        }
         for task in self.tasks.values_mut() {
             let (Some(pid), Some(running), Some(timer)) =
                 (task.pid, task.running.as_ref(), task.kill.as_mut())
@@ -899,7 +999,8 @@ impl Actor {
 /// SIGKILL now (agent stopping): everything the task started; a task still
 /// launching is killed as soon as it starts.
 fn hard_kill(task: &mut Task) {
-    task.killed_by_agent = true;
+    task.kill_cause.get_or_insert(KillCause::Requested);
+    task.completion_deadline = None;
     if task.launching {
         task.pending_kill = Some(Some(0.0));
         return;
@@ -919,17 +1020,18 @@ fn hard_kill(task: &mut Task) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pb::master_message::Message;
 
     fn final_status(
         termination: &Termination,
-        killed_by_agent: bool,
+        kill_cause: Option<KillCause>,
     ) -> (TaskState, Reason, String) {
         final_status_of(
             &Ended {
                 termination: termination.clone(),
                 oom_limit: None,
             },
-            killed_by_agent,
+            kill_cause,
         )
     }
 
@@ -939,7 +1041,7 @@ mod tests {
             termination: Termination::Signaled(9),
             oom_limit: Some(64 * 1024 * 1024),
         };
-        let (s, r, m) = final_status_of(&ended, false);
+        let (s, r, m) = final_status_of(&ended, None);
         assert_eq!(
             (s, r),
             (TaskState::TaskFailed, Reason::ContainerLimitationMemory)
@@ -949,13 +1051,13 @@ mod tests {
 
     #[test]
     fn exit_codes_and_signals_map_to_task_states() {
-        let (s, r, m) = final_status(&Termination::Exited(0), false);
+        let (s, r, m) = final_status(&Termination::Exited(0), None);
         assert_eq!((s, r), (TaskState::TaskFinished, Reason::Unspecified));
         assert_eq!(m, "command exited with status 0");
-        let (s, r, m) = final_status(&Termination::Exited(3), false);
+        let (s, r, m) = final_status(&Termination::Exited(3), None);
         assert_eq!((s, r), (TaskState::TaskFailed, Reason::CommandFailed));
         assert_eq!(m, "command exited with status 3");
-        let (s, r, m) = final_status(&Termination::Signaled(11), false);
+        let (s, r, m) = final_status(&Termination::Signaled(11), None);
         assert_eq!((s, r), (TaskState::TaskFailed, Reason::CommandFailed));
         assert!(m.contains("SIGSEGV"), "{m}");
     }
@@ -968,8 +1070,54 @@ mod tests {
             Termination::Signaled(15),
             Termination::Signaled(9),
         ] {
-            assert_eq!(final_status(&t, true).0, TaskState::TaskKilled, "{t:?}");
+            let requested = Some(KillCause::Requested);
+            assert_eq!(
+                final_status(&t, requested).0,
+                TaskState::TaskKilled,
+                "{t:?}"
+            );
         }
+    }
+
+    #[test]
+    fn a_task_killed_at_its_max_completion_time_failed_however_it_exits() {
+        let cause = Some(KillCause::MaxCompletionTime(Duration::from_secs(2)));
+        for t in [
+            Termination::Exited(0),
+            Termination::Exited(143),
+            Termination::Signaled(15),
+            Termination::Signaled(9),
+            Termination::WaitFailed("gone".into()),
+        ] {
+            assert_eq!(
+                final_status(&t, cause),
+                (
+                    TaskState::TaskFailed,
+                    Reason::MaxCompletionTimeReached,
+                    "max completion time of 2s reached".to_string()
+                ),
+                "{t:?}"
+            );
+        }
+        let half = Some(KillCause::MaxCompletionTime(Duration::from_millis(1500)));
+        let (_, _, m) = final_status(&Termination::Signaled(15), half);
+        assert_eq!(m, "max completion time of 1.5s reached");
+    }
+
+    #[test]
+    fn max_completion_times_from_the_wire_are_validated_and_capped() {
+        assert_eq!(
+            completion_time_from_seconds(2.5),
+            Some(Duration::from_millis(2500))
+        );
+        assert_eq!(completion_time_from_seconds(0.0), None);
+        assert_eq!(completion_time_from_seconds(-1.0), None);
+        assert_eq!(completion_time_from_seconds(f64::NAN), None);
+        assert_eq!(completion_time_from_seconds(f64::INFINITY), None);
+        assert_eq!(
+            completion_time_from_seconds(1e300),
+            Some(MAX_COMPLETION_TIME)
+        );
     }
 
     #[test]
@@ -980,5 +1128,264 @@ mod tests {
         assert_eq!(grace_from_seconds(f64::NAN), None);
         assert_eq!(grace_from_seconds(f64::INFINITY), None);
         assert_eq!(grace_from_seconds(1e300), Some(MAX_KILL_GRACE));
+    }
+
+    const FW: &str = "fw-1";
+
+    /// An actor turned step by step (`Actor::step`) so tests can look at
+    /// its timers between turns, registered on a fake master stream, running
+    /// plain processes (`--isolation=none`). Acknowledges every update it
+    /// returns, as a framework would. Dropping it kills what is left.
+    struct Driven {
+        actor: Actor,
+        rx: mpsc::Receiver<Command>,
+        to_master: mpsc::Receiver<pb::AgentMessage>,
+        /// The test started on a paused clock that is not resumed yet.
+        paused: bool,
+        _work_dir: tempfile::TempDir,
+    }
+
+    impl Driven {
+        fn new(paused: bool) -> Self {
+            let work_dir = tempfile::tempdir().unwrap();
+            let dir = work_dir.path().to_path_buf();
+            let mut config = crate::AgentConfig::new("127.0.0.1:1".into(), dir.clone());
+            config.isolation = crate::Isolation::None;
+            let launcher = Launcher {
+                isolation: crate::Isolation::None,
+                containerizer: None,
+                images: std::sync::Arc::new(
+                    crate::images::ImageStore::open(dir.join("images"), Vec::new()).unwrap(),
+                ),
+                work_dir: dir.clone(),
+                allowed_host_paths: Vec::new(),
+                log: crate::logs::LogConfig::default(),
+                layers_in_use: Default::default(),
+                launch_slots: std::sync::Arc::new(tokio::sync::Semaphore::new(2)),
+            };
+            let resources = Resources::parse("cpus:1;mem:64").unwrap();
+            let identity = Identity {
+                hostname: "test-host".into(),
+                address: "127.0.0.1:1".into(),
+                resources: resources.clone(),
+                attributes: Vec::new(),
+                work_dir: dir,
+            };
+            let (cmd_tx, rx) = mpsc::channel(COMMAND_CHANNEL_CAPACITY);
+            let mut actor = Actor::new(
+                identity,
+                &config,
+                AgentMetrics::new(&resources),
+                cmd_tx,
+                launcher,
+                Default::default(),
+            );
+            let (outbound, to_master) = mpsc::channel(64);
+            actor.handle(Command::Registered {
+                agent_id: AgentId::parse("agent-1", "agent_id").unwrap(),
+                outbound,
+            });
+            Self {
+                actor,
+                rx,
+                to_master,
+                paused,
+                _work_dir: work_dir,
+            }
+        }
+
+        fn run_shell(&mut self, task_id: &str, script: &str, max_completion: Option<f64>) {
+            let task = pb::TaskInfo {
+                task_id: task_id.into(),
+                agent_id: "agent-1".into(),
+                command: Some(pb::CommandInfo {
+                    shell: true,
+                    value: script.into(),
+                    ..Default::default()
+                }),
+                kill_grace_period_seconds: Some(30.0),
+                max_completion_time_seconds: max_completion,
+                ..Default::default()
+            };
+            let framework = pb::FrameworkInfo {
+                id: FW.into(),
+                name: "test".into(),
+                ..Default::default()
+            };
+            self.actor
+                .handle(Command::FromMaster(Box::new(Message::RunTask(
+                    pb::RunTask {
+                        framework: Some(framework),
+                        task: Some(task),
+                    },
+                ))));
+        }
+
+        fn kill(&mut self, task_id: &str, grace: Option<f64>) {
+            self.actor
+                .handle(Command::FromMaster(Box::new(Message::KillTask(
+                    pb::KillTask {
+                        framework_id: FW.into(),
+                        task_id: task_id.into(),
+                        kill_grace_period_seconds: grace,
+                    },
+                ))));
+        }
+
+        /// Turns the loop until the agent sends an update, for at most
+        /// `bound` of the runtime's clock.
+        async fn next_update(&mut self, bound: Duration) -> pb::TaskStatus {
+            let wait = async {
+                loop {
+                    if let Ok(msg) = self.to_master.try_recv() {
+                        if let Some(pb::agent_message::Message::StatusUpdate(u)) = msg.message {
+                            return u.status.unwrap();
+                        }
+                        continue;
+                    }
+                    self.actor.step(&mut self.rx).await;
+                }
+            };
+            let status = tokio::time::timeout(bound, wait)
+                .await
+                .unwrap_or_else(|_| panic!("no status update within {bound:?}"));
+            self.actor
+                .handle(Command::FromMaster(Box::new(Message::Acknowledgement(
+                    pb::StatusAcknowledgement {
+                        framework_id: status.framework_id.clone(),
+                        task_id: status.task_id.clone(),
+                        uuid: status.uuid.clone(),
+                    },
+                ))));
+            status
+        }
+
+        /// The next update, on a clock that only moves when the actor
+        /// waits for a timer (the paused clock's auto-advance): what comes
+        /// from the process itself (its exit) needs [`Self::expect_real`].
+        async fn expect(&mut self, state: TaskState) -> pb::TaskStatus {
+            self.expect_within(state, Duration::from_secs(4 * 3600))
+                .await
+        }
+
+        /// The next update, with the clock running: a paused clock would
+        /// jump to the next timer while the runtime waits for the
+        /// process's SIGCHLD, which only real time brings.
+        async fn expect_real(&mut self, state: TaskState) -> pb::TaskStatus {
+            if std::mem::take(&mut self.paused) {
+                tokio::time::resume();
+            }
+            self.expect_within(state, Duration::from_secs(30)).await
+        }
+
+        async fn expect_within(&mut self, state: TaskState, bound: Duration) -> pb::TaskStatus {
+            let status = self.next_update(bound).await;
+            assert_eq!(status.state(), state, "{status:?}");
+            status
+        }
+
+        /// Waits (bounded, in real time) until the task created `name` in
+        /// its sandbox. Blocks the runtime, so no timer of the actor can
+        /// fire meanwhile; the file comes from the process, not the runtime.
+        fn wait_for_file(&self, task_id: &str, name: &str) {
+            let key = (FW.to_string(), task_id.to_string());
+            let path = self.actor.tasks[&key].sandbox.join(name);
+            let start = std::time::Instant::now();
+            while !path.exists() {
+                assert!(
+                    start.elapsed() < Duration::from_secs(10),
+                    "{} not created within 10 s",
+                    path.display()
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+
+        /// Every task forgotten and no timer left behind.
+        fn assert_idle(&self) {
+            assert!(self.actor.tasks.is_empty(), "{:?}", self.actor.tasks.keys());
+            assert_eq!(self.actor.next_deadline(), None);
+        }
+    }
+
+    /// On a paused clock an hour-long max completion time passes in no real
+    /// time: the deadline is a timer of the actor's loop, not a sleep.
+    #[tokio::test(start_paused = true)]
+    async fn max_completion_time_kills_the_task_and_reports_it_failed() {
+        let mut d = Driven::new(true);
+        let launched = Instant::now();
+        d.run_shell("long", "exec sleep 7200", Some(3600.0));
+        d.expect(TaskState::TaskRunning).await;
+        let deadline = d.actor.next_deadline().unwrap();
+        assert!(deadline >= launched + Duration::from_secs(3600));
+        assert!(deadline <= Instant::now() + Duration::from_secs(3600));
+
+        let killing = d.expect(TaskState::TaskKilling).await;
+        assert!(Instant::now() >= deadline, "killed before the deadline");
+        assert_eq!(killing.reason(), Reason::MaxCompletionTimeReached);
+        assert_eq!(killing.message, "max completion time of 3600s reached");
+        // SIGTERM ends `sleep` well within its 30 s grace period.
+        let failed = d.expect_real(TaskState::TaskFailed).await;
+        assert_eq!(failed.reason(), Reason::MaxCompletionTimeReached);
+        assert_eq!(failed.message, "max completion time of 3600s reached");
+        assert_eq!(failed.signal, Some(15), "{failed:?}");
+        d.assert_idle();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_framework_kill_during_the_max_completion_grace_keeps_the_task_failed() {
+        let mut d = Driven::new(true);
+        // Ignores SIGTERM (inherited through exec): only a SIGKILL ends it.
+        d.run_shell(
+            "stubborn",
+            "trap '' TERM; touch trapped; exec sleep 7200",
+            Some(60.0),
+        );
+        d.expect(TaskState::TaskRunning).await;
+        d.wait_for_file("stubborn", "trapped");
+        let killing = d.expect(TaskState::TaskKilling).await;
+        assert_eq!(killing.reason(), Reason::MaxCompletionTimeReached);
+        // Shortens the 30 s grace to none; the first kill's cause stays.
+        d.kill("stubborn", Some(0.0));
+        let failed = d.expect_real(TaskState::TaskFailed).await;
+        assert_eq!(failed.reason(), Reason::MaxCompletionTimeReached);
+        assert_eq!(failed.signal, Some(9), "{failed:?}");
+        d.assert_idle();
+    }
+
+    #[tokio::test]
+    async fn a_framework_kill_before_the_deadline_is_a_kill_and_clears_the_timer() {
+        let mut d = Driven::new(false);
+        d.run_shell("killed", "exec sleep 7200", Some(3600.0));
+        d.expect_real(TaskState::TaskRunning).await;
+        d.kill("killed", None);
+        let killing = d.expect_real(TaskState::TaskKilling).await;
+        assert_eq!(killing.reason(), Reason::Unspecified);
+        assert!(
+            d.actor
+                .tasks
+                .values()
+                .all(|t| t.completion_deadline.is_none())
+        );
+        let killed = d.expect_real(TaskState::TaskKilled).await;
+        assert_eq!(killed.reason(), Reason::Unspecified);
+        d.assert_idle();
+    }
+
+    /// Real time: on a paused clock the runtime would jump to the deadline
+    /// while it waits for the process's exit.
+    #[tokio::test]
+    async fn a_task_that_ends_before_its_max_completion_time_finishes_and_leaves_no_timer() {
+        let mut d = Driven::new(false);
+        d.run_shell("quick", "exit 0", Some(3600.0));
+        d.expect_real(TaskState::TaskRunning).await;
+        assert!(
+            d.actor.next_deadline().is_some(),
+            "the deadline is armed while the task runs"
+        );
+        let finished = d.expect_real(TaskState::TaskFinished).await;
+        assert_eq!(finished.reason(), Reason::Unspecified);
+        assert_eq!(finished.exit_code, Some(0));
+        d.assert_idle();
     }
 }

@@ -15,8 +15,8 @@ const MAX_COMMAND: usize = 256 * 1024;
 const MAX_ENTRIES: usize = 4096;
 /// Most volumes on one task.
 const MAX_VOLUMES: usize = 64;
-/// Longest kill grace period or decline filter accepted: one year, like the
-/// cap Mesos applies to `refuse_seconds`.
+/// Longest kill grace period, decline filter or max completion time
+/// accepted: one year, like the cap Mesos applies to `refuse_seconds`.
 pub const MAX_SECONDS: f64 = 365.0 * 24.0 * 3600.0;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -252,11 +252,24 @@ pub fn task(info: &pb::TaskInfo) -> Result<ValidTask, FieldError> {
     if let Some(grace) = info.kill_grace_period_seconds {
         seconds(grace, "task.kill_grace_period_seconds")?;
     }
+    if let Some(max) = info.max_completion_time_seconds {
+        max_completion_time(max)?;
+    }
     Ok(ValidTask {
         id,
         info: info.clone(),
         resources,
     })
+}
+
+/// Mesos' `max_completion_time`: a zero deadline would kill the task as
+/// soon as it starts, so unlike other durations it must be > 0.
+fn max_completion_time(value: f64) -> Result<(), FieldError> {
+    const FIELD: &str = "task.max_completion_time_seconds";
+    if !value.is_finite() || value <= 0.0 {
+        return Err(FieldError::new(FIELD, "must be finite and > 0"));
+    }
+    seconds(value, FIELD).map(drop)
 }
 
 /// `UID[:GID]`, both decimal.
@@ -424,6 +437,32 @@ mod tests {
             task(&t).unwrap_err().field,
             "task.kill_grace_period_seconds"
         );
+    }
+
+    #[test]
+    fn max_completion_time_must_be_finite_positive_and_at_most_a_year() {
+        for bad in [0.0, -0.0, -1.0, f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            let mut t = good_task();
+            t.max_completion_time_seconds = Some(bad);
+            assert_eq!(
+                task(&t).unwrap_err().to_string(),
+                "task.max_completion_time_seconds: must be finite and > 0",
+                "{bad}"
+            );
+        }
+        let mut t = good_task();
+        t.max_completion_time_seconds = Some(MAX_SECONDS * 2.0);
+        assert_eq!(
+            task(&t).unwrap_err().to_string(),
+            "task.max_completion_time_seconds: must be at most one year"
+        );
+        for good in [0.001, 1.0, MAX_SECONDS] {
+            let mut t = good_task();
+            t.max_completion_time_seconds = Some(good);
+            let valid = task(&t).unwrap();
+            assert_eq!(valid.info.max_completion_time_seconds, Some(good));
+        }
+        assert!(task(&good_task()).is_ok(), "the field is optional");
     }
 
     #[test]

@@ -245,6 +245,72 @@ async fn volumes_are_mounted_only_under_allowed_host_paths() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_past_its_max_completion_time_fails_and_one_within_it_finishes() {
+    use corral_sdk::{TaskBuilder, TaskId};
+    use std::time::Duration;
+    let cluster = Cluster::start(1).await;
+    let mut fw = cluster.framework("deadlines").await;
+    let offer = fw.wait_offers().await.remove(0);
+    let task_id = |id: &str| TaskId::parse(id, "task_id").expect("task id");
+    let long = TaskBuilder::new(task_id("long"))
+        .shell("exec sleep 60")
+        .cpus(0.1)
+        .mem(32.0)
+        .max_completion_time(Duration::from_secs(1))
+        .build_for(&offer);
+    let quick = TaskBuilder::new(task_id("quick"))
+        .shell("echo done")
+        .cpus(0.1)
+        .mem(32.0)
+        .max_completion_time(Duration::from_secs(60))
+        .build_for(&offer);
+    let mut zero = shell_task("zero", "true", 0.1, 32.0);
+    zero.max_completion_time_seconds = Some(0.0);
+    fw.launch(&offer, vec![long, quick, zero]).await;
+
+    let rejected = fw.wait_update("zero", TaskState::TaskError).await;
+    assert_eq!(rejected.reason(), Reason::TaskInvalid, "{rejected:?}");
+    assert_eq!(
+        rejected.message,
+        "task.max_completion_time_seconds: must be finite and > 0"
+    );
+
+    let finished = fw.wait_terminal("quick").await;
+    assert_eq!(finished.state(), TaskState::TaskFinished, "{finished:?}");
+    assert_eq!(finished.exit_code, Some(0));
+
+    let running = fw.wait_update("long", TaskState::TaskRunning).await;
+    let failed = fw.wait_terminal("long").await;
+    assert_eq!(failed.state(), TaskState::TaskFailed, "{failed:?}");
+    assert_eq!(failed.reason(), Reason::MaxCompletionTimeReached);
+    assert_eq!(failed.message, "max completion time of 1s reached");
+    assert_eq!(failed.signal, Some(15), "SIGTERM was enough: {failed:?}");
+    // Agent clock: the deadline, not `sleep 60`, ended it.
+    let ran = failed.timestamp - running.started_at.expect("started_at");
+    assert!((1.0..30.0).contains(&ran), "ran for {ran} s");
+    let killing = fw.wait_update("long", TaskState::TaskKilling).await;
+    assert_eq!(killing.reason(), Reason::MaxCompletionTimeReached);
+
+    let s = cluster
+        .wait_state("long completed", |s| {
+            s.completed_tasks.iter().any(|t| t.id == "long")
+        })
+        .await;
+    let long = s.completed_tasks.iter().find(|t| t.id == "long");
+    assert_eq!(long.map(|t| t.state.as_str()), Some("TASK_FAILED"));
+    let metrics = cluster.metrics().await;
+    assert_eq!(
+        corral_tests::metric_value(
+            &metrics,
+            r#"corral_master_tasks_terminal_total{state="TASK_FAILED",reason="MAX_COMPLETION_TIME_REACHED"}"#
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn container_usage_reaches_agent_metrics_and_master_state() {
     let cluster = Cluster::start(1).await;
     let mut fw = cluster.framework("usage").await;

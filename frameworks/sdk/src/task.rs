@@ -33,6 +33,7 @@ pub struct TaskBuilder {
     scalars: [Option<f64>; 4],
     ports: RangeSet,
     kill_grace: Option<Duration>,
+    max_completion_time: Option<Duration>,
     labels: HashMap<String, String>,
     container: Option<pb::ContainerInfo>,
 }
@@ -53,6 +54,7 @@ impl TaskBuilder {
             scalars: [None; 4],
             ports: RangeSet::new(),
             kill_grace: None,
+            max_completion_time: None,
             labels: HashMap::new(),
             container: None,
         }
@@ -140,6 +142,26 @@ impl TaskBuilder {
         self
     }
 
+    /// Longest time the task may run, counted from its start on the agent
+    /// (Mesos' `max_completion_time`). When it elapses the agent kills the
+    /// task (SIGTERM, then SIGKILL after the kill grace period) and reports
+    /// `TASK_FAILED` with `REASON_MAX_COMPLETION_TIME_REACHED`. The master
+    /// refuses zero and anything over a year.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use corral_sdk::{pb, TaskBuilder, TaskId};
+    /// let task = TaskBuilder::new(TaskId::parse("nightly", "task_id").unwrap())
+    ///     .shell("./report")
+    ///     .max_completion_time(Duration::from_secs(2 * 3600))
+    ///     .build_for(&pb::Offer::default());
+    /// assert_eq!(task.max_completion_time_seconds, Some(7200.0));
+    /// ```
+    pub fn max_completion_time(mut self, max: Duration) -> Self {
+        self.max_completion_time = Some(max);
+        self
+    }
+
     pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.labels.insert(key.into(), value.into());
         self
@@ -191,6 +213,7 @@ impl TaskBuilder {
             kill_grace_period_seconds: self.kill_grace.map(|d| d.as_secs_f64()),
             labels: self.labels.clone(),
             container: self.container.clone(),
+            max_completion_time_seconds: self.max_completion_time.map(|d| d.as_secs_f64()),
         }
     }
 
