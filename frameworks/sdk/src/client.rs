@@ -258,10 +258,19 @@ impl SchedulerClient {
         .await
     }
 
-    /// Acknowledges an agent status update. The driver already does this
-    /// after `status_update` returns; use it only when acknowledging on your
-    /// own. A master-generated update (empty uuid) needs no acknowledgement:
-    /// this returns `Ok` without a call.
+    /// Acknowledges an agent status update, so the agent stops resending it
+    /// and sends the task's next one. Needed only with
+    /// [`DriverConfig::implicit_acknowledgements`] off; otherwise the driver
+    /// does it after `status_update` returns. A master-generated update
+    /// (empty uuid) needs no acknowledgement: this returns `Ok` without a
+    /// call.
+    ///
+    /// Cheap to call from many tasks at once: calls share one HTTP/2
+    /// connection and do not wait for each other. A failed acknowledgement
+    /// (e.g. [`DriverError::NotSubscribed`] during a re-subscription) needs no
+    /// retry: the agent resends the update, and the driver delivers it again.
+    ///
+    /// [`DriverConfig::implicit_acknowledgements`]: crate::DriverConfig::implicit_acknowledgements
     pub async fn acknowledge(&self, status: &pb::TaskStatus) -> Result<(), DriverError> {
         if status.uuid.is_empty() {
             return Ok(());
@@ -328,9 +337,13 @@ impl SchedulerClient {
 
     /// Ends `run` (with `Ok`) without tearing the framework down: its tasks
     /// keep running and a new driver with the same framework id can take over
-    /// within the framework's failover timeout. Acknowledgements still queued
-    /// are sent first (for at most a couple of seconds), so updates already
-    /// delivered are not delivered again to the next instance.
+    /// within the framework's failover timeout. Acknowledgements the driver
+    /// still has queued are sent first (for at most a couple of seconds), so
+    /// updates already delivered are not delivered again to the next
+    /// instance. With explicit acknowledgements, finish your own
+    /// `acknowledge` calls before stopping: once `run` returned they fail with
+    /// [`DriverError::NotSubscribed`] (and the agent resends those updates to
+    /// the next instance).
     pub fn stop(&self) {
         self.shared.control.send_if_modified(|c| {
             let was_done = c.is_done();
@@ -343,6 +356,10 @@ impl SchedulerClient {
 
     /// Sends one unary call on the current subscription. `send` gets an owned
     /// gRPC client (clones share one connection) and the call header.
+    ///
+    /// The session lock is held only to clone the session, never across the
+    /// call, so concurrent calls (e.g. many acknowledgements) proceed in
+    /// parallel, multiplexed as HTTP/2 streams on the one connection.
     async fn unary<F, Fut>(&self, call: &'static str, send: F) -> Result<(), DriverError>
     where
         F: FnOnce(Grpc, pb::CallHeader) -> Fut,

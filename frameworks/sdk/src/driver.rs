@@ -10,14 +10,23 @@
 //!
 //! Acknowledgements and the implicit reconciliation go through a small
 //! background queue polled inside `run`, so a slow master delays them, not
-//! event delivery. A lost acknowledgement is harmless: the agent resends the
-//! update, and the driver re-acknowledges it without delivering it again.
+//! event delivery; up to [`MAX_CALLS_IN_FLIGHT`] of its calls are in flight
+//! at once, so acknowledgement throughput is not one round trip per update.
+//! A lost acknowledgement is harmless: the agent resends the update, and the
+//! driver re-acknowledges it without delivering it again.
+//!
+//! With [`DriverConfig::implicit_acknowledgements`] off, the driver never
+//! acknowledges agent updates and delivers every copy of one; the scheduler
+//! acknowledges through [`SchedulerClient::acknowledge`] when it is ready.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::time::Duration;
 
 use corral_proto::pb::{self, event::Event};
 use corral_proto::{AgentId, FrameworkId, OfferId};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tonic::transport::Endpoint;
@@ -52,6 +61,12 @@ const MIN_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(10);
 /// Background calls (acknowledgements, reconciliation) waiting to be sent; when
 /// full, acknowledgements are dropped and the agents' retries cover them.
 const BACKGROUND_QUEUE: usize = 1024;
+/// Background calls sent concurrently. One at a time caps acknowledgements at
+/// one per round trip (~1000/s at 1 ms), below what a busy batch framework
+/// produces (hundreds of tasks per second, 2–3 updates each); 64 leaves
+/// ample headroom while staying far below the HTTP/2 concurrent-stream limit
+/// and the master's command queue.
+const MAX_CALLS_IN_FLIGHT: usize = 64;
 
 /// How to reach the master and who the framework is.
 #[derive(Debug, Clone)]
@@ -66,10 +81,34 @@ pub struct DriverConfig {
     /// Heartbeat intervals without any event before the stream counts as lost
     /// (0 is treated as 1).
     pub missed_heartbeats_allowed: u32,
+    /// Whether the driver acknowledges agent status updates itself (default
+    /// `true`); Mesos' scheduler driver calls this `implicitAcknowledgements`.
+    ///
+    /// `true`: each agent update is acknowledged once `status_update` has
+    /// returned, and a re-sent copy of an update already delivered (same
+    /// uuid, remembered for the last few thousand) is acknowledged again
+    /// without being delivered twice.
+    ///
+    /// `false`: the driver never acknowledges agent updates. The scheduler
+    /// calls [`SchedulerClient::acknowledge`] with the status once it has
+    /// made the update durable, from any task and at any time (e.g. after a
+    /// group commit to its store). Until then the agent resends the update
+    /// with backoff and holds back the task's next update, and the driver
+    /// delivers every copy, because the scheduler may not have acknowledged
+    /// (or persisted) the first one yet, or may have crashed before it did.
+    /// So `status_update` sees duplicates (same uuid), also of updates it
+    /// already acknowledged when that acknowledgement was lost, and must
+    /// treat them idempotently: persist once, acknowledge again. An
+    /// acknowledgement that fails (e.g. [`DriverError::NotSubscribed`] while
+    /// the driver re-subscribes) can simply be dropped: the agent resends.
+    /// Master-generated updates (empty uuid) need no acknowledgement in
+    /// either mode.
+    pub implicit_acknowledgements: bool,
 }
 
 impl DriverConfig {
-    /// A config with the default backoff and heartbeat tolerance.
+    /// A config with the default backoff and heartbeat tolerance, and
+    /// implicit acknowledgements.
     pub fn new(master: impl Into<String>, framework: pb::FrameworkInfo) -> Self {
         Self {
             master: master.into(),
@@ -77,6 +116,7 @@ impl DriverConfig {
             reconnect_backoff_initial: DEFAULT_RECONNECT_BACKOFF_INITIAL,
             reconnect_backoff_max: DEFAULT_RECONNECT_BACKOFF_MAX,
             missed_heartbeats_allowed: DEFAULT_MISSED_HEARTBEATS,
+            implicit_acknowledgements: true,
         }
     }
 }
@@ -133,10 +173,12 @@ impl Driver {
             jobs: jobs_tx,
             recent: RecentUuids::new(RECENT_UUIDS),
         };
+        let client = self.client.clone();
+        let send = move |call| send_background(client.clone(), call);
         // Polled together in this task, so both end with `run`, no spawn.
         tokio::select! {
             result = runner.run(scheduler) => result,
-            never = background(self.client.clone(), jobs_rx) => match never {},
+            never = background(jobs_rx, MAX_CALLS_IN_FLIGHT, send) => match never {},
         }
     }
 }
@@ -159,48 +201,85 @@ fn endpoint_for(master: &str) -> Result<Endpoint, DriverError> {
     Ok(endpoint.connect_timeout(CONNECT_TIMEOUT).tcp_nodelay(true))
 }
 
-/// Calls made off the event path.
+/// Work for the background queue.
 enum Job {
+    Call(BackgroundCall),
+    /// Answered when every call queued before it has completed.
+    Flush(oneshot::Sender<()>),
+}
+
+/// Calls made off the event path.
+enum BackgroundCall {
     Acknowledge {
         agent_id: String,
         task_id: String,
         uuid: Vec<u8>,
     },
     ImplicitReconcile,
-    /// Answered when every job queued before it was handled.
-    Flush(oneshot::Sender<()>),
 }
 
-/// Sends queued calls one at a time, in queue order, on whatever
-/// subscription is current when each is sent.
-async fn background(client: SchedulerClient, mut jobs: mpsc::Receiver<Job>) -> Infallible {
+/// Sends queued calls, up to `max_in_flight` at once, each on whatever
+/// subscription is current when it is sent. Calls start in queue order but
+/// may complete in any order.
+///
+/// Reordering is safe. Acknowledgements of one task never race each other:
+/// the agent sends a task's next update only after the previous one was
+/// acknowledged (see `agent/src/status_updates.rs`), so a task has at most
+/// one acknowledgement queued or in flight, apart from re-acknowledgements
+/// of the same uuid, which the agent ignores once the first one landed. The
+/// implicit reconciliation asks for the master's current view, which no
+/// acknowledgement changes.
+async fn background<F, Fut>(
+    mut jobs: mpsc::Receiver<Job>,
+    max_in_flight: usize,
+    send: F,
+) -> Infallible
+where
+    F: Fn(BackgroundCall) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let max_in_flight = max_in_flight.max(1);
+    let mut in_flight = FuturesUnordered::new();
     loop {
-        let Some(job) = jobs.recv().await else {
-            // The runner holds the sender; it is only dropped with `run`.
-            return std::future::pending().await;
-        };
-        match job {
-            Job::Acknowledge {
-                agent_id,
-                task_id,
-                uuid,
-            } => {
-                if let Err(error) = client
-                    .acknowledge_parts(agent_id, task_id.clone(), uuid)
-                    .await
-                {
-                    // The agent resends unacknowledged updates; the next copy
-                    // gets acknowledged.
-                    tracing::debug!(%task_id, %error, "acknowledgement not sent");
+        // While all slots are taken, calls wait in the (bounded) queue.
+        tokio::select! {
+            biased;
+            Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+            job = jobs.recv(), if in_flight.len() < max_in_flight => match job {
+                Some(Job::Call(call)) => in_flight.push(send(call)),
+                Some(Job::Flush(done)) => {
+                    // Each call is bounded by `CALL_TIMEOUT`, and `flush`
+                    // stops waiting after `FLUSH_TIMEOUT` anyway.
+                    while in_flight.next().await.is_some() {}
+                    let _ = done.send(());
                 }
+                // The runner holds the sender; it is only dropped with `run`.
+                None => return std::future::pending().await,
+            },
+        }
+    }
+}
+
+/// Sends one background call; failures are logged, never retried.
+async fn send_background(client: SchedulerClient, call: BackgroundCall) {
+    match call {
+        BackgroundCall::Acknowledge {
+            agent_id,
+            task_id,
+            uuid,
+        } => {
+            if let Err(error) = client
+                .acknowledge_parts(agent_id, task_id.clone(), uuid)
+                .await
+            {
+                // The agent resends unacknowledged updates; the next copy
+                // gets acknowledged.
+                tracing::debug!(%task_id, %error, "acknowledgement not sent");
             }
-            Job::ImplicitReconcile => {
-                if let Err(error) = client.reconcile(Vec::new()).await {
-                    tracing::warn!(%error, "implicit reconciliation failed");
-                }
-            }
-            Job::Flush(done) => {
-                let _ = done.send(());
+        }
+        BackgroundCall::ImplicitReconcile => {
+            if let Err(error) = client.reconcile(Vec::new()).await {
+                tracing::warn!(%error, "implicit reconciliation failed");
             }
         }
     }
@@ -405,7 +484,7 @@ impl Runner<'_> {
             },
         }));
         scheduler.subscribed(&self.client, &framework_id).await;
-        self.enqueue(Job::ImplicitReconcile);
+        self.enqueue(BackgroundCall::ImplicitReconcile);
 
         let end = loop {
             // Measured from when the previous event was handled, so a slow
@@ -509,13 +588,20 @@ impl Runner<'_> {
             scheduler.status_update(&self.client, &status).await;
             return;
         }
+        if !self.config.implicit_acknowledgements {
+            // The scheduler acknowledges. A copy of an update it has not
+            // acknowledged yet (or whose acknowledgement was lost) must
+            // reach it again, or the agent would resend it forever.
+            scheduler.status_update(&self.client, &status).await;
+            return;
+        }
         if self.recent.contains(&status.uuid) {
             tracing::debug!(task_id = %status.task_id, "duplicate update; acknowledging again");
         } else {
             scheduler.status_update(&self.client, &status).await;
             self.recent.insert(status.uuid.clone());
         }
-        self.enqueue(Job::Acknowledge {
+        self.enqueue(BackgroundCall::Acknowledge {
             agent_id: status.agent_id,
             task_id: status.task_id,
             uuid: status.uuid,
@@ -531,8 +617,8 @@ impl Runner<'_> {
         }
     }
 
-    fn enqueue(&self, job: Job) {
-        if self.jobs.try_send(job).is_err() {
+    fn enqueue(&self, call: BackgroundCall) {
+        if self.jobs.try_send(Job::Call(call)).is_err() {
             tracing::warn!("background call queue full; dropping a call (agents resend updates)");
         }
     }
@@ -620,7 +706,117 @@ fn event_name(event: &Event) -> &'static str {
 
 #[cfg(test)]
 mod tests {
+    use std::pin::pin;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+
     use super::*;
+
+    /// A stand-in for the master: records the calls it is sent and holds
+    /// each one until `release` is set.
+    #[derive(Clone)]
+    struct HeldCalls {
+        started: Arc<Mutex<Vec<String>>>,
+        finished: Arc<AtomicUsize>,
+        in_flight: Arc<AtomicUsize>,
+        most_in_flight: Arc<AtomicUsize>,
+        release: watch::Sender<bool>,
+    }
+
+    impl HeldCalls {
+        fn new() -> Self {
+            Self {
+                started: Arc::default(),
+                finished: Arc::default(),
+                in_flight: Arc::default(),
+                most_in_flight: Arc::default(),
+                release: watch::channel(false).0,
+            }
+        }
+
+        fn send(&self) -> impl Fn(BackgroundCall) -> futures::future::BoxFuture<'static, ()> {
+            let this = self.clone();
+            move |call| {
+                let this = this.clone();
+                let mut release = this.release.subscribe();
+                Box::pin(async move {
+                    let name = match call {
+                        BackgroundCall::Acknowledge { task_id, .. } => task_id,
+                        BackgroundCall::ImplicitReconcile => "reconcile".to_string(),
+                    };
+                    this.started.lock().expect("lock").push(name);
+                    let now = this.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                    this.most_in_flight.fetch_max(now, Ordering::SeqCst);
+                    let _ = release.wait_for(|r| *r).await;
+                    this.in_flight.fetch_sub(1, Ordering::SeqCst);
+                    this.finished.fetch_add(1, Ordering::SeqCst);
+                })
+            }
+        }
+
+        fn started(&self) -> Vec<String> {
+            self.started.lock().expect("lock").clone()
+        }
+    }
+
+    fn ack(task_id: &str) -> Job {
+        Job::Call(BackgroundCall::Acknowledge {
+            agent_id: "agent-1".into(),
+            task_id: task_id.into(),
+            uuid: vec![1; 16],
+        })
+    }
+
+    /// Polls the background loop until it can make no more progress without
+    /// outside help (a few polls, in case tokio's cooperative budget made it
+    /// yield).
+    async fn settle(mut background: std::pin::Pin<&mut impl Future<Output = Infallible>>) {
+        for _ in 0..8 {
+            assert!(futures::poll!(background.as_mut()).is_pending());
+        }
+    }
+
+    #[tokio::test]
+    async fn background_calls_run_concurrently_up_to_the_limit_in_queue_order() {
+        let calls = HeldCalls::new();
+        let (tx, rx) = mpsc::channel(100);
+        for i in 0..10 {
+            tx.try_send(ack(&format!("t{i}"))).expect("queued");
+        }
+        let mut background = pin!(background(rx, 4, calls.send()));
+        settle(background.as_mut()).await;
+        assert_eq!(calls.started(), ["t0", "t1", "t2", "t3"]);
+        assert_eq!(calls.finished.load(Ordering::SeqCst), 0);
+
+        calls.release.send_replace(true);
+        settle(background.as_mut()).await;
+        assert_eq!(calls.finished.load(Ordering::SeqCst), 10);
+        let expected: Vec<String> = (0..10).map(|i| format!("t{i}")).collect();
+        assert_eq!(calls.started(), expected);
+        assert_eq!(calls.most_in_flight.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
+    async fn flush_answers_once_every_call_queued_before_it_completed() {
+        let calls = HeldCalls::new();
+        let (tx, rx) = mpsc::channel(100);
+        let (done_tx, mut done) = oneshot::channel();
+        tx.try_send(ack("t0")).expect("queued");
+        tx.try_send(Job::Call(BackgroundCall::ImplicitReconcile))
+            .expect("queued");
+        tx.try_send(Job::Flush(done_tx)).expect("queued");
+        tx.try_send(ack("t1")).expect("queued");
+        let mut background = pin!(background(rx, MAX_CALLS_IN_FLIGHT, calls.send()));
+        settle(background.as_mut()).await;
+        assert_eq!(calls.started(), ["t0", "reconcile"]);
+        assert!(done.try_recv().is_err(), "flushed with calls in flight");
+
+        calls.release.send_replace(true);
+        settle(background.as_mut()).await;
+        assert!(done.try_recv().is_ok(), "flush answered");
+        assert_eq!(calls.started(), ["t0", "reconcile", "t1"]);
+        assert_eq!(calls.finished.load(Ordering::SeqCst), 3);
+    }
 
     fn is_fatal(code: tonic::Code, message: &str) -> bool {
         matches!(

@@ -4,8 +4,12 @@
 //! The driver subscribes, re-subscribes with the same framework id after a
 //! lost stream or missed heartbeats (capped exponential backoff with jitter),
 //! reconciles after every subscription, acknowledges agent status updates after
-//! the callback has seen them and drops duplicates of updates it already
-//! delivered. Callbacks run one at a time, in event order, on the task that
+//! the callback has seen them (several acknowledgements in flight at once) and
+//! drops duplicates of updates it already delivered. A framework that must
+//! persist updates before they are acknowledged turns
+//! [`DriverConfig::implicit_acknowledgements`] off and calls
+//! [`SchedulerClient::acknowledge`] itself; it then sees every resent copy.
+//! Callbacks run one at a time, in event order, on the task that
 //! awaits [`Driver::run`]; calls to the master go through a cheap, cloneable
 //! [`SchedulerClient`] usable from anywhere.
 //!

@@ -30,10 +30,24 @@ pub trait Scheduler: Send {
     /// The master took back an offer (e.g. its agent was lost).
     async fn rescinded(&mut self, _client: &SchedulerClient, _offer_id: &OfferId) {}
 
-    /// A task status update. Agent updates are acknowledged by the driver
-    /// after this returns, and an update already delivered (same uuid) is not
-    /// delivered again. Still, treat updates idempotently: reconciliation can
-    /// repeat a state, and the duplicate memory is bounded.
+    /// A task status update.
+    ///
+    /// With implicit acknowledgements (the default), agent updates are
+    /// acknowledged by the driver after this returns, and an update already
+    /// delivered (same uuid) is not delivered again. Still, treat updates
+    /// idempotently: reconciliation can repeat a state, and the duplicate
+    /// memory is bounded.
+    ///
+    /// With [`DriverConfig::implicit_acknowledgements`] off, acknowledge each
+    /// agent update (non-empty `uuid`) yourself with
+    /// [`SchedulerClient::acknowledge`] once it is durable, here or later
+    /// from another task; the agent holds back the task's next update until
+    /// then. Every copy the agent resends is delivered, so the same update
+    /// (same uuid) can arrive several times, also after you acknowledged it
+    /// (the acknowledgement was lost) or after a restart: handle it
+    /// idempotently and acknowledge it again.
+    ///
+    /// [`DriverConfig::implicit_acknowledgements`]: crate::DriverConfig::implicit_acknowledgements
     async fn status_update(&mut self, _client: &SchedulerClient, _status: &pb::TaskStatus) {}
 
     /// An agent was removed or lost; its tasks get their own updates.

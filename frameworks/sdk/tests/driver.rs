@@ -210,8 +210,13 @@ async fn duplicate_agent_update_is_acknowledged_again_but_not_delivered_twice() 
     // The agent did not get the ack and resends; then a new update follows.
     events.send(agent_update("t1", TaskState::TaskRunning, 1));
     events.send(agent_update("t1", TaskState::TaskFinished, 2));
-    assert_eq!(h.master.expect_ack().await.uuid, vec![1; 16], "re-acked");
-    assert_eq!(h.master.expect_ack().await.uuid, vec![2; 16]);
+    // Both acks are in flight at once, so they may arrive in either order.
+    let mut acked = vec![
+        h.master.expect_ack().await.uuid,
+        h.master.expect_ack().await.uuid,
+    ];
+    acked.sort();
+    assert_eq!(acked, [vec![1; 16], vec![2; 16]], "re-acked, then acked");
     // Events are delivered in order, so the duplicate would have come first.
     let next = h.expect_update().await;
     assert_eq!(next.uuid, vec![2; 16], "duplicate was delivered again");
@@ -228,13 +233,146 @@ async fn master_update_is_delivered_but_not_acknowledged() {
     let first = h.expect_update().await;
     assert_eq!((first.task_id.as_str(), first.uuid.len()), ("t0", 0));
     assert_eq!(h.expect_update().await.task_id, "t1");
-    // Acks go out in event order: an ack for t0 would come first.
     let ack = h.master.expect_ack().await;
     assert_eq!(ack.task_id, "t1");
+    // An ack for t0 would have been queued before t1's, and `stop` waits
+    // for every queued call to complete: it would show up here.
     h.client.stop();
     let (result, mut master) = h.finish().await;
     result.expect("stopped");
     assert_eq!(master.pending_calls(), Vec::<&str>::new());
+}
+
+#[tokio::test]
+async fn acknowledgements_are_sent_concurrently_not_one_round_trip_each() {
+    let (mut h, events) = Harness::subscribed().await;
+    h.master.hold_acks();
+    for i in 1..=5u8 {
+        events.send(agent_update(&format!("t{i}"), TaskState::TaskRunning, i));
+    }
+    for _ in 1..=5 {
+        h.expect_update().await;
+    }
+    // No ack has been answered, yet all five reached the master: a driver
+    // sending one at a time would stall after the first.
+    let mut acked: Vec<_> = Vec::new();
+    for _ in 1..=5 {
+        acked.push(h.master.expect_ack().await.uuid[0]);
+    }
+    acked.sort();
+    assert_eq!(acked, [1, 2, 3, 4, 5]);
+    h.master.release_acks();
+    h.client.stop();
+    let (result, mut master) = h.finish().await;
+    result.expect("stopped");
+    assert_eq!(master.pending_calls(), Vec::<&str>::new());
+}
+
+#[tokio::test]
+async fn stop_waits_for_acknowledgements_in_flight() {
+    let (mut h, events) = Harness::subscribed().await;
+    h.master.hold_acks();
+    events.send(agent_update("t1", TaskState::TaskRunning, 1));
+    events.send(agent_update("t2", TaskState::TaskRunning, 2));
+    h.expect_update().await;
+    h.expect_update().await;
+    h.master.expect_ack().await;
+    h.master.expect_ack().await;
+    h.client.stop();
+    // `run` is flushing: it ends only once the held acks were answered.
+    let early = tokio::time::timeout(Duration::from_millis(300), &mut h.run).await;
+    assert!(early.is_err(), "run ended with acknowledgements in flight");
+    h.master.release_acks();
+    h.finish().await.0.expect("stopped");
+}
+
+/// Explicit acknowledgements (`implicit_acknowledgements = false`).
+fn explicit_acks(config: &mut DriverConfig) {
+    config.implicit_acknowledgements = false;
+}
+
+#[tokio::test]
+async fn with_explicit_acks_the_driver_delivers_every_copy_and_acknowledges_nothing() {
+    let (mut h, events) = Harness::subscribed_with(Options {
+        configure: explicit_acks,
+        ..Default::default()
+    })
+    .await;
+    events.send(agent_update("t1", TaskState::TaskRunning, 1));
+    // Not acknowledged yet, so the agent resends: the copy is delivered too.
+    events.send(agent_update("t1", TaskState::TaskRunning, 1));
+    events.send(master_update("t0", TaskState::TaskLost));
+    let first = h.expect_update().await;
+    let again = h.expect_update().await;
+    assert_eq!(
+        (first.uuid.clone(), again.uuid.clone()),
+        (vec![1; 16], vec![1; 16])
+    );
+    assert_eq!(h.expect_update().await.task_id, "t0");
+    assert_eq!(h.master.pending_calls(), Vec::<&str>::new(), "no ack yet");
+
+    // The scheduler acknowledges (twice, as it saw two copies: harmless).
+    h.client.acknowledge(&first).await.expect("acknowledge");
+    h.client
+        .acknowledge(&again)
+        .await
+        .expect("acknowledge again");
+    for _ in 0..2 {
+        let ack = h.master.expect_ack().await;
+        assert_eq!(ack.header, header("fw-1", "stream-1"));
+        assert_eq!(
+            (ack.task_id.as_str(), ack.agent_id.as_str()),
+            ("t1", "agent-1")
+        );
+        assert_eq!(ack.uuid, vec![1; 16]);
+    }
+    h.client.stop();
+    let (result, mut master) = h.finish().await;
+    result.expect("stopped");
+    assert_eq!(
+        master.pending_calls(),
+        Vec::<&str>::new(),
+        "the driver sent no ack of its own"
+    );
+}
+
+#[tokio::test]
+async fn concurrent_explicit_acknowledgements_do_not_wait_for_each_other() {
+    let (mut h, _events) = Harness::subscribed_with(Options {
+        configure: explicit_acks,
+        ..Default::default()
+    })
+    .await;
+    h.master.hold_acks();
+    let acks: Vec<_> = (1..=20u8)
+        .map(|i| {
+            let client = h.client.clone();
+            let status = pb::TaskStatus {
+                task_id: format!("t{i}"),
+                agent_id: "agent-1".into(),
+                uuid: vec![i; 16],
+                ..Default::default()
+            };
+            tokio::spawn(async move { client.acknowledge(&status).await })
+        })
+        .collect();
+    // All twenty are at the master while none has been answered.
+    let mut seen: Vec<_> = Vec::new();
+    for _ in 0..20 {
+        seen.push(h.master.expect_ack().await.uuid[0]);
+    }
+    seen.sort();
+    assert_eq!(seen, (1..=20).collect::<Vec<u8>>());
+    h.master.release_acks();
+    for ack in acks {
+        tokio::time::timeout(WAIT, ack)
+            .await
+            .expect("ack answered")
+            .expect("no panic")
+            .expect("ack ok");
+    }
+    h.client.stop();
+    h.finish().await.0.expect("stopped");
 }
 
 #[tokio::test]

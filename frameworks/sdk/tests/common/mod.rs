@@ -119,6 +119,9 @@ struct Service {
     script: Arc<Mutex<Script>>,
     journal: Journal,
     heartbeat_interval_seconds: f64,
+    /// While true, `Acknowledge` calls are recorded on arrival but not
+    /// answered, so a test sees how many are in flight at once.
+    acks_held: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Service {
@@ -221,7 +224,10 @@ impl SchedulerService for Service {
         &self,
         r: Request<pb::AcknowledgeRequest>,
     ) -> Result<Response<pb::CallResponse>, Status> {
-        self.unary(Call::Acknowledge(r.into_inner()))
+        let mut held = self.acks_held.clone();
+        let response = self.unary(Call::Acknowledge(r.into_inner()));
+        let _ = held.wait_for(|held| !held).await;
+        response
     }
     async fn reconcile(
         &self,
@@ -252,6 +258,7 @@ pub struct FakeMaster {
     pub calls: mpsc::UnboundedReceiver<Call>,
     pub journal: Journal,
     script: Arc<Mutex<Script>>,
+    acks_held: tokio::sync::watch::Sender<bool>,
     _shutdown: tokio::sync::oneshot::Sender<()>,
 }
 
@@ -264,11 +271,13 @@ impl FakeMaster {
         let (calls_tx, calls) = mpsc::unbounded_channel();
         let script = Arc::new(Mutex::new(Script::default()));
         let journal = Journal::default();
+        let (acks_held, acks_held_rx) = tokio::sync::watch::channel(false);
         let service = Service {
             calls: calls_tx,
             script: script.clone(),
             journal: journal.clone(),
             heartbeat_interval_seconds,
+            acks_held: acks_held_rx,
         };
         let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(async move {
@@ -284,8 +293,20 @@ impl FakeMaster {
             calls,
             journal,
             script,
+            acks_held,
             _shutdown: shutdown_tx,
         }
+    }
+
+    /// From now on `Acknowledge` calls arrive on `calls` but get no answer
+    /// until [`Self::release_acks`].
+    pub fn hold_acks(&self) {
+        self.acks_held.send_replace(true);
+    }
+
+    /// Answers the held `Acknowledge` calls and stops holding new ones.
+    pub fn release_acks(&self) {
+        self.acks_held.send_replace(false);
     }
 
     /// The next `Subscribe` is answered with `status`.
@@ -438,6 +459,7 @@ pub fn test_config(addr: SocketAddr) -> DriverConfig {
         reconnect_backoff_initial: Duration::from_millis(10),
         reconnect_backoff_max: Duration::from_millis(50),
         missed_heartbeats_allowed: 5,
+        implicit_acknowledgements: true,
     }
 }
 
