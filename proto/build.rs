@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "corral/v1/common.proto",
         "corral/v1/scheduler.proto",
         "corral/v1/agent.proto",
+        "corral/v1/batch.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed=proto/{f}");

@@ -7,6 +7,7 @@
 //!   exactly what is sent (and what is not acknowledged).
 //! - [`wait_for`]: the bounded poll every test uses instead of sleeping.
 
+pub mod batch;
 mod framework;
 pub mod images;
 mod proxy;

@@ -9,7 +9,7 @@ use corral_sdk::{
     Driver, DriverConfig, FrameworkId, OfferResources, Resources, Scheduler, SchedulerClient,
     TaskBuilder, TaskId, async_trait,
 };
-use corral_tests::{Cluster, Proxy, WAIT, wait_for};
+use corral_tests::{Cluster, Proxy, WAIT, metric_value, wait_for};
 use tokio::sync::mpsc;
 
 /// Launches `wanted` tasks running `command`, reports every update.
@@ -186,6 +186,87 @@ async fn the_driver_resubscribes_with_the_same_id_after_losing_its_connection() 
             break;
         }
     }
+    client.teardown().await.expect("teardown");
+    tokio::time::timeout(WAIT, run)
+        .await
+        .expect("run ends")
+        .expect("no panic")
+        .expect("run ok");
+    cluster.shutdown().await;
+}
+
+/// Is an agent update (master-generated ones carry no uuid and need no ack).
+fn from_agent(status: &pb::TaskStatus) -> bool {
+    !status.uuid.is_empty()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_explicit_acks_an_update_is_redelivered_until_the_scheduler_acknowledges_it() {
+    let cluster = Cluster::start(1).await;
+    let (scheduler, mut updates, _subs) = runner(1, "echo done");
+    let info = pb::FrameworkInfo {
+        name: "sdk-explicit-acks".into(),
+        ..Default::default()
+    };
+    let mut config = DriverConfig::new(cluster.master.to_string(), info);
+    config.implicit_acknowledgements = false;
+    let (driver, client) = Driver::new(config);
+    let run = tokio::spawn(driver.run(scheduler));
+
+    let first = loop {
+        let u = next_update(&mut updates).await;
+        if from_agent(&u) {
+            break u;
+        }
+    };
+    // Nobody acknowledged it: the agent resends it (the harness retries
+    // after 300 ms, doubling up to 2 s) and the driver delivers the copy.
+    let again = loop {
+        let u = next_update(&mut updates).await;
+        if from_agent(&u) {
+            break u;
+        }
+    };
+    assert_eq!(again.uuid, first.uuid, "the same update, delivered again");
+    assert_eq!(again.task_id, first.task_id);
+    // The task's later updates queue behind the unacknowledged one.
+    let metrics = cluster.agent_metrics(0).await;
+    let pending = metric_value(&metrics, "corral_agent_status_updates_pending");
+    assert!(pending >= Some(1.0), "{metrics}");
+
+    // Acknowledge each update as it comes: the task advances to its end.
+    // Copies of an acknowledged update may still be on their way; those are
+    // acknowledged again, as an idempotent scheduler does.
+    let mut acked = vec![first.uuid.clone()];
+    client.acknowledge(&first).await.expect("acknowledge");
+    loop {
+        let u = next_update(&mut updates).await;
+        if !from_agent(&u) {
+            continue;
+        }
+        client.acknowledge(&u).await.expect("acknowledge");
+        if !acked.contains(&u.uuid) {
+            acked.push(u.uuid.clone());
+            if is_terminal(u.state()) {
+                assert_eq!(u.state(), TaskState::TaskFinished);
+                break;
+            }
+        }
+    }
+    assert!(acked.len() >= 2, "a task has more than one update");
+
+    // Every update acknowledged: the agent stops resending, the master
+    // retires the task.
+    wait_for("agent drained its pending updates", WAIT, || async {
+        let m = cluster.agent_metrics(0).await;
+        (metric_value(&m, "corral_agent_status_updates_pending") == Some(0.0)).then_some(())
+    })
+    .await;
+    cluster
+        .wait_state("task retired", |s| {
+            s.tasks.is_empty() && s.completed_tasks.len() == 1
+        })
+        .await;
     client.teardown().await.expect("teardown");
     tokio::time::timeout(WAIT, run)
         .await
