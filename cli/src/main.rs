@@ -1,7 +1,9 @@
 //! `corral`: the one binary. Servers (`master`, `agent`, `dev`), a one-task
-//! framework (`run`, like `mesos-execute`) and operator views of `/state`
-//! (`agents`, `frameworks`, `tasks`).
+//! framework (`run`, like `mesos-execute`), the batch framework and its
+//! client (`batch`) and operator views of `/state` (`agents`, `frameworks`,
+//! `tasks`).
 
+mod batch;
 mod image;
 mod logs;
 mod run;
@@ -41,7 +43,8 @@ enum Command {
     Master(serve::MasterArgs),
     /// Run an agent that offers this machine's resources to a master.
     Agent(serve::AgentArgs),
-    /// Run a whole single-node cluster (master and one agent) in one process.
+    /// Run a whole single-node cluster (master, one agent and the batch
+    /// framework) in one process.
     Dev(serve::DevArgs),
     /// Run one task on the cluster, stream its output, exit with its exit code.
     Run(run::RunArgs),
@@ -55,6 +58,9 @@ enum Command {
     Logs(logs::LogsArgs),
     /// Manage the image store of an agent.
     Image(image::ImageArgs),
+    /// Batch jobs: submit, list, status, wait, logs, cancel; `serve` runs
+    /// the batch framework.
+    Batch(batch::BatchArgs),
 }
 
 fn init_logging(format: LogFormat, default: &str) {
@@ -108,6 +114,8 @@ fn main() -> ExitCode {
             Command::Tasks(args) => views::tasks(args).await.map(|()| ExitCode::SUCCESS),
             Command::Logs(args) => logs::logs(args).await.map(|()| ExitCode::SUCCESS),
             Command::Image(args) => image::image(args).await.map(|()| ExitCode::SUCCESS),
+            // Prints its own errors, as `corral batch CMD: MESSAGE`.
+            Command::Batch(args) => Ok(batch::batch(args, cli.log_format).await),
         }
     });
     match result {

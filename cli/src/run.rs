@@ -6,15 +6,15 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Result, anyhow, bail};
 use clap::Args;
 use corral_proto::task::{is_terminal, reason_name, state_name};
 use corral_proto::{OfferId, Resources, TaskId, pb};
 use corral_sdk::{Constraint, Driver, DriverConfig, Scheduler, SchedulerClient, TaskBuilder};
-use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
 use crate::DEFAULT_MASTER;
+use crate::logs::{LogFile, copy_file};
 
 /// Long decline filter for offers we cannot use: we need one offer only.
 const DECLINE_SECONDS: f64 = 60.0;
@@ -182,7 +182,7 @@ impl Scheduler for OneTask {
     }
 }
 
-fn parse_env(pairs: &[String]) -> Result<Vec<(String, String)>> {
+pub(crate) fn parse_env(pairs: &[String]) -> Result<Vec<(String, String)>> {
     pairs
         .iter()
         .map(|p| {
@@ -203,31 +203,21 @@ async fn stream_file(
     agent_address: String,
     framework_id: String,
     task_id: String,
-    file: &'static str,
+    file: LogFile,
 ) -> Result<()> {
-    let mut client = pb::agent_client::AgentClient::connect(format!("http://{agent_address}"))
-        .await
-        .with_context(|| format!("cannot reach agent {agent_address} for the task's {file}"))?;
-    let mut stream = client
-        .read_file(pb::ReadFileRequest {
-            framework_id,
-            task_id,
-            file: file.to_string(),
-            offset: 0,
-            follow: true,
-        })
-        .await?
-        .into_inner();
-    let mut out: Box<dyn tokio::io::AsyncWrite + Unpin + Send> = if file == "stdout" {
-        Box::new(tokio::io::stdout())
-    } else {
-        Box::new(tokio::io::stderr())
+    let mut out: Box<dyn tokio::io::AsyncWrite + Send + Unpin> = match file {
+        LogFile::Stdout => Box::new(tokio::io::stdout()),
+        LogFile::Stderr => Box::new(tokio::io::stderr()),
     };
-    while let Some(chunk) = stream.message().await? {
-        out.write_all(&chunk.data).await?;
-        out.flush().await?;
-    }
-    Ok(())
+    copy_file(
+        &agent_address,
+        &framework_id,
+        &task_id,
+        file,
+        true,
+        &mut out,
+    )
+    .await
 }
 
 fn exit_code_of(status: &pb::TaskStatus) -> u8 {
@@ -357,7 +347,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
                     && streams.is_empty()
                     && let (Some(addr), Some(fid)) = (&agent_address, client.framework_id())
                 {
-                    for file in ["stdout", "stderr"] {
+                    for file in [LogFile::Stdout, LogFile::Stderr] {
                         streams.push(tokio::spawn(stream_file(
                             addr.clone(),
                             fid.to_string(),

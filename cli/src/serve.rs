@@ -1,4 +1,4 @@
-//! `corral master`, `corral agent` and `corral dev`.
+//! `corral master`, `corral agent`, `corral batch serve` and `corral dev`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use corral_agent::AgentConfig;
+use corral_batch::BatchConfig;
 use corral_master::MasterConfig;
 use corral_proto::{Resources, attributes};
 use tokio::net::TcpListener;
@@ -206,6 +207,50 @@ impl NodeArgs {
 }
 
 #[derive(Args)]
+pub struct BatchServeArgs {
+    /// Master to register with, HOST:PORT.
+    #[arg(long, env = "CORRAL_MASTER")]
+    master: String,
+    /// Address to serve the batch API and /metrics on.
+    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], corral_batch::DEFAULT_PORT)),
+          env = "CORRAL_BATCH_LISTEN")]
+    listen: SocketAddr,
+    /// The job store lives here.
+    #[arg(
+        long,
+        default_value = "/var/lib/corral/batch",
+        env = "CORRAL_BATCH_WORK_DIR"
+    )]
+    work_dir: PathBuf,
+    /// How long the master keeps the framework's tasks while it is away
+    /// (e.g. 1h, 7d) [default: 7d].
+    #[arg(long, value_parser = corral_batch::spec::parse_duration, env = "CORRAL_BATCH_FAILOVER_TIMEOUT")]
+    failover_timeout: Option<Duration>,
+    /// Role the framework's share is accounted under [default: *].
+    #[arg(long, env = "CORRAL_BATCH_ROLE")]
+    role: Option<String>,
+    /// Framework name shown by the master [default: corral-batch].
+    #[arg(long, env = "CORRAL_BATCH_NAME")]
+    name: Option<String>,
+}
+
+impl BatchServeArgs {
+    fn config(&self) -> BatchConfig {
+        let mut config = BatchConfig::new(self.master.clone(), self.work_dir.clone());
+        if let Some(t) = self.failover_timeout {
+            config.failover_timeout = t;
+        }
+        if let Some(role) = &self.role {
+            config.role = role.clone();
+        }
+        if let Some(name) = &self.name {
+            config.name = name.clone();
+        }
+        config
+    }
+}
+
+#[derive(Args)]
 pub struct DevArgs {
     /// Port of the master (gRPC, /metrics, /state) on 127.0.0.1.
     #[arg(long, default_value_t = 5050)]
@@ -213,6 +258,9 @@ pub struct DevArgs {
     /// Port of the agent on 127.0.0.1.
     #[arg(long, default_value_t = 5051)]
     agent_port: u16,
+    /// Port of the batch framework's API on 127.0.0.1.
+    #[arg(long, default_value_t = corral_batch::DEFAULT_PORT)]
+    batch_port: u16,
     /// Sandboxes and state of the dev cluster.
     #[arg(long, env = "CORRAL_WORK_DIR")]
     work_dir: Option<PathBuf>,
@@ -222,31 +270,10 @@ pub struct DevArgs {
     tuning: MasterTuning,
 }
 
-/// Parses `500ms`, `2s`, `1.5m`, `1h`, or a bare number of seconds.
+/// Parses `500ms`, `2s`, `1.5m`, `1h`, `1d`, or a bare number of seconds:
+/// the same durations job files take.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("'{text}' is not a duration like 500ms, 2s or 1m"))?;
-    let seconds = match unit.trim() {
-        "" | "s" => value,
-        "ms" => value / 1000.0,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        other => {
-            return Err(format!(
-                "unknown unit '{other}' in '{text}' (use ms, s, m or h)"
-            ));
-        }
-    };
-    if !seconds.is_finite() || seconds > 365.0 * 24.0 * 3600.0 {
-        return Err(format!("'{text}' is out of range"));
-    }
-    Ok(Duration::from_secs_f64(seconds))
+    corral_batch::spec::parse_duration(text)
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener> {
@@ -280,6 +307,16 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
     Ok(())
 }
 
+pub async fn batch(args: BatchServeArgs) -> Result<()> {
+    let config = args.config();
+    std::fs::create_dir_all(&config.work_dir)
+        .with_context(|| format!("cannot create {}", config.work_dir.display()))?;
+    let listener = bind(args.listen, "batch framework").await?;
+    tracing::info!(address = %args.listen, master = %args.master, "batch framework listening");
+    corral_batch::run(config, listener, crate::shutdown_signal()).await?;
+    Ok(())
+}
+
 pub async fn dev(args: DevArgs) -> Result<()> {
     let work_dir = args
         .work_dir
@@ -289,16 +326,20 @@ pub async fn dev(args: DevArgs) -> Result<()> {
         .with_context(|| format!("cannot create {}", work_dir.display()))?;
     let master_addr = SocketAddr::from(([127, 0, 0, 1], args.master_port));
     let agent_addr = SocketAddr::from(([127, 0, 0, 1], args.agent_port));
+    let batch_addr = SocketAddr::from(([127, 0, 0, 1], args.batch_port));
     let config = args.tuning.apply(MasterConfig::dev())?;
     let master_listener = bind(master_addr, "master").await?;
     let agent_listener = bind(agent_addr, "agent").await?;
+    let batch_listener = bind(batch_addr, "batch framework").await?;
+    let batch_config = BatchConfig::new(master_addr.to_string(), work_dir.join("batch"));
+    std::fs::create_dir_all(&batch_config.work_dir)
+        .with_context(|| format!("cannot create {}", batch_config.work_dir.display()))?;
     let mut agent_config = args
         .node
         .agent_config(master_addr.to_string(), work_dir.join("agent"))?;
     agent_config.advertise_address = Some(agent_addr.to_string());
 
-    // One signal stops both; the agent first, so its tasks are killed
-    // while the master can still hear about it.
+    // One signal stops all three.
     let (stop_tx, stop_rx) = watch::channel(false);
     let wait = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
@@ -311,13 +352,24 @@ pub async fn dev(args: DevArgs) -> Result<()> {
     let mut agent = tokio::spawn(corral_agent::run(
         agent_config,
         agent_listener,
+        wait(stop_rx.clone()),
+    ));
+    // After the master, which it registers with (its driver retries until
+    // the master answers).
+    let mut batch = tokio::spawn(corral_batch::run(
+        batch_config,
+        batch_listener,
         wait(stop_rx),
     ));
     eprintln!(
-        "corral dev: master on http://{master_addr} (see /state, /metrics), agent on {agent_addr}, work dir {}",
+        "corral dev: master on http://{master_addr} (see /state, /metrics), agent on {agent_addr}, \
+         batch framework on {batch_addr}, work dir {}",
         work_dir.display()
     );
-    eprintln!("corral dev: try `corral run -- echo hello`; Ctrl-C stops the cluster");
+    eprintln!(
+        "corral dev: try `corral run -- echo hello` or `corral batch submit --count 3 -- sh -c 'echo $CORRAL_TASK_INDEX'`; \
+         Ctrl-C stops the cluster"
+    );
     tokio::select! {
         _ = crate::shutdown_signal() => {}
         r = &mut agent => {
@@ -325,9 +377,15 @@ pub async fn dev(args: DevArgs) -> Result<()> {
             r.context("agent task panicked")??;
             bail!("the agent stopped unexpectedly");
         }
+        r = &mut batch => {
+            let _ = stop_tx.send(true);
+            r.context("batch framework task panicked")??;
+            bail!("the batch framework stopped unexpectedly");
+        }
     }
     let _ = stop_tx.send(true);
     agent.await.context("agent task panicked")??;
+    batch.await.context("batch framework task panicked")??;
     master.await.context("master task panicked")??;
     Ok(())
 }

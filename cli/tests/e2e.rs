@@ -1,5 +1,6 @@
 //! Drives the real `corral` binary: `corral dev` as a cluster, `corral run`
-//! as a framework, `corral agents/tasks` as the operator's view.
+//! and `corral batch` as frameworks, `corral agents/tasks` as the
+//! operator's view.
 
 use std::net::TcpListener;
 use std::path::Path;
@@ -15,6 +16,7 @@ struct Dev {
     child: Child,
     cgroup_root: String,
     agent: String,
+    batch: String,
 }
 
 impl Drop for Dev {
@@ -46,7 +48,7 @@ fn corral(master: &str, args: &[&str]) -> Output {
 }
 
 fn start_dev(work_dir: &Path, extra: &[&str]) -> (Dev, String) {
-    let (mp, ap) = (free_port(), free_port());
+    let (mp, ap, bp) = (free_port(), free_port(), free_port());
     let cgroup_root = format!("corral-e2e-{ap}");
     let child = Command::new(CORRAL)
         .args([
@@ -55,6 +57,8 @@ fn start_dev(work_dir: &Path, extra: &[&str]) -> (Dev, String) {
             &mp.to_string(),
             "--agent-port",
             &ap.to_string(),
+            "--batch-port",
+            &bp.to_string(),
         ])
         .arg("--work-dir")
         .arg(work_dir)
@@ -74,6 +78,7 @@ fn start_dev(work_dir: &Path, extra: &[&str]) -> (Dev, String) {
         child,
         cgroup_root,
         agent: format!("127.0.0.1:{ap}"),
+        batch: format!("127.0.0.1:{bp}"),
     };
     let master = format!("127.0.0.1:{mp}");
     let deadline = Instant::now() + WAIT;
@@ -95,6 +100,22 @@ fn start_dev(work_dir: &Path, extra: &[&str]) -> (Dev, String) {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// `corral batch ARGS...` against the dev cluster's batch framework.
+fn batch(dev: &Dev, master: &str, args: &[&str]) -> Output {
+    Command::new(CORRAL)
+        .arg("batch")
+        .args(args)
+        .env("CORRAL_MASTER", master)
+        .env("CORRAL_BATCH", &dev.batch)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run corral batch")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
 }
 
 #[test]
@@ -334,4 +355,132 @@ fn corral_runs_images_imported_into_the_agent_and_pulled_from_a_registry() {
         .output()
         .expect("rm");
     assert!(out.status.success(), "{out:?}");
+}
+
+#[test]
+fn corral_batch_runs_an_array_job_on_corral_dev_and_reports_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (dev, master) = start_dev(dir.path(), &[]);
+    let deadline = Instant::now() + WAIT;
+    while !batch(&dev, &master, &["list"]).status.success() {
+        assert!(
+            Instant::now() < deadline,
+            "the batch framework did not come up"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // An array job from flags: its id is the last word printed.
+    let out = batch(
+        &dev,
+        &master,
+        &[
+            "submit",
+            "--name",
+            "echo3",
+            "--count",
+            "3",
+            "--",
+            "sh",
+            "-c",
+            "echo index $CORRAL_TASK_INDEX",
+        ],
+    );
+    assert!(out.status.success(), "submit: {out:?}");
+    let stdout = text(&out.stdout);
+    let id = stdout
+        .lines()
+        .last()
+        .and_then(|l| l.split_whitespace().last())
+        .expect("a job id")
+        .to_string();
+    assert_eq!(id, "echo3", "{stdout}");
+
+    let out = batch(&dev, &master, &["wait", &id, "--timeout", "60s"]);
+    assert_eq!(out.status.code(), Some(0), "wait: {out:?}");
+
+    let out = batch(&dev, &master, &["status", &id]);
+    assert!(out.status.success(), "status: {out:?}");
+    let status = text(&out.stdout);
+    assert!(status.contains("SUCCEEDED"), "{status}");
+    assert!(status.contains("3 succeeded"), "{status}");
+    assert!(!status.contains("failures"), "{status}");
+
+    let out = batch(&dev, &master, &["logs", &id, "--index", "1"]);
+    assert!(out.status.success(), "logs: {out:?}");
+    assert_eq!(text(&out.stdout), "index 1\n");
+    let out = batch(&dev, &master, &["logs", &id]);
+    let logs = text(&out.stdout);
+    assert!(out.status.success(), "logs: {out:?}");
+    for i in 0..3 {
+        assert!(
+            logs.contains(&format!("==> index {i} (task "))
+                && logs.contains(&format!("index {i}\n")),
+            "{logs}"
+        );
+    }
+
+    let out = batch(&dev, &master, &["list"]);
+    let list = text(&out.stdout);
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("echo3 ") && l.contains("SUCCEEDED") && l.contains("3/3")),
+        "{list}"
+    );
+
+    // The framework refuses what makes no sense and names the field.
+    let out = batch(&dev, &master, &["submit", "--cpus", "-1", "--", "true"]);
+    assert!(!out.status.success(), "{out:?}");
+    let stderr = text(&out.stderr);
+    assert!(stderr.starts_with("corral batch submit: "), "{stderr}");
+    assert!(stderr.contains("job.cpus"), "{stderr}");
+
+    // A job file; a task that keeps failing fails the job, with its exit code.
+    let file = dir.path().join("fail.toml");
+    std::fs::write(
+        &file,
+        "name = \"fail\"\ncommand = \"exit 3\"\ncount = 2\nretries = 1\nretry_backoff = \"100ms\"\n",
+    )
+    .expect("job file");
+    let out = batch(&dev, &master, &["submit", &file.to_string_lossy()]);
+    assert!(out.status.success(), "submit file: {out:?}");
+    let out = batch(&dev, &master, &["wait", "fail", "--timeout", "60s"]);
+    assert_eq!(out.status.code(), Some(1), "wait: {out:?}");
+    assert!(text(&out.stderr).contains("job fail failed"), "{out:?}");
+    let out = batch(&dev, &master, &["status", "fail"]);
+    let status = text(&out.stdout);
+    assert!(
+        status.contains("FAILED") && status.contains("failures"),
+        "{status}"
+    );
+    // The index that ran out of retries first fails the job; the other is
+    // cancelled with it.
+    let row = status
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|cells| cells.get(2) == Some(&"failed"))
+        .unwrap_or_else(|| panic!("no failed index:\n{status}"));
+    let cells = &row;
+    assert_eq!(cells[1..4], ["2", "failed", "TASK_FAILED"], "{row:?}");
+    assert!(cells.contains(&"3"), "exit code 3 in {row:?}");
+
+    // A cancelled job ends the wait unsuccessfully.
+    let out = batch(
+        &dev,
+        &master,
+        &["submit", "--name", "sleepy", "--", "sleep", "600"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let out = batch(&dev, &master, &["cancel", "sleepy"]);
+    assert!(out.status.success(), "cancel: {out:?}");
+    let out = batch(&dev, &master, &["wait", "sleepy", "--timeout", "60s"]);
+    assert_eq!(out.status.code(), Some(1), "wait: {out:?}");
+
+    let out = batch(&dev, &master, &["status", "no-such-job"]);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        text(&out.stderr).starts_with("corral batch status: "),
+        "{out:?}"
+    );
+    drop(dev);
 }
