@@ -311,8 +311,16 @@ impl Actor {
                 for state in self.jobs.take_ended() {
                     self.metrics.attempt_ended(state);
                 }
-                if !status.uuid.is_empty() {
+                if status.uuid.is_empty() {
+                    // Master-generated: nothing to acknowledge.
+                } else if crate::jobs::ends(status.state()) {
                     self.outbox.acks.push(status);
+                } else {
+                    // Losing a non-final state is harmless (reconciliation
+                    // restores it), so it need not wait for the commit; and
+                    // the agent holds the task's final update back until
+                    // this one is acknowledged.
+                    self.acknowledge(status);
                 }
             }
             Command::LaunchDone { task_ids, failure } => {
@@ -453,13 +461,17 @@ impl Actor {
             });
         }
         for status in outbox.acks {
-            let client = self.client.clone();
-            tokio::spawn(async move {
-                // A lost acknowledgement is resent by the agent's retry.
-                let _ = client.acknowledge(&status).await;
-            });
+            self.acknowledge(status);
         }
         self.offer_interest();
+    }
+
+    fn acknowledge(&self, status: pb::TaskStatus) {
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            // A lost acknowledgement is resent by the agent's retry.
+            let _ = client.acknowledge(&status).await;
+        });
     }
 
     /// Suppresses offers while nothing is runnable and revives them when

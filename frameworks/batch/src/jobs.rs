@@ -1108,7 +1108,7 @@ impl Jobs {
 
 /// The attempt is over: a terminal state, or TASK_UNKNOWN — the master does
 /// not know the task (reconciliation after a launch that never reached it).
-fn ends(state: pb::TaskState) -> bool {
+pub fn ends(state: pb::TaskState) -> bool {
     is_terminal(state) || state == pb::TaskState::TaskUnknown
 }
 
