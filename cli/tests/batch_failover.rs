@@ -100,6 +100,7 @@ async fn a_sigkilled_batch_framework_finishes_its_job_without_duplicates() {
             let status = client
                 .get_job(pb::GetJobRequest {
                     job_id: "resumable".into(),
+                    ..Default::default()
                 })
                 .await
                 .ok()?

@@ -71,6 +71,7 @@ impl TestBatch {
             .clone()
             .get_job(pb::GetJobRequest {
                 job_id: job.to_string(),
+                ..Default::default()
             })
             .await
             .expect("get job")
@@ -86,6 +87,7 @@ impl TestBatch {
                 let status = client
                     .get_job(pb::GetJobRequest {
                         job_id: job.to_string(),
+                        ..Default::default()
                     })
                     .await
                     .ok()?

@@ -213,6 +213,7 @@ async fn bad_specs_are_rejected_with_field_errors() {
         .clone()
         .get_job(pb::GetJobRequest {
             job_id: "nope".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();

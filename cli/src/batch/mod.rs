@@ -226,10 +226,20 @@ impl Client {
     }
 
     pub(crate) async fn get(&mut self, job: &str) -> Result<pb::JobStatus, CallError> {
+        self.get_job(job, false).await
+    }
+
+    /// The job without its per-index task lists (for pollers).
+    pub(crate) async fn get_summary(&mut self, job: &str) -> Result<pb::JobStatus, CallError> {
+        self.get_job(job, true).await
+    }
+
+    async fn get_job(&mut self, job: &str, summary_only: bool) -> Result<pb::JobStatus, CallError> {
         match self
             .inner
             .get_job(pb::GetJobRequest {
                 job_id: job.to_string(),
+                summary_only,
             })
             .await
         {

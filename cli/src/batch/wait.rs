@@ -201,7 +201,7 @@ pub(crate) async fn wait(args: WaitArgs) -> Result<ExitCode> {
     let mut last_state = String::from("unknown");
     loop {
         let asked = Instant::now();
-        match client.get(&args.job).await {
+        match client.get_summary(&args.job).await {
             Ok(status) => {
                 unreachable_since = None;
                 last_state =

@@ -52,6 +52,7 @@ pub enum Command {
     },
     Get {
         name: String,
+        with_tasks: bool,
         reply: oneshot::Sender<Option<pb::JobStatus>>,
     },
     Metrics {
@@ -267,8 +268,12 @@ impl Actor {
                     .collect();
                 let _ = reply.send(list);
             }
-            Command::Get { name, reply } => {
-                let _ = reply.send(self.jobs.status(&name));
+            Command::Get {
+                name,
+                with_tasks,
+                reply,
+            } => {
+                let _ = reply.send(self.jobs.status(&name, with_tasks));
             }
             Command::Metrics { reply } => {
                 let states: Vec<_> = self.jobs.job_states().into_iter().collect();

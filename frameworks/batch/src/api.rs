@@ -68,11 +68,13 @@ impl pb::batch_server::Batch for BatchApi {
         &self,
         request: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::JobStatus>, Status> {
-        let name = job_id(&request.into_inner().job_id)?;
+        let request = request.into_inner();
+        let name = job_id(&request.job_id)?;
         let status = self
             .actor
             .request(|reply| Command::Get {
                 name: name.clone(),
+                with_tasks: !request.summary_only,
                 reply,
             })
             .await

@@ -1064,7 +1064,9 @@ impl Jobs {
         self.entries.get(name).map(summary)
     }
 
-    pub fn status(&self, name: &str) -> Option<pb::JobStatus> {
+    /// The job with its runs; `with_tasks: false` leaves out the per-index
+    /// lists.
+    pub fn status(&self, name: &str, with_tasks: bool) -> Option<pb::JobStatus> {
         let entry = self.entries.get(name)?;
         let message = match (&entry.unplaced, job_state(entry)) {
             (Some(why), pb::JobState::Pending | pb::JobState::Running) => why.clone(),
@@ -1074,7 +1076,11 @@ impl Jobs {
             summary: Some(summary(entry)),
             spec: Some(entry.job.spec.clone()),
             message,
-            runs: entry.runs.values().map(run_status).collect(),
+            runs: entry
+                .runs
+                .values()
+                .map(|r| run_status(r, with_tasks))
+                .collect(),
             skipped_runs: entry.meta.skipped_runs,
         })
     }
@@ -1316,7 +1322,7 @@ fn summary(entry: &Entry) -> pb::JobSummary {
     }
 }
 
-fn run_status(run: &Run) -> pb::RunStatus {
+fn run_status(run: &Run, with_tasks: bool) -> pb::RunStatus {
     pb::RunStatus {
         run: run.meta.number,
         state: run_state(run) as i32,
@@ -1327,6 +1333,7 @@ fn run_status(run: &Run) -> pb::RunStatus {
         tasks: run
             .slots
             .iter()
+            .take(if with_tasks { usize::MAX } else { 0 })
             .enumerate()
             .map(|(index, slot)| pb::IndexStatus {
                 index: index as u32,

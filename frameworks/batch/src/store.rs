@@ -222,7 +222,11 @@ mod tests {
         let mut restored = Jobs::new();
         assert!(restored.restore(store.load().unwrap()).is_empty());
         for name in ["a", "b"] {
-            assert_eq!(restored.status(name), jobs.status(name), "{name}");
+            assert_eq!(
+                restored.status(name, true),
+                jobs.status(name, true),
+                "{name}"
+            );
         }
     }
 

@@ -171,7 +171,7 @@ fn unplaceable_tasks_say_why() {
     )
     .unwrap();
     jobs.place(&[offer("o1", "a1", 2.0, 2048.0)], T0);
-    let status = jobs.status("big").unwrap();
+    let status = jobs.status("big", true).unwrap();
     assert_eq!(status.message, "needs mem 4096, largest offer had 2048");
 
     jobs.submit(
@@ -184,9 +184,12 @@ fn unplaceable_tasks_say_why() {
     .unwrap();
     jobs.place(&[offer("o2", "a1", 2.0, 2048.0)], T0);
     assert!(
-        jobs.status("zoned").unwrap().message.contains("zone == a"),
+        jobs.status("zoned", true)
+            .unwrap()
+            .message
+            .contains("zone == a"),
         "{:?}",
-        jobs.status("zoned").unwrap().message
+        jobs.status("zoned", true).unwrap().message
     );
 }
 
@@ -217,7 +220,7 @@ fn a_failing_task_is_retried_with_backoff_then_fails_the_job() {
     // First attempt at once, then after 10 s and 20 s (doubling).
     assert_eq!(launch_times, [T0, T0 + 10.0, T0 + 30.0]);
     assert_eq!(state(&jobs, "flaky"), pb::JobState::Failed);
-    let status = jobs.status("flaky").unwrap();
+    let status = jobs.status("flaky", true).unwrap();
     assert_eq!(
         status.message,
         "index 0 failed after 3 attempts: TASK_FAILED (COMMAND_FAILED): command exited with status 3"
@@ -302,7 +305,7 @@ fn dependencies_order_jobs_and_a_failure_fails_dependants() {
     assert_eq!(state(&jobs, "child"), pb::JobState::Failed);
     assert_eq!(state(&jobs, "grandchild"), pb::JobState::Failed);
     assert_eq!(
-        jobs.status("child").unwrap().message,
+        jobs.status("child", true).unwrap().message,
         "dependency breaks did not succeed"
     );
     // A dependant submitted after its dependency failed fails at once.
@@ -403,7 +406,7 @@ fn forbid_skips_a_firing_while_a_run_is_active_and_replace_cancels_it() {
     let effects = jobs.tick(T0 + 120.0);
     let second = launched_ids(&jobs.place(&[offer("o2", "a1", 2.0, 1024.0)], T0 + 120.0));
     assert_eq!(second, ["replace.2.0.1", "allow.2.0.1"]);
-    assert_eq!(jobs.status("forbid").unwrap().skipped_runs, 1);
+    assert_eq!(jobs.status("forbid", true).unwrap().skipped_runs, 1);
     assert_eq!(
         effects,
         [Effect::Kill {
@@ -411,7 +414,7 @@ fn forbid_skips_a_firing_while_a_run_is_active_and_replace_cancels_it() {
             agent_id: Some(AgentId::parse("a1", "a").unwrap()),
         }]
     );
-    let runs = jobs.status("replace").unwrap().runs;
+    let runs = jobs.status("replace", true).unwrap().runs;
     assert_eq!(runs[0].state, pb::JobState::Cancelled as i32);
     assert_eq!(runs[0].message, "replaced by a newer run");
 }
@@ -537,7 +540,7 @@ fn restore_rebuilds_jobs_from_their_records() {
     )];
     let mut restored = Jobs::new();
     assert!(restored.restore(records).is_empty());
-    assert_eq!(restored.status("r"), jobs.status("r"));
+    assert_eq!(restored.status("r", true), jobs.status("r", true));
     assert_eq!(restored.launched(), jobs.launched());
     assert_eq!(restored.next_wakeup(), jobs.next_wakeup());
     // Index 2 is still pending; index 1 retries after its backoff.
@@ -566,7 +569,7 @@ fn cron_history_is_bounded() {
             jobs.update(&status(&id, pb::TaskState::TaskFinished), now);
         }
     }
-    let status = jobs.status("h").unwrap();
+    let status = jobs.status("h", true).unwrap();
     assert_eq!(status.runs.len(), RUN_HISTORY);
     assert_eq!(status.runs.last().unwrap().run, 25);
     assert_eq!(status.summary.unwrap().runs, 25);
