@@ -226,7 +226,7 @@ pub fn validate(spec: &pb::JobSpec) -> Result<Job, SpecError> {
             format!("at most {MAX_LIST} constraints"),
         ));
     }
-    let constraints = spec
+    let mut constraints = spec
         .constraints
         .iter()
         .enumerate()
@@ -235,6 +235,15 @@ pub fn validate(spec: &pb::JobSpec) -> Result<Job, SpecError> {
                 .map_err(|e| SpecError::new(format!("job.constraints[{i}]"), e.to_string()))
         })
         .collect::<Result<Vec<_>, _>>()?;
+    // An image needs a containerizing agent; `corral run --image` asks the
+    // same. An explicit isolation constraint is left as the user wrote it.
+    if image.is_some()
+        && !constraints
+            .iter()
+            .any(|c| c.attribute == corral_sdk::constraint::ISOLATION_ATTRIBUTE)
+    {
+        constraints.push(Constraint::isolated());
+    }
     let mut normalized = spec.clone();
     normalized.count = count;
     Ok(Job {
@@ -620,6 +629,8 @@ mod tests {
         let job = validate(&spec("name = \"x\"\nimage = \"busybox:1.35\"")).unwrap();
         assert_eq!(job.command, Command::Image);
         assert_eq!(job.image.as_deref(), Some("busybox:1.35"));
+        // Only agents that run containers can run it.
+        assert_eq!(job.constraints, vec![Constraint::isolated()]);
     }
 
     #[test]
