@@ -27,11 +27,18 @@ impl TestBatch {
     /// supervisor, tries again while a crashed predecessor still holds the
     /// store (its aborted tasks unwind asynchronously).
     pub async fn start(cluster: &Cluster, work_dir: PathBuf) -> TestBatch {
+        let config = BatchConfig::new(cluster.master.to_string(), work_dir);
+        Self::start_with(config).await
+    }
+
+    /// Starts the framework with `config` (its store in `config.work_dir`).
+    pub async fn start_with(config: BatchConfig) -> TestBatch {
+        let work_dir = config.work_dir.clone();
         let (address, stop, task) = wait_for("batch framework started", crate::WAIT, || async {
             let listener = TcpListener::bind("127.0.0.1:0").await.ok()?;
             let address = listener.local_addr().ok()?;
             let (stop, mut rx) = watch::channel(false);
-            let config = BatchConfig::new(cluster.master.to_string(), work_dir.clone());
+            let config = config.clone();
             let mut task = tokio::spawn(corral_batch::run(config, listener, async move {
                 let _ = rx.wait_for(|s| *s).await;
             }));

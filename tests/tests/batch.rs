@@ -313,3 +313,59 @@ async fn a_restarted_framework_finishes_the_job_without_duplicates() {
     batch.stop().await;
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_framework_removed_while_down_registers_anew_and_reruns_its_unfinished_tasks() {
+    let cluster = Cluster::start(1).await;
+    let mut config = corral_batch::BatchConfig::new(
+        cluster.master.to_string(),
+        cluster.dir.path().join("batch"),
+    );
+    config.failover_timeout = Duration::from_millis(500);
+    let batch = TestBatch::start_with(config.clone()).await;
+    let out = cluster.dir.path().join("indices");
+    batch
+        .submit(pb::JobSpec {
+            count: 2,
+            ..job(
+                "outlived",
+                &format!("sleep 1; echo $CORRAL_TASK_INDEX >> {}", out.display()),
+            )
+        })
+        .await
+        .unwrap();
+    wait_for("2 tasks running", LONG, || async {
+        let state = cluster.state().await;
+        (state
+            .tasks
+            .iter()
+            .filter(|t| t.state == "TASK_RUNNING")
+            .count()
+            == 2)
+            .then_some(())
+    })
+    .await;
+    batch.crash();
+    // Past the failover timeout the master removes the framework and kills
+    // its tasks.
+    cluster
+        .wait_state("framework removed, tasks killed", |s| {
+            s.frameworks.is_empty() && s.tasks.is_empty()
+        })
+        .await;
+    let batch = TestBatch::start_with(config).await;
+    let status = batch.wait_done("outlived", LONG).await;
+    assert_eq!(state(&status), JobState::Succeeded, "{status:?}");
+    let runs = runs_per_index(&out);
+    assert_eq!(runs, BTreeMap::from([(0, 1), (1, 1)]));
+    for task in &status.runs[0].tasks {
+        let states: Vec<TaskState> = task.attempts.iter().map(|a| a.state()).collect();
+        assert_eq!(
+            states,
+            [TaskState::TaskUnknown, TaskState::TaskFinished],
+            "{task:?}"
+        );
+    }
+    batch.stop().await;
+    cluster.shutdown().await;
+}

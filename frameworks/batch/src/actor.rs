@@ -58,6 +58,9 @@ pub enum Command {
     Metrics {
         reply: oneshot::Sender<String>,
     },
+    /// The client of a new driver (at start, and after the master removed
+    /// the framework and it registered anew).
+    UseClient(SchedulerClient),
     Subscribed(FrameworkId),
     Disconnected,
     Offers(Vec<pb::Offer>),
@@ -110,6 +113,10 @@ impl Handle {
     async fn send(&self, command: Command) {
         let _ = self.tx.send(command).await;
     }
+
+    pub async fn use_client(&self, client: SchedulerClient) {
+        self.send(Command::UseClient(client)).await;
+    }
 }
 
 /// The SDK scheduler: forwards every event to the actor and returns, so the
@@ -158,7 +165,7 @@ struct Actor {
     /// after a new subscription).
     suppressed: Option<bool>,
     /// Suppress (false) / revive (true) calls, sent in order by one task.
-    interest: mpsc::UnboundedSender<bool>,
+    interest: mpsc::UnboundedSender<(SchedulerClient, bool)>,
     /// For launch failures reported by the tasks that send launches; weak,
     /// so the actor still stops when every real handle is gone.
     myself: mpsc::WeakSender<Command>,
@@ -178,14 +185,13 @@ pub fn spawn(
     metrics: Arc<Metrics>,
 ) -> (Handle, tokio::task::JoinHandle<Result<(), StoreError>>) {
     let (tx, rx) = mpsc::channel(QUEUE);
-    let (interest, mut interest_rx) = mpsc::unbounded_channel::<bool>();
-    let interest_client = client.clone();
+    let (interest, mut interest_rx) = mpsc::unbounded_channel::<(SchedulerClient, bool)>();
     tokio::spawn(async move {
-        while let Some(want) = interest_rx.recv().await {
+        while let Some((client, want)) = interest_rx.recv().await {
             let result = if want {
-                interest_client.revive().await
+                client.revive().await
             } else {
-                interest_client.suppress().await
+                client.suppress().await
             };
             if let Err(e) = result {
                 tracing::debug!(error = %e, revive = want, "offer interest not sent");
@@ -278,6 +284,10 @@ impl Actor {
             Command::Metrics { reply } => {
                 let states: Vec<_> = self.jobs.job_states().into_iter().collect();
                 let _ = reply.send(self.metrics.render(&states, self.jobs.totals()));
+            }
+            Command::UseClient(client) => {
+                self.client = client;
+                self.suppressed = None;
             }
             Command::Subscribed(id) => {
                 tracing::info!(framework_id = %id, "subscribed");
@@ -490,6 +500,6 @@ impl Actor {
             return;
         }
         self.suppressed = Some(!want);
-        let _ = self.interest.send(want);
+        let _ = self.interest.send((self.client.clone(), want));
     }
 }

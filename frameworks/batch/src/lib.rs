@@ -110,21 +110,9 @@ pub async fn run(
         framework_id = framework_id.as_deref().unwrap_or("(new)"),
         "batch framework starting"
     );
-    let framework = pb::FrameworkInfo {
-        id: framework_id.clone().unwrap_or_default(),
-        name: config.name.clone(),
-        role: config.role.clone(),
-        failover_timeout_seconds: config.failover_timeout.as_secs_f64(),
-        hostname: hostname(),
-        ..Default::default()
-    };
-    let mut driver_config = corral_sdk::DriverConfig::new(config.master.clone(), framework);
-    // The actor acknowledges each update once its store commit holds it.
-    driver_config.implicit_acknowledgements = false;
-    let (driver, client) = corral_sdk::Driver::new(driver_config);
     let metrics = Arc::new(metrics::Metrics::new());
-    let (handle, actor) =
-        actor::spawn(jobs, Arc::new(store), framework_id, client.clone(), metrics);
+    let (driver, client) = new_driver(&config, framework_id.as_deref());
+    let (handle, actor) = actor::spawn(jobs, Arc::new(store), framework_id, client, metrics);
     let api = pb::batch_server::BatchServer::new(api::BatchApi {
         actor: handle.clone(),
     })
@@ -137,14 +125,15 @@ pub async fn run(
         .accept_http1(true)
         .add_routes(Routes::from(router))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
-    // Dropping `run` (e.g. an aborted test) must stop these too.
-    let mut driver = AbortOnDrop(tokio::spawn(driver.run(actor::Forwarder(handle))));
+    // Dropping `run` (e.g. an aborted test) must stop these too. Leaving
+    // without a teardown is deliberate: the master keeps the tasks for the
+    // failover timeout, for the next instance.
+    let mut driver = AbortOnDrop(tokio::spawn(drive(config, driver, handle)));
     let mut actor = AbortOnDrop(actor);
-    let result = tokio::select! {
+    tokio::select! {
         served = server => served.map_err(BatchError::from),
         driven = &mut driver.0 => match driven {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(BatchError::Driver(e)),
+            Ok(result) => result,
             Err(e) => Err(BatchError::Internal(e.to_string())),
         },
         acted = &mut actor.0 => match acted {
@@ -152,12 +141,57 @@ pub async fn run(
             Ok(Err(e)) => Err(BatchError::Store(e)),
             Err(e) => Err(BatchError::Internal(e.to_string())),
         },
+    }
+}
+
+/// Runs the SDK driver with the stored framework id. If the master has
+/// removed the framework (its failover timeout passed while it was down, so
+/// its tasks were killed), registers anew: reconciliation then reports the
+/// old attempts unknown and they run again. Any other driver error ends the
+/// framework.
+async fn drive(
+    config: BatchConfig,
+    mut driver: corral_sdk::Driver,
+    handle: actor::Handle,
+) -> Result<(), BatchError> {
+    loop {
+        match driver.run(actor::Forwarder(handle.clone())).await {
+            Err(corral_sdk::DriverError::FrameworkRemoved {
+                framework_id,
+                message,
+            }) => {
+                tracing::error!(
+                    %framework_id,
+                    %message,
+                    "the master removed this framework (its tasks were killed); registering as a new framework, unfinished tasks run again"
+                );
+                let (next, client) = new_driver(&config, None);
+                handle.use_client(client).await;
+                driver = next;
+            }
+            Err(e) => return Err(BatchError::Driver(e)),
+            Ok(()) => return Ok(()),
+        }
+    }
+}
+
+/// A driver subscribing as `framework_id` (None: a new framework).
+fn new_driver(
+    config: &BatchConfig,
+    framework_id: Option<&str>,
+) -> (corral_sdk::Driver, corral_sdk::SchedulerClient) {
+    let framework = pb::FrameworkInfo {
+        id: framework_id.unwrap_or_default().to_string(),
+        name: config.name.clone(),
+        role: config.role.clone(),
+        failover_timeout_seconds: config.failover_timeout.as_secs_f64(),
+        hostname: hostname(),
+        ..Default::default()
     };
-    // Leave without tearing down: the master keeps the tasks for the
-    // failover timeout.
-    client.stop();
-    drop((driver, actor));
-    result
+    let mut driver_config = corral_sdk::DriverConfig::new(config.master.clone(), framework);
+    // The actor acknowledges each update once its store commit holds it.
+    driver_config.implicit_acknowledgements = false;
+    corral_sdk::Driver::new(driver_config)
 }
 
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
