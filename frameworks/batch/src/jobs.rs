@@ -327,19 +327,27 @@ impl Jobs {
             left: Resources,
             tasks: Vec<pb::TaskInfo>,
         }
-        let mut rooms: Vec<Room<'_>> = offers
-            .iter()
-            .filter_map(|offer| {
-                let id = OfferId::parse(&offer.id, "offer.id").ok()?;
-                let left = Resources::from_proto(&offer.resources, "offer.resources").ok()?;
-                Some(Room {
+        let mut unusable = Vec::new();
+        let mut rooms: Vec<Room<'_>> = Vec::with_capacity(offers.len());
+        for offer in offers {
+            let Ok(id) = OfferId::parse(&offer.id, "offer.id") else {
+                continue;
+            };
+            // An offer whose resources we cannot read is handed back rather
+            // than held until the master rescinds it.
+            match Resources::from_proto(&offer.resources, "offer.resources") {
+                Ok(left) => rooms.push(Room {
                     offer,
                     id,
                     left,
                     tasks: Vec::new(),
-                })
-            })
-            .collect();
+                }),
+                Err(e) => {
+                    tracing::warn!(offer_id = %id, error = %e, "unreadable offer; declining it");
+                    unusable.push(id);
+                }
+            }
+        }
         let mut placed: Vec<PendingKey> = Vec::new();
         let mut cursor = self.pending.iter().next().copied();
         while let Some(key) = cursor {
@@ -413,7 +421,10 @@ impl Jobs {
             });
             self.slot_changed(&name, key.run, key.index);
         }
-        let mut plan = Plan::default();
+        let mut plan = Plan {
+            declines: unusable,
+            ..Plan::default()
+        };
         for mut room in rooms {
             if room.tasks.is_empty() {
                 plan.declines.push(room.id);

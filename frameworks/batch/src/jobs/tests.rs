@@ -153,10 +153,13 @@ fn offers_are_packed_by_priority_then_submission_order() {
         ["high.1.0.1", "high.1.1.1", "low.1.0.1", "low.1.1.1"]
     );
     assert!(plan.declines.is_empty());
-    // Nothing fits in a tiny offer: it is declined.
-    let plan = jobs.place(&[offer("o2", "a1", 0.05, 1024.0)], T0);
+    // Nothing fits in a tiny offer: it is declined; so is one whose
+    // resources cannot be read.
+    let mut broken = offer("o3", "a1", 1.0, 1024.0);
+    broken.resources[0].value = Some(pb::resource::Value::Scalar(f64::NAN));
+    let plan = jobs.place(&[offer("o2", "a1", 0.05, 1024.0), broken], T0);
     assert!(plan.launches.is_empty());
-    assert_eq!(plan.declines.len(), 1);
+    assert_eq!(plan.declines.len(), 2);
 }
 
 #[test]
