@@ -179,6 +179,8 @@ pub(crate) struct Actor {
     next_usage: Instant,
     /// Latest container usage, by task: read by `/metrics` and `/state`.
     usage: std::sync::Arc<dashmap::DashMap<StreamKey, Usage>>,
+    /// Sandboxes of finished tasks, until they are removed.
+    gc: crate::gc::SandboxGc,
 }
 
 /// The status a task's end maps to: `(state, reason, message)`; the
@@ -324,7 +326,13 @@ impl Actor {
             usage_interval: config.usage_interval.max(Duration::from_millis(100)),
             next_usage: Instant::now() + config.usage_interval,
             usage,
+            gc: crate::gc::SandboxGc::new(config.sandbox_gc_delay, config.sandbox_gc_max),
         }
+    }
+
+    /// Sandboxes left by an earlier run of the agent, found at start.
+    pub(crate) fn adopt_sandboxes(&mut self, found: Vec<(PathBuf, Duration)>) {
+        self.gc.adopt(found, Instant::now());
     }
 
     /// Runs until a shutdown (ours or the master's) has killed every task.
@@ -755,7 +763,9 @@ impl Actor {
             AckOutcome::Accepted { task_done } => {
                 let key = (ack.framework_id, ack.task_id);
                 if task_done && self.tasks.get(&key).is_some_and(|t| is_terminal(t.state)) {
-                    self.tasks.remove(&key);
+                    if let Some(task) = self.tasks.remove(&key) {
+                        self.gc.finished(task.sandbox, Instant::now());
+                    }
                     if !self.tasks.keys().any(|k| k.0 == key.0) {
                         self.frameworks.remove(&key.0);
                     }
@@ -831,11 +841,28 @@ impl Actor {
             .containerizer
             .as_ref()
             .map(|_| self.next_usage);
-        kills.chain(completions).chain(retry).chain(usage).min()
+        let gc = self.gc.next_deadline(Instant::now());
+        kills
+            .chain(completions)
+            .chain(retry)
+            .chain(usage)
+            .chain(gc)
+            .min()
     }
 
     fn on_timer(&mut self) {
         let now = Instant::now();
+        let sandboxes = self.gc.take_due(now);
+        if !sandboxes.is_empty() {
+            debug!(
+                count = sandboxes.len(),
+                "removing sandboxes of finished tasks"
+            );
+            self.metrics
+                .sandboxes_removed
+                .increment(sandboxes.len() as u64);
+            tokio::task::spawn_blocking(move || crate::gc::remove(&sandboxes));
+        }
         // Taken, not just read: a deadline left in the past would spin the loop.
         let expired: Vec<(StreamKey, Duration)> = self
             .tasks
@@ -946,6 +973,9 @@ impl Actor {
         self.metrics
             .status_updates_pending
             .set(self.updates.pending() as f64);
+        self.metrics
+            .sandboxes_retained
+            .set(self.gc.retained() as f64);
     }
 
     fn state_view(&self) -> StateView {
@@ -1301,10 +1331,15 @@ mod tests {
             }
         }
 
-        /// Every task forgotten and no timer left behind.
+        /// Every task forgotten and no timer left behind but the sandbox
+        /// collector's (the finished task's sandbox waits out its delay).
         fn assert_idle(&self) {
             assert!(self.actor.tasks.is_empty(), "{:?}", self.actor.tasks.keys());
-            assert_eq!(self.actor.next_deadline(), None);
+            assert_eq!(
+                self.actor.next_deadline(),
+                self.actor.gc.next_deadline(Instant::now())
+            );
+            assert_eq!(self.actor.gc.retained(), 1);
         }
     }
 

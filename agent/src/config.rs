@@ -38,6 +38,15 @@ pub const DEFAULT_PIDS_LIMIT: u64 = 4096;
 /// thousands of containers small).
 pub const DEFAULT_USAGE_INTERVAL: Duration = Duration::from_secs(5);
 
+/// How long a finished task's sandbox stays (Mesos `--gc_delay` is a week,
+/// scaled down by disk pressure; a day keeps logs readable for a working day
+/// without letting batch sandboxes pile up for a week).
+pub const DEFAULT_SANDBOX_GC_DELAY: Duration = Duration::from_secs(24 * 3600);
+
+/// Most finished-task sandboxes kept; older ones go early (Nomad keeps 50
+/// allocations; sandboxes are small, and logs of recent failures matter).
+pub const DEFAULT_SANDBOX_GC_MAX: usize = 10_000;
+
 /// How the agent runs tasks (`--isolation`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Isolation {
@@ -99,6 +108,11 @@ pub struct AgentConfig {
     /// Rotation of task stdout/stderr files.
     pub log: crate::logs::LogConfig,
     pub usage_interval: Duration,
+    /// A finished task's sandbox is removed this long after its end was
+    /// acknowledged.
+    pub sandbox_gc_delay: Duration,
+    /// At most this many finished tasks' sandboxes are kept.
+    pub sandbox_gc_max: usize,
 }
 
 impl AgentConfig {
@@ -128,6 +142,8 @@ impl AgentConfig {
             insecure_registries: Vec::new(),
             log: crate::logs::LogConfig::default(),
             usage_interval: DEFAULT_USAGE_INTERVAL,
+            sandbox_gc_delay: DEFAULT_SANDBOX_GC_DELAY,
+            sandbox_gc_max: DEFAULT_SANDBOX_GC_MAX,
         }
     }
 }

@@ -23,12 +23,14 @@
 //!   `GET /state`, all on the agent's one port.
 //! - `metrics`: metric names and a per-agent Prometheus recorder.
 //! - `state`: the `/state` JSON view.
+//! - `gc`: garbage collection of finished tasks' sandboxes.
 
 mod actor;
 mod api;
 mod config;
 pub mod containerizer;
 mod error;
+mod gc;
 pub mod images;
 mod launch;
 pub mod logs;
@@ -49,8 +51,9 @@ use tracing::{Instrument, info, warn};
 
 pub use config::{
     AgentConfig, DEFAULT_CGROUP_ROOT, DEFAULT_KILL_GRACE, DEFAULT_PIDS_LIMIT,
-    DEFAULT_RECONNECT_BACKOFF_MAX, DEFAULT_STATUS_UPDATE_RETRY_INITIAL,
-    DEFAULT_STATUS_UPDATE_RETRY_MAX, DEFAULT_USAGE_INTERVAL, Isolation, RECONNECT_BACKOFF_INITIAL,
+    DEFAULT_RECONNECT_BACKOFF_MAX, DEFAULT_SANDBOX_GC_DELAY, DEFAULT_SANDBOX_GC_MAX,
+    DEFAULT_STATUS_UPDATE_RETRY_INITIAL, DEFAULT_STATUS_UPDATE_RETRY_MAX, DEFAULT_USAGE_INTERVAL,
+    Isolation, RECONNECT_BACKOFF_INITIAL,
 };
 pub use error::AgentError;
 pub use resources::{detect_resources, merge_override};
@@ -156,7 +159,14 @@ pub async fn run(
         attributes,
         work_dir: config.work_dir.clone(),
     };
-    let actor = Actor::new(identity, &config, metrics, cmd_tx.clone(), launcher, usage);
+    let mut actor = Actor::new(identity, &config, metrics, cmd_tx.clone(), launcher, usage);
+    // Tasks of an earlier run are gone (orphans were swept): their
+    // sandboxes wait out the rest of their delay.
+    let work_dir = config.work_dir.clone();
+    let found = tokio::task::spawn_blocking(move || gc::find_sandboxes(&work_dir))
+        .await
+        .unwrap_or_default();
+    actor.adopt_sandboxes(found);
 
     let mut actor_task = tokio::spawn(actor.run(cmd_rx).instrument(span.clone()));
     let _actor_guard = AbortOnDrop(actor_task.abort_handle());

@@ -25,6 +25,10 @@ pub const STATUS_UPDATES_SENT_TOTAL: &str = "corral_agent_status_updates_sent_to
 pub const STATUS_UPDATE_ACKS_IGNORED_TOTAL: &str = "corral_agent_status_update_acks_ignored_total";
 /// Counter: successful registrations with the master (first and re-).
 pub const MASTER_CONNECTIONS_TOTAL: &str = "corral_agent_master_connections_total";
+/// Gauge: sandboxes of finished tasks waiting for the garbage collector.
+pub const SANDBOXES_RETAINED: &str = "corral_agent_sandboxes_retained";
+/// Counter: sandboxes of finished tasks removed by the garbage collector.
+pub const SANDBOXES_REMOVED_TOTAL: &str = "corral_agent_sandboxes_removed_total";
 
 /// The states a task can be in while the agent runs it; one `TASKS` series
 /// each, so a state that drops to zero shows 0 instead of vanishing.
@@ -46,6 +50,8 @@ pub(crate) struct AgentMetrics {
     pub(crate) status_updates_sent: Counter,
     pub(crate) acks_ignored: Counter,
     pub(crate) master_connections: Counter,
+    pub(crate) sandboxes_removed: Counter,
+    pub(crate) sandboxes_retained: Gauge,
 }
 
 impl AgentMetrics {
@@ -77,11 +83,15 @@ impl AgentMetrics {
             status_updates_sent: counter(STATUS_UPDATES_SENT_TOTAL),
             acks_ignored: counter(STATUS_UPDATE_ACKS_IGNORED_TOTAL),
             master_connections: counter(MASTER_CONNECTIONS_TOTAL),
+            sandboxes_removed: counter(SANDBOXES_REMOVED_TOTAL),
+            sandboxes_retained: gauge(SANDBOXES_RETAINED, Vec::new()),
         };
+        metrics.sandboxes_retained.set(0.0);
         // Counters only appear in the output once touched; show them at 0.
         metrics.status_updates_sent.increment(0);
         metrics.acks_ignored.increment(0);
         metrics.master_connections.increment(0);
+        metrics.sandboxes_removed.increment(0);
         metrics
     }
 
@@ -109,6 +119,10 @@ fn describe(recorder: &PrometheusRecorder) {
             STATUS_UPDATES_PENDING,
             "Task status updates waiting for acknowledgement.",
         ),
+        (
+            SANDBOXES_RETAINED,
+            "Sandboxes of finished tasks kept until --sandbox-gc-delay (at most --sandbox-gc-max).",
+        ),
     ];
     for (name, help) in gauges {
         recorder.describe_gauge(name.into(), None, help.into());
@@ -125,6 +139,10 @@ fn describe(recorder: &PrometheusRecorder) {
         (
             MASTER_CONNECTIONS_TOTAL,
             "Successful (re)registrations with the master.",
+        ),
+        (
+            SANDBOXES_REMOVED_TOTAL,
+            "Sandboxes of finished tasks removed after --sandbox-gc-delay or beyond --sandbox-gc-max.",
         ),
     ];
     for (name, help) in counters {

@@ -140,6 +140,13 @@ struct NodeArgs {
     #[arg(long, default_value_t = corral_agent::logs::DEFAULT_LOG_MAX_FILES,
           value_parser = clap::value_parser!(u32).range(1..), env = "CORRAL_LOG_MAX_FILES")]
     log_max_files: u32,
+    /// How long a finished task's sandbox (its logs and files) is kept
+    /// after the framework acknowledged its end.
+    #[arg(long, value_parser = parse_duration, env = "CORRAL_SANDBOX_GC_DELAY")]
+    sandbox_gc_delay: Option<Duration>,
+    /// Most finished tasks' sandboxes kept; the oldest go first.
+    #[arg(long, default_value_t = corral_agent::DEFAULT_SANDBOX_GC_MAX, env = "CORRAL_SANDBOX_GC_MAX")]
+    sandbox_gc_max: usize,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -202,6 +209,10 @@ impl NodeArgs {
             max_size: self.log_max_size,
             max_files: self.log_max_files,
         };
+        if let Some(delay) = self.sandbox_gc_delay {
+            config.sandbox_gc_delay = delay;
+        }
+        config.sandbox_gc_max = self.sandbox_gc_max;
         Ok(config)
     }
 }

@@ -406,3 +406,74 @@ async fn an_agent_destroys_orphan_containers_in_its_cgroup_subtree_at_start() {
     .await;
     cluster.shutdown().await;
 }
+
+/// A cluster with one agent whose sandbox GC keeps `max` sandboxes for `delay`.
+async fn gc_cluster(delay: std::time::Duration, max: usize) -> Cluster {
+    let mut cluster = Cluster::start_with(corral_tests::test_master_config(), 0).await;
+    let mut config = cluster.agent_config("cpus:2;mem:2048", "");
+    config.sandbox_gc_delay = delay;
+    config.sandbox_gc_max = max;
+    cluster.add_agent_with(config).await;
+    cluster
+        .wait_state("agent connected", |s| s.agents.len() == 1)
+        .await;
+    cluster
+}
+
+async fn run_to_end(fw: &mut TestFramework, task: &str) {
+    let offer = fw.wait_offers().await.remove(0);
+    fw.launch(&offer, vec![shell_task(task, "echo hi", 0.1, 32.0)])
+        .await;
+    fw.wait_terminal(task).await;
+}
+
+fn sandbox_of(cluster: &Cluster, fw: &TestFramework, task: &str) -> std::path::PathBuf {
+    cluster.agents[0]
+        .work_dir
+        .join("sandboxes")
+        .join(&fw.id)
+        .join(task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_sandbox_is_removed_after_the_gc_delay() {
+    let cluster = gc_cluster(std::time::Duration::from_millis(300), 100).await;
+    let mut fw = cluster.framework("gc-delay").await;
+    run_to_end(&mut fw, "t").await;
+    let path = sandbox_of(&cluster, &fw, "t");
+    corral_tests::wait_for("sandbox removed", corral_tests::WAIT, || async {
+        (!path.exists()).then_some(())
+    })
+    .await;
+    let m = cluster.agent_metrics(0).await;
+    assert_eq!(
+        corral_tests::metric_value(&m, "corral_agent_sandboxes_removed_total"),
+        Some(1.0)
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beyond_the_gc_limit_the_oldest_sandbox_goes_first() {
+    let cluster = gc_cluster(std::time::Duration::from_secs(3600), 1).await;
+    let mut fw = cluster.framework("gc-max").await;
+    run_to_end(&mut fw, "older").await;
+    run_to_end(&mut fw, "newer").await;
+    let older = sandbox_of(&cluster, &fw, "older");
+    corral_tests::wait_for("older sandbox removed", corral_tests::WAIT, || async {
+        (!older.exists()).then_some(())
+    })
+    .await;
+    // Well within the delay, the newer one stays, with its log.
+    let newer = sandbox_of(&cluster, &fw, "newer");
+    assert_eq!(
+        std::fs::read_to_string(newer.join("stdout")).unwrap_or_default(),
+        "hi\n"
+    );
+    let m = cluster.agent_metrics(0).await;
+    assert_eq!(
+        corral_tests::metric_value(&m, "corral_agent_sandboxes_retained"),
+        Some(1.0)
+    );
+    cluster.shutdown().await;
+}
