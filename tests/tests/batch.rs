@@ -223,7 +223,7 @@ async fn bad_specs_are_rejected_with_field_errors() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cancel_kills_running_tasks() {
+async fn cancel_kills_running_tasks_and_an_ended_job_can_be_deleted() {
     let cluster = Cluster::start(1).await;
     let batch = TestBatch::start(&cluster, cluster.dir.path().join("batch")).await;
     batch
@@ -260,6 +260,25 @@ async fn cancel_kills_running_tasks() {
         (status.summary?.counts?.cancelled == 3).then_some(())
     })
     .await;
+    // Ended, it can be deleted; its name is free again.
+    batch
+        .client
+        .clone()
+        .delete_job(pb::DeleteJobRequest {
+            job_id: "long".into(),
+        })
+        .await
+        .unwrap();
+    batch.submit(job("long", "true")).await.unwrap();
+    let e = batch
+        .client
+        .clone()
+        .delete_job(pb::DeleteJobRequest {
+            job_id: "long".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
     batch.stop().await;
     cluster.shutdown().await;
 }

@@ -1,6 +1,6 @@
 //! `corral batch`: the batch framework as its own process (`serve`) and the
 //! client commands that talk to its gRPC API (`corral.v1.Batch`): `submit`,
-//! `list`, `status`, `wait`, `logs`, `cancel`.
+//! `list`, `status`, `wait`, `logs`, `cancel`, `delete`.
 //!
 //! Modules:
 //! - `submit`: flags and job files → `pb::JobSpec` (pure) and the RPC.
@@ -65,6 +65,8 @@ enum BatchCommand {
     Logs(logs::BatchLogsArgs),
     /// Cancel a job: kill its running tasks and launch no more.
     Cancel(CancelArgs),
+    /// Forget a finished job and its records (its name can be used again).
+    Delete(CancelArgs),
 }
 
 impl BatchCommand {
@@ -77,6 +79,7 @@ impl BatchCommand {
             Self::Wait(_) => "wait",
             Self::Logs(_) => "logs",
             Self::Cancel(_) => "cancel",
+            Self::Delete(_) => "delete",
         }
     }
 }
@@ -112,6 +115,7 @@ pub async fn batch(args: BatchArgs, log_format: LogFormat) -> ExitCode {
         BatchCommand::Wait(args) => wait::wait(args).await,
         BatchCommand::Logs(args) => logs::logs(args).await,
         BatchCommand::Cancel(args) => cancel(args).await,
+        BatchCommand::Delete(args) => delete(args).await,
     };
     match result {
         Ok(code) => code,
@@ -126,6 +130,13 @@ async fn cancel(args: CancelArgs) -> Result<ExitCode> {
     let mut client = Client::new(&args.target)?;
     client.cancel(&args.job).await?;
     println!("cancelled job {}", args.job);
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn delete(args: CancelArgs) -> Result<ExitCode> {
+    let mut client = Client::new(&args.target)?;
+    client.delete(&args.job).await?;
+    println!("deleted job {}", args.job);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -244,6 +255,19 @@ impl Client {
             .await
         {
             Ok(r) => Ok(r.into_inner()),
+            Err(status) => Err(self.error(status)),
+        }
+    }
+
+    pub(crate) async fn delete(&mut self, job: &str) -> Result<(), CallError> {
+        match self
+            .inner
+            .delete_job(pb::DeleteJobRequest {
+                job_id: job.to_string(),
+            })
+            .await
+        {
+            Ok(_) => Ok(()),
             Err(status) => Err(self.error(status)),
         }
     }

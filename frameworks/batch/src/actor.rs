@@ -47,6 +47,10 @@ pub enum Command {
         name: String,
         reply: oneshot::Sender<Result<(), JobsError>>,
     },
+    Delete {
+        name: String,
+        reply: oneshot::Sender<Result<(), JobsError>>,
+    },
     List {
         reply: oneshot::Sender<Vec<pb::JobSummary>>,
     },
@@ -262,6 +266,15 @@ impl Actor {
                     tracing::info!(job = %name, "job cancelled");
                     self.outbox.kills.extend(kills);
                 });
+                self.outbox.replies.push(Box::new(move || {
+                    let _ = reply.send(result);
+                }));
+            }
+            Command::Delete { name, reply } => {
+                let result = self.jobs.delete(&name);
+                if result.is_ok() {
+                    tracing::info!(job = %name, "job deleted");
+                }
                 self.outbox.replies.push(Box::new(move || {
                     let _ = reply.send(result);
                 }));

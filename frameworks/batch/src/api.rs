@@ -25,6 +25,7 @@ fn to_status(error: JobsError) -> Status {
         JobsError::Invalid(e) => Status::invalid_argument(e.to_string()),
         JobsError::Exists(_) => Status::already_exists(error.to_string()),
         JobsError::NotFound(_) => Status::not_found(error.to_string()),
+        JobsError::Busy(_) => Status::failed_precondition(error.to_string()),
     }
 }
 
@@ -94,6 +95,19 @@ impl pb::batch_server::Batch for BatchApi {
             .ok_or_else(stopped)?
             .map_err(to_status)?;
         Ok(Response::new(pb::CancelJobResponse {}))
+    }
+
+    async fn delete_job(
+        &self,
+        request: Request<pb::DeleteJobRequest>,
+    ) -> Result<Response<pb::DeleteJobResponse>, Status> {
+        let name = job_id(&request.into_inner().job_id)?;
+        self.actor
+            .request(|reply| Command::Delete { name, reply })
+            .await
+            .ok_or_else(stopped)?
+            .map_err(to_status)?;
+        Ok(Response::new(pb::DeleteJobResponse {}))
     }
 }
 

@@ -46,6 +46,8 @@ pub enum JobsError {
     Exists(String),
     #[error("no job named {0}")]
     NotFound(String),
+    #[error("{0}")]
+    Busy(String),
 }
 
 /// Where a slot (one index of one run) is.
@@ -313,6 +315,57 @@ impl Jobs {
             self.fail_dependants(name, now, &mut effects);
         }
         Ok(effects)
+    }
+
+    /// Forgets a finished job and all its records. Refused while it is
+    /// active (cancel it first), while a task of it still runs, or while a
+    /// job that has not started waits for it.
+    pub fn delete(&mut self, name: &str) -> Result<(), JobsError> {
+        let entry = self
+            .entries
+            .get(name)
+            .ok_or_else(|| JobsError::NotFound(name.to_string()))?;
+        let state = job_state(entry);
+        let ended = matches!(
+            state,
+            pb::JobState::Succeeded | pb::JobState::Failed | pb::JobState::Cancelled
+        );
+        if !ended {
+            return Err(JobsError::Busy(format!(
+                "job {name} is {}; cancel it first",
+                crate::metrics::state_label(state)
+            )));
+        }
+        if entry
+            .runs
+            .values()
+            .any(|r| r.slots.iter().any(|s| s.state == SlotState::Launched))
+        {
+            return Err(JobsError::Busy(format!(
+                "job {name} still has tasks being killed; try again shortly"
+            )));
+        }
+        if let Some(waiting) = self.dependants(name).into_iter().find(|d| {
+            matches!(
+                self.entries.get(d).map(job_state),
+                Some(pb::JobState::Waiting)
+            )
+        }) {
+            return Err(JobsError::Busy(format!("job {waiting} waits for {name}")));
+        }
+        let entry = self.entries.remove(name).expect("checked above");
+        self.seq_to_name.remove(&entry.meta.seq);
+        for run in entry.runs.values() {
+            for index in 0..run.slots.len() as u32 {
+                self.changes.push(Change::Slot(
+                    (name.to_string(), run.meta.number, index),
+                    None,
+                ));
+            }
+        }
+        self.changes.push(Change::Job(name.to_string(), None));
+        self.changes.push(Change::Spec(name.to_string(), None));
+        Ok(())
     }
 
     // ---- offers ----------------------------------------------------------

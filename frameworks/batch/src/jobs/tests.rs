@@ -577,3 +577,37 @@ fn cron_history_is_bounded() {
     assert_eq!(status.runs.last().unwrap().run, 25);
     assert_eq!(status.summary.unwrap().runs, 25);
 }
+
+#[test]
+fn only_finished_jobs_nobody_waits_for_can_be_deleted() {
+    let mut jobs = Jobs::new();
+    jobs.submit(job("base"), T0).unwrap();
+    jobs.submit(
+        pb::JobSpec {
+            after: vec!["base".into()],
+            ..job("child")
+        },
+        T0,
+    )
+    .unwrap();
+    assert_eq!(
+        jobs.delete("base").unwrap_err().to_string(),
+        "job base is pending; cancel it first"
+    );
+    let ids = launched_ids(&jobs.place(&[offer("o", "a1", 2.0, 1024.0)], T0));
+    jobs.update(&status(&ids[0], pb::TaskState::TaskFinished), T0);
+    // `child` is pending now (its run started), so nothing waits for `base`.
+    jobs.cancel("child", T0).unwrap();
+    jobs.take_changes();
+    jobs.delete("base").unwrap();
+    assert!(jobs.summary("base").is_none());
+    let deleted = jobs.take_changes();
+    assert_eq!(deleted.len(), 3, "one slot, the job record and the spec");
+    assert!(deleted.iter().all(|c| matches!(
+        c,
+        Change::Slot(_, None) | Change::Job(_, None) | Change::Spec(_, None)
+    )));
+    // The name is free again.
+    jobs.submit(job("base"), T0).unwrap();
+    assert_eq!(jobs.delete("nope"), Err(JobsError::NotFound("nope".into())));
+}
