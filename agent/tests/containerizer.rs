@@ -617,8 +617,22 @@ async fn many_containers_start_and_stop_concurrently() {
         .into_iter()
         .map(|joined| joined.unwrap().unwrap())
         .collect();
+    // Started means exec'd: the shell may not have printed yet, and a
+    // SIGTERM before its `echo` would (rightly) leave stdout empty.
     for c in &running {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while env.stdout(&c.id) != "hi\n" {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} printed {:?}",
+                c.id,
+                env.stdout(&c.id)
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
         assert_eq!(c.usage().unwrap().pids, 2, "{}", c.id);
+    }
+    for c in &running {
         c.terminate().unwrap();
     }
     let exits = futures::future::join_all(running.iter().map(wait)).await;
@@ -626,7 +640,6 @@ async fn many_containers_start_and_stop_concurrently() {
         assert_eq!(exit.signal, Some(libc::SIGTERM));
     }
     for c in running {
-        assert_eq!(env.stdout(&c.id), "hi\n");
         c.destroy().unwrap();
     }
     env.finish();
