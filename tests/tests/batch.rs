@@ -388,3 +388,47 @@ async fn a_framework_removed_while_down_registers_anew_and_reruns_its_unfinished
     batch.stop().await;
     cluster.shutdown().await;
 }
+
+/// The actor's timer drives cron firings: a per-second schedule fires on its
+/// own, and `forbid` skips firings while a run is still going.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cron_job_fires_by_itself_and_forbid_skips_overlapping_firings() {
+    let cluster = Cluster::start(1).await;
+    let batch = TestBatch::start(&cluster, cluster.dir.path().join("batch")).await;
+    batch
+        .submit(pb::JobSpec {
+            schedule: "* * * * * *".into(),
+            concurrency: pb::ConcurrencyPolicy::Forbid as i32,
+            ..job("ticker", "sleep 1.5")
+        })
+        .await
+        .unwrap();
+    let status = wait_for("two runs and a skipped firing", LONG, || async {
+        let status = batch.get("ticker").await;
+        let finished = status
+            .runs
+            .iter()
+            .filter(|r| r.state() == JobState::Succeeded)
+            .count();
+        (finished >= 2 && status.skipped_runs >= 1).then_some(status)
+    })
+    .await;
+    // Never two runs at once.
+    let runs: Vec<_> = status.runs.iter().filter(|r| r.finished_at > 0.0).collect();
+    for pair in runs.windows(2) {
+        assert!(pair[1].started_at >= pair[0].finished_at, "{pair:?}");
+    }
+    batch
+        .client
+        .clone()
+        .cancel_job(pb::CancelJobRequest {
+            job_id: "ticker".into(),
+        })
+        .await
+        .unwrap();
+    let status = batch.wait_done("ticker", LONG).await;
+    assert_eq!(state(&status), JobState::Cancelled);
+    assert_eq!(status.summary.unwrap().next_run_at, 0.0);
+    batch.stop().await;
+    cluster.shutdown().await;
+}
