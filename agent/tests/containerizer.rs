@@ -657,3 +657,31 @@ fn a_bad_cgroup_root_is_refused() {
     .unwrap_err();
     assert!(err.to_string().contains("cgroup root"), "{err}");
 }
+
+/// Inits are cloned by the containerizer's zygote (a small single-threaded
+/// process), not by the multi-threaded agent: the agent pays no
+/// copy-on-write for them. The zygote ends with the containerizer.
+#[tokio::test]
+async fn inits_are_cloned_by_the_zygote_which_ends_with_the_containerizer() {
+    let mut env = Env::new("zygote");
+    let spec = env.spec("child", &["sleep", "1000"]);
+    let c = env.cz.launch(&spec).unwrap();
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", c.pid)).unwrap();
+    let ppid: i32 = stat
+        .rsplit_once(") ")
+        .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+        .and_then(|p| p.parse().ok())
+        .unwrap();
+    assert_ne!(ppid, std::process::id() as i32, "the agent cloned the init");
+    let comm = std::fs::read_to_string(format!("/proc/{ppid}/comm")).unwrap();
+    assert_eq!(comm.trim(), "corral-zygote");
+    c.kill().unwrap();
+    let exit = wait(&c).await;
+    assert_eq!(exit.signal, Some(libc::SIGKILL));
+    c.destroy().unwrap();
+    env.finish();
+    assert!(
+        !std::path::Path::new(&format!("/proc/{ppid}")).exists(),
+        "the zygote outlived its containerizer"
+    );
+}

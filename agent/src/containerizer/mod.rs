@@ -9,8 +9,10 @@
 //!    unit-tested), argv/envp C arrays, the executable candidates from the
 //!    task's `PATH`, the capability mask.
 //! 2. `clone3(CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC |
-//!    CLONE_PIDFD)`: the child becomes the container's init and starts
-//!    building the root filesystem ...
+//!    CLONE_PIDFD)`, done by the `zygote` (a small single-threaded process
+//!    forked when the containerizer starts; the spec and fds travel over a
+//!    socket, the pidfd comes back): the child becomes the container's init
+//!    and starts building the root filesystem ...
 //! 3. ... while the agent, in parallel, creates the cgroup with cgroups-rs
 //!    (cpu shares + CFS quota, memory, pids) and sends "go" over a
 //!    `SOCK_SEQPACKET` pair. The init then moves itself into the cgroup
@@ -35,18 +37,22 @@
 //!
 //! What a container costs the agent: two fds (pidfd, socket) and, while
 //! waited for, one epoll registration. The init is a copy-on-write copy of
-//! the agent (its page tables and the few pages it touches); note that the
-//! kernel counts the agent's resident pages in the init's RSS, so in a
-//! memory-cgroup OOM the init can be the victim, which ends the whole
-//! container (Mesos' behaviour on OOM anyway) and is reported the same way.
+//! the zygote, not of the agent: cloning from the busy, multi-threaded
+//! agent made the agent take a copy-on-write fault (and a TLB shootdown)
+//! for every page it wrote while any init lived — 35–40 % of all CPU at
+//! ~190 containers/s. Without a zygote (it could not start, or died) the
+//! agent clones inits itself. The kernel counts the zygote's resident pages
+//! in the init's RSS, so in a memory-cgroup OOM the init can be the victim,
+//! which ends the whole container (Mesos' behaviour on OOM anyway) and is
+//! reported the same way.
 //!
 //! cgroup v2 hosts go through the same code (cgroups-rs picks the
 //! hierarchy; file names and the kill method differ); they are unit-tested
 //! on a fake directory tree only — the CI host is v1.
 //!
 //! Modules: `spec` (validation, limits), `plan` (mount plan + the `Sys`
-//! trait), `cgroup` (cgroups-rs), `init` (the cloned child), `sys` (raw
-//! syscalls, the `unsafe`), `error`.
+//! trait), `cgroup` (cgroups-rs), `init` (the cloned child), `zygote` (the
+//! process that clones inits), `sys` (raw syscalls, the `unsafe`), `error`.
 
 mod cgroup;
 mod error;
@@ -54,6 +60,7 @@ mod init;
 mod plan;
 mod spec;
 mod sys;
+mod zygote;
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
@@ -136,7 +143,7 @@ pub struct ContainerSpec {
 }
 
 /// The container's root filesystem.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum RootFs {
     /// The host's root, in the container's own mount namespace: fresh
     /// `/proc` for the pid namespace, read-only `/sys`, private `/dev/shm`,
@@ -158,7 +165,7 @@ pub enum RootFs {
 }
 
 /// A host path bind-mounted into the container (recursively).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BindMount {
     pub source: PathBuf,
     pub target: PathBuf,
@@ -199,6 +206,9 @@ pub struct Containerizer {
     last_cap: u32,
     max_fd: u32,
     args_area: (usize, usize),
+    /// Clones the inits; None if it could not be started (then the agent
+    /// clones them itself, at a higher cost).
+    zygote: Option<zygote::Zygote>,
 }
 
 /// `(arg_start, arg_end)` of this process from /proc/self/stat (fields 48
@@ -250,13 +260,19 @@ impl Containerizer {
             .unwrap_or(40u32)
             .min(63);
         let max_fd = sys::nofile_limit().min(1 << 20) as u32;
-        Ok(Containerizer {
+        let mut cz = Containerizer {
             config,
             cgroups,
             last_cap,
             max_fd,
             args_area: args_area(),
-        })
+            zygote: None,
+        };
+        match zygote::Zygote::start(&cz) {
+            Ok(z) => cz.zygote = Some(z),
+            Err(errno) => warn!(%errno, "cannot start the zygote; inits are cloned from the agent"),
+        }
+        Ok(cz)
     }
 
     /// The configuration this containerizer runs with.
@@ -307,8 +323,12 @@ impl Containerizer {
             stderr: stderr.raw(),
             sock: child_sock.raw(),
         };
-        let (pid, pidfd) =
-            init::spawn(&plan, &mut scratch, fds).map_err(sys_err("clone the init"))?;
+        // A zygote that is gone (killed by an operator?) costs only speed.
+        let spawned = match self.zygote.as_ref().and_then(|z| z.spawn(spec, fds)) {
+            Some(spawned) => spawned,
+            None => init::spawn(&plan, &mut scratch, fds),
+        };
+        let (pid, pidfd) = spawned.map_err(sys_err("clone the init"))?;
         drop((stdout, stderr, child_sock));
         // From here on, every error path kills and reaps the init.
         let abort = |err: ContainerError, leaf: Option<&Leaf>| {
