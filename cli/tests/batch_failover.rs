@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use corral_proto::pb;
 use corral_proto::pb::batch_client::BatchClient;
+use corral_tests::batch::runs_per_index;
 use corral_tests::{Cluster, wait_for};
 
 const CORRAL: &str = env!("CARGO_BIN_EXE_corral");
@@ -45,16 +46,6 @@ async fn connect(port: u16) -> BatchClient<tonic::transport::Channel> {
             .ok()
     })
     .await
-}
-
-fn runs_per_index(path: &Path) -> std::collections::BTreeMap<u32, u32> {
-    let mut runs = std::collections::BTreeMap::new();
-    for line in std::fs::read_to_string(path).unwrap_or_default().lines() {
-        if let Ok(i) = line.trim().parse() {
-            *runs.entry(i).or_default() += 1;
-        }
-    }
-    runs
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,6 +1,8 @@
 //! The batch framework in-process against a test cluster, with a gRPC client.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -125,4 +127,16 @@ impl TestBatch {
             task.abort();
         }
     }
+}
+
+/// How often each index ran, for tasks that append `$CORRAL_TASK_INDEX` as
+/// a line to the file at `path`.
+pub fn runs_per_index(path: &Path) -> BTreeMap<u32, u32> {
+    let mut runs = BTreeMap::new();
+    for line in std::fs::read_to_string(path).unwrap_or_default().lines() {
+        if let Ok(i) = line.trim().parse() {
+            *runs.entry(i).or_default() += 1;
+        }
+    }
+    runs
 }

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use corral_proto::pb::{self, JobState, Reason, TaskState};
-use corral_tests::batch::TestBatch;
+use corral_tests::batch::{TestBatch, runs_per_index};
 use corral_tests::{Cluster, metric_value, wait_for};
 
 fn job(name: &str, shell: &str) -> pb::JobSpec {
@@ -25,18 +25,6 @@ const LONG: Duration = Duration::from_secs(60);
 
 fn state(status: &pb::JobStatus) -> JobState {
     status.summary.as_ref().expect("summary").state()
-}
-
-/// Each index's task appends its index to one file; the file says how often
-/// each index ran.
-fn runs_per_index(path: &std::path::Path) -> BTreeMap<u32, u32> {
-    let mut runs = BTreeMap::new();
-    for line in std::fs::read_to_string(path).unwrap_or_default().lines() {
-        if let Ok(i) = line.trim().parse() {
-            *runs.entry(i).or_default() += 1;
-        }
-    }
-    runs
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -198,6 +198,9 @@ pub struct Jobs {
     /// Slots in backoff, by retry time (milliseconds), for `tick`.
     backoff: BTreeSet<(u64, u64, u32, u32)>,
     next_seq: u64,
+    /// Scheduled jobs still firing: what `tick` and `next_wakeup` look at,
+    /// so the actor's loop does not walk every job ever submitted.
+    cron: BTreeSet<String>,
     changes: Vec<Change>,
     /// Final states of attempts that ended since the last `take_ended`.
     ended: Vec<pb::TaskState>,
@@ -304,6 +307,7 @@ impl Jobs {
         }
         entry.meta.cancelled = true;
         entry.meta.message = "cancelled".to_string();
+        self.cron.remove(name);
         let active = entry.active_runs();
         let mut effects = Vec::new();
         for run in active {
@@ -354,6 +358,7 @@ impl Jobs {
             return Err(JobsError::Busy(format!("job {waiting} waits for {name}")));
         }
         let entry = self.entries.remove(name).expect("checked above");
+        self.cron.remove(name);
         self.seq_to_name.remove(&entry.meta.seq);
         for run in entry.runs.values() {
             for index in 0..run.slots.len() as u32 {
@@ -713,15 +718,13 @@ impl Jobs {
             self.pending.insert(self.pending_key(&name, run, index));
         }
         let due: Vec<String> = self
-            .entries
+            .cron
             .iter()
-            .filter(|(_, e)| {
-                e.job.schedule.is_some()
-                    && !e.meta.cancelled
-                    && e.meta.next_fire > 0.0
-                    && e.meta.next_fire <= now
+            .filter(|name| {
+                let next = self.entries[*name].meta.next_fire;
+                next > 0.0 && next <= now
             })
-            .map(|(name, _)| name.clone())
+            .cloned()
             .collect();
         for name in due {
             effects.extend(self.fire(&name, now));
@@ -733,10 +736,10 @@ impl Jobs {
     pub fn next_wakeup(&self) -> Option<f64> {
         let backoff = self.backoff.first().map(|(ms, ..)| *ms as f64 / 1000.0);
         let cron = self
-            .entries
-            .values()
-            .filter(|e| e.job.schedule.is_some() && !e.meta.cancelled && e.meta.next_fire > 0.0)
-            .map(|e| e.meta.next_fire)
+            .cron
+            .iter()
+            .map(|name| self.entries[name].meta.next_fire)
+            .filter(|next| *next > 0.0)
             .reduce(f64::min);
         match (backoff, cron) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -991,6 +994,9 @@ impl Jobs {
         self.next_seq = self.next_seq.max(meta.seq + 1);
         self.seq_to_name.insert(meta.seq, name.clone());
         let template = template(&job);
+        if job.schedule.is_some() && !meta.cancelled {
+            self.cron.insert(name.clone());
+        }
         self.entries.insert(
             name,
             Entry {
