@@ -300,7 +300,6 @@ impl Containerizer {
         })?;
         let leaf = self.cgroups.leaf(&id);
         let plan = self.child_plan(spec, &leaf)?;
-        let mut scratch = Scratch::new(&plan);
         let limits = spec::limits(
             spec.cpus_milli,
             spec.mem_bytes,
@@ -326,7 +325,8 @@ impl Containerizer {
         // A zygote that is gone (killed by an operator?) costs only speed.
         let spawned = match self.zygote.as_ref().and_then(|z| z.spawn(spec, fds)) {
             Some(spawned) => spawned,
-            None => init::spawn(&plan, &mut scratch, fds),
+            // The command's vfork stack is only needed when we clone.
+            None => init::spawn(&plan, &mut Scratch::new(&plan), fds),
         };
         let (pid, pidfd) = spawned.map_err(sys_err("clone the init"))?;
         drop((stdout, stderr, child_sock));
