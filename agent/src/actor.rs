@@ -785,8 +785,24 @@ impl Actor {
             .map(ToString::to_string)
             .unwrap_or_default();
         let update = new_update(&agent_id, framework_id, status, now_seconds());
-        self.updates.push(update);
+        if let Some(notice) = self.updates.push(update) {
+            self.send_to_master(pb::agent_message::Message::TaskEnded(notice));
+        }
         self.flush_updates();
+    }
+
+    /// Sends a message that needs no retry: it is best effort, or restated
+    /// by the next registration (a task's final state is in its report).
+    fn send_to_master(&self, message: pb::agent_message::Message) {
+        if let Some(outbound) = &self.outbound
+            && outbound
+                .try_send(pb::AgentMessage {
+                    message: Some(message),
+                })
+                .is_err()
+        {
+            debug!("stream to the master is full or closed; message dropped");
+        }
     }
 
     fn flush_updates(&mut self) {
@@ -953,15 +969,10 @@ impl Actor {
             });
             self.usage.insert(key, u);
         }
-        if let Some(outbound) = &self.outbound {
-            let msg = pb::AgentMessage {
-                message: Some(pb::agent_message::Message::Usage(pb::UsageReport {
-                    containers: report,
-                })),
-            };
-            // Usage is a best-effort view: a full stream skips one report.
-            let _ = outbound.try_send(msg);
-        }
+        // Usage is a best-effort view: a full stream skips one report.
+        self.send_to_master(pb::agent_message::Message::Usage(pb::UsageReport {
+            containers: report,
+        }));
     }
 
     fn update_metrics(&self) {

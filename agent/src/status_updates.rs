@@ -107,13 +107,26 @@ impl StatusUpdateManager {
     }
 
     /// Queues `update` behind the task's earlier ones. It goes out with the
-    /// next [`Self::due`] once it is the head.
-    pub(crate) fn push(&mut self, update: pb::StatusUpdate) {
-        self.streams
-            .entry(key_of(&update))
-            .or_default()
-            .queue
-            .push_back(update);
+    /// next [`Self::due`] once it is the head. A final update that must wait
+    /// behind an unacknowledged one comes back as a [`pb::TaskEnded`] notice
+    /// to send now, so the master frees the task's resources without
+    /// waiting for that acknowledgement.
+    pub(crate) fn push(&mut self, update: pb::StatusUpdate) -> Option<pb::TaskEnded> {
+        let (framework_id, task_id) = key_of(&update);
+        let state = update.status.as_ref().map(pb::TaskStatus::state);
+        let stream = self
+            .streams
+            .entry((framework_id.clone(), task_id.clone()))
+            .or_default();
+        stream.queue.push_back(update);
+        match state {
+            Some(state) if is_terminal(state) && stream.queue.len() > 1 => Some(pb::TaskEnded {
+                framework_id,
+                task_id,
+                state: state as i32,
+            }),
+            _ => None,
+        }
     }
 
     /// The heads that must be sent now: never sent, or their retry is due.
@@ -230,6 +243,25 @@ mod tests {
 
     fn manager() -> StatusUpdateManager {
         StatusUpdateManager::new(INITIAL, MAX)
+    }
+
+    #[test]
+    fn a_final_update_queued_behind_an_unacknowledged_one_gives_a_notice() {
+        let mut m = manager();
+        assert_eq!(m.push(update("f", "a", TaskState::TaskRunning, 1)), None);
+        let notice = m.push(update("f", "a", TaskState::TaskFinished, 2));
+        assert_eq!(
+            notice,
+            Some(pb::TaskEnded {
+                framework_id: "f".into(),
+                task_id: "a".into(),
+                state: TaskState::TaskFinished as i32,
+            })
+        );
+        // Alone in its stream, a final update needs no notice: it goes out now.
+        assert_eq!(m.push(update("f", "b", TaskState::TaskFailed, 3)), None);
+        // The notice does not change what is sent, nor its order.
+        assert_eq!(uuids(&m.due(Instant::now())), vec![1, 3]);
     }
 
     #[test]

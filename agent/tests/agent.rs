@@ -288,6 +288,23 @@ async fn unacknowledged_update_is_resent_and_the_next_one_waits_for_the_ack() {
     }));
     let third = conn.expect_update("t", TaskState::TaskRunning).await;
     assert_eq!(third.uuid, first.uuid);
+    // The master hears at once that the task ended, so it can free the
+    // resources while FINISHED waits (read between RUNNING retries).
+    for _ in 0..20 {
+        if !conn.task_ended.is_empty() {
+            break;
+        }
+        let retry = conn.expect_update("t", TaskState::TaskRunning).await;
+        assert_eq!(retry.uuid, first.uuid);
+    }
+    assert_eq!(
+        conn.task_ended,
+        vec![pb::TaskEnded {
+            framework_id: FW.to_string(),
+            task_id: "t".to_string(),
+            state: TaskState::TaskFinished as i32,
+        }]
+    );
     conn.ack(FW, &first);
     // Retries of the old head may still be in flight; skip them.
     let finished = loop {

@@ -168,6 +168,10 @@ struct Task {
     status: pb::TaskStatus,
     /// uuid of the terminal agent update; its acknowledgement retires the task.
     terminal_uuid: Option<Vec<u8>>,
+    /// The agent said the task ended (`TaskEnded`, or a final state in its
+    /// report) before its final update arrived: its resources are already
+    /// back in the allocator.
+    released: bool,
     /// Latest container usage the agent reported.
     usage: Option<pb::ContainerUsage>,
 }
@@ -175,6 +179,11 @@ struct Task {
 impl Task {
     fn state(&self) -> TaskState {
         self.status.state()
+    }
+
+    /// Whether the allocator counts the task's resources as used.
+    fn holds_resources(&self) -> bool {
+        !is_terminal(self.state()) && !self.released
     }
 }
 
@@ -455,7 +464,7 @@ impl Master {
         if let Some(agent) = self.agents.get(&id) {
             for key in &agent.tasks {
                 if let Some(t) = self.tasks.get(key)
-                    && !is_terminal(t.state())
+                    && t.holds_resources()
                 {
                     used.entry(key.0.clone()).or_default().add(&t.resources);
                 }
@@ -515,10 +524,14 @@ impl Master {
                 self.send_to_agent(id, shutdown_framework_message(&key.0));
                 continue;
             }
-            if let Some(task) = self.tasks.get(&key) {
+            if let Some(task) = self.tasks.get_mut(&key) {
                 // A terminal state arrives as the agent's own (acknowledgeable)
                 // status update; only live states are taken from the report.
-                if !is_terminal(state) && task.state() != state && !is_terminal(task.state()) {
+                // Its resources are free already: the allocator learns the
+                // agent below without them.
+                if is_terminal(state) {
+                    task.released = true;
+                } else if task.state() != state && !is_terminal(task.state()) {
                     self.master_update(
                         &key,
                         state,
@@ -568,6 +581,7 @@ impl Master {
         match message {
             pb::agent_message::Message::Heartbeat(_) => {}
             pb::agent_message::Message::StatusUpdate(update) => self.status_update(id, update),
+            pb::agent_message::Message::TaskEnded(ended) => self.task_ended(id, &ended),
             pb::agent_message::Message::Usage(report) => {
                 for usage in report.containers {
                     let (Ok(fid), Ok(tid)) = (
@@ -1257,6 +1271,7 @@ impl Master {
                 resources,
                 status,
                 terminal_uuid: None,
+                released: false,
                 usage: None,
             },
         );
@@ -1465,22 +1480,53 @@ impl Master {
                 return;
             }
             if !is_terminal(task.state()) {
-                task.status = status.clone();
                 if is_terminal(new_state) {
                     task.terminal_uuid = Some(status.uuid.clone());
-                    recovered = Some(task.resources.clone());
+                    recovered = Some(task.holds_resources().then(|| task.resources.clone()));
                 }
+                task.status = status.clone();
             }
         }
         if let Some(resources) = recovered {
-            let now = self.now();
-            self.allocator
-                .recover(&fid, agent_id, &resources, None, now);
+            if let Some(resources) = resources {
+                let now = self.now();
+                self.allocator
+                    .recover(&fid, agent_id, &resources, None, now);
+                self.allocation_pending = true;
+            }
             self.metrics
                 .terminal(state_name(new_state), reason_name(status.reason()));
-            self.allocation_pending = true;
         }
         self.send_update(status);
+    }
+
+    /// The agent's early word that a task ended: its final update waits
+    /// behind an unacknowledged one. Frees the resources now; the task's
+    /// state changes when that update arrives.
+    fn task_ended(&mut self, agent_id: &AgentId, ended: &pb::TaskEnded) {
+        let (Ok(fid), Ok(tid)) = (
+            FrameworkId::parse(&ended.framework_id, "task_ended.framework_id"),
+            TaskId::parse(&ended.task_id, "task_ended.task_id"),
+        ) else {
+            warn!(agent_id = %agent_id, "dropping a task-ended notice with invalid ids");
+            return;
+        };
+        if !is_terminal(ended.state()) {
+            warn!(agent_id = %agent_id, task_id = %tid, "dropping a task-ended notice with a live state");
+            return;
+        }
+        let Some(task) = self.tasks.get_mut(&(fid.clone(), tid)) else {
+            return;
+        };
+        if &task.agent_id != agent_id || !task.holds_resources() {
+            return;
+        }
+        task.released = true;
+        let resources = task.resources.clone();
+        let now = self.now();
+        self.allocator
+            .recover(&fid, agent_id, &resources, None, now);
+        self.allocation_pending = true;
     }
 
     /// A master-generated update: changes the task's state and tells the
@@ -1505,10 +1551,13 @@ impl Master {
         task.status = status.clone();
         let terminal = is_terminal(state);
         let (agent_id, resources) = (task.agent_id.clone(), task.resources.clone());
+        let holds = !task.released;
         if terminal {
             let now = self.now();
-            self.allocator
-                .recover(&key.0, &agent_id, &resources, None, now);
+            if holds {
+                self.allocator
+                    .recover(&key.0, &agent_id, &resources, None, now);
+            }
             self.metrics
                 .terminal(state_name(state), reason_name(reason));
             self.retire_task(key);
@@ -1547,7 +1596,7 @@ impl Master {
         let mut used_by_agent: HashMap<&AgentId, Resources> = HashMap::new();
         let mut used_by_fw: HashMap<&FrameworkId, Resources> = HashMap::new();
         for ((fid, _), t) in &self.tasks {
-            if !is_terminal(t.state()) {
+            if t.holds_resources() {
                 used_by_agent
                     .entry(&t.agent_id)
                     .or_default()

@@ -61,7 +61,8 @@ pub struct AgentState {
     /// `connected` or `unreachable`.
     pub state: String,
     pub resources: ResourcesJson,
-    /// Held by tasks and outstanding offers.
+    /// Held by live tasks (not by outstanding offers: those are
+    /// `offered_resources`).
     pub used_resources: ResourcesJson,
     pub offered_resources: ResourcesJson,
     pub attributes: BTreeMap<String, String>,

@@ -489,3 +489,71 @@ async fn a_new_subscription_with_the_same_id_takes_over_the_framework() {
     second.wait_update("t", TaskState::TaskKilled).await;
     cluster.shutdown().await;
 }
+
+fn offered_cpus<'a>(offers: impl IntoIterator<Item = &'a corral_proto::pb::Offer>) -> f64 {
+    use corral_proto::pb::resource::Value;
+    offers
+        .into_iter()
+        .flat_map(|o| &o.resources)
+        .filter(|r| r.name == "cpus")
+        .map(|r| match r.value {
+            Some(Value::Scalar(v)) => v,
+            _ => 0.0,
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_that_ends_behind_an_unacknowledged_update_frees_its_resources_at_once() {
+    let cluster = Cluster::start(1).await;
+    let mut fw = cluster.framework("slow-to-ack").await;
+    fw.auto_ack = false;
+    let offer = fw.wait_offers().await.remove(0);
+    // All the agent's cpus: cpus offered again means the task's came back.
+    fw.launch(&offer, vec![shell_task("t", "true", 2.0, 2048.0)])
+        .await;
+    let running = fw.wait_update("t", TaskState::TaskRunning).await;
+    // RUNNING is not acknowledged, so FINISHED waits on the agent; the
+    // agent's TaskEnded notice frees the resources anyway.
+    let offers = fw
+        .until("the task's cpus offered again", |f| {
+            (offered_cpus(&f.offers) > 0.0).then(|| f.offers.drain(..).collect::<Vec<_>>())
+        })
+        .await;
+    assert_eq!(offered_cpus(&offers), 2.0);
+    assert!(
+        !fw.updates
+            .iter()
+            .any(|u| u.state() == TaskState::TaskFinished),
+        "FINISHED went out before RUNNING was acknowledged: {:?}",
+        fw.updates
+    );
+    let state = cluster.state().await;
+    let t = state.tasks.iter().find(|t| t.id == "t").expect("task t");
+    assert_eq!(
+        t.state, "TASK_RUNNING",
+        "the state changes with the update only"
+    );
+    assert_eq!(
+        state.agents[0].used_resources.cpus, 0.0,
+        "not held by the ended task"
+    );
+    assert_eq!(state.agents[0].offered_resources.cpus, 2.0);
+    // Acknowledged: FINISHED follows, and nothing is freed twice.
+    fw.acknowledge(&running).await.expect("ack");
+    let finished = fw.wait_update("t", TaskState::TaskFinished).await;
+    fw.acknowledge(&finished).await.expect("ack");
+    fw.decline(offers.iter().map(|o| o.id.clone()).collect(), Some(0.0))
+        .await
+        .expect("decline");
+    let again = fw
+        .until("cpus offered after the decline", |f| {
+            (offered_cpus(&f.offers) > 0.0).then(|| f.offers.drain(..).collect::<Vec<_>>())
+        })
+        .await;
+    assert_eq!(offered_cpus(&again), 2.0, "offered once, not twice");
+    cluster
+        .wait_state("t retired", |s| s.tasks.is_empty())
+        .await;
+    cluster.shutdown().await;
+}

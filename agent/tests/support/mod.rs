@@ -56,6 +56,8 @@ pub struct Conn {
     pub register: pb::Register,
     to_agent: Option<ToAgent>,
     from_agent: mpsc::UnboundedReceiver<pb::AgentMessage>,
+    /// `TaskEnded` notices seen so far, in order.
+    pub task_ended: Vec<pb::TaskEnded>,
 }
 
 impl Conn {
@@ -83,6 +85,7 @@ impl Conn {
             match msg.message {
                 Some(pb::agent_message::Message::StatusUpdate(u)) => return u,
                 Some(pb::agent_message::Message::Heartbeat(_)) => continue,
+                Some(pb::agent_message::Message::TaskEnded(e)) => self.task_ended.push(e),
                 other => panic!("unexpected agent message {other:?}"),
             }
         }
@@ -171,6 +174,7 @@ impl AgentRegistry for Registry {
             register,
             to_agent: Some(to_tx),
             from_agent: from_rx,
+            task_ended: Vec::new(),
         });
         Ok(Response::new(UnboundedReceiverStream::new(to_rx)))
     }
