@@ -7,6 +7,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "corral/v1/scheduler.proto",
         "corral/v1/agent.proto",
         "corral/v1/batch.proto",
+        "corral/v1/pod.proto",
+        "corral/v1/service.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed=proto/{f}");

@@ -216,6 +216,7 @@ fn run_ours(
         mem_bytes: MEM_BYTES,
         stdout,
         stderr,
+        netns: None,
     };
     let t_launch = Instant::now();
     let c = cz.launch(&spec).map_err(|e| e.to_string())?;

@@ -19,8 +19,10 @@ use tracing::{debug, info, warn};
 
 use crate::containerizer::{Container, Usage};
 use crate::error::AgentError;
-use crate::launch::{Ended, LaunchRequest, Launcher, Running};
+use crate::health::{self, Monitor, ProbeTarget};
+use crate::launch::{Ended, LaunchRequest, Launcher, PodLaunch, Running};
 use crate::metrics::AgentMetrics;
+use crate::pod;
 use crate::state::{StateView, TaskView, UsageView};
 pub(crate) use crate::status_updates::StreamKey;
 use crate::status_updates::{AckOutcome, StatusUpdateManager, new_update};
@@ -58,7 +60,21 @@ pub(crate) enum Command {
     /// Any master message but `Registered` and heartbeats.
     FromMaster(Box<pb::master_message::Message>),
     /// A task's process or container is running (sent by its launcher).
-    Started { key: StreamKey, running: Running },
+    Started {
+        key: StreamKey,
+        running: Running,
+        /// Where its health checks probe; `None` when it has none.
+        probes: Option<std::sync::Arc<ProbeTarget>>,
+    },
+    /// One health check probe of a task's process `pid` ended (sent by the
+    /// check's runner).
+    HealthResult {
+        key: StreamKey,
+        pid: u32,
+        kind: health::Kind,
+        outcome: health::Outcome,
+        duration: Duration,
+    },
     /// A task could not be started; it fails with `message`.
     LaunchFailed { key: StreamKey, message: String },
     /// A task's command ended and nothing of it is left (sent by its
@@ -70,6 +86,13 @@ pub(crate) enum Command {
     },
     /// Fresh usage of the running containers.
     UsageSampled(Vec<(StreamKey, Usage)>),
+    /// A pod's network and volumes are ready (or could not be made).
+    PodReady {
+        pod_id: String,
+        result: Result<PodLaunch, String>,
+    },
+    /// A pod's network and volumes are gone.
+    PodGone { pod_id: String },
     /// `GET /state`.
     State { reply: oneshot::Sender<StateView> },
     /// `ReadFile`: where the task's files are and whether it is done.
@@ -117,6 +140,14 @@ pub(crate) enum KillCause {
     /// The task's max completion time (this long) elapsed: TASK_FAILED
     /// with REASON_MAX_COMPLETION_TIME_REACHED, as Mesos reports it.
     MaxCompletionTime(Duration),
+    /// Another task of its pod failed (restart policy `Never`, or a failed
+    /// launch): TASK_KILLED, the pod fails as a unit.
+    PodFailed,
+    /// A liveness or startup health check failed: TASK_FAILED with
+    /// REASON_TASK_UNHEALTHY. The check's message (which probe, how often,
+    /// the last error) is the task's health monitor's; `emit` puts it on
+    /// the task's updates.
+    Unhealthy,
 }
 
 #[derive(Debug)]
@@ -154,6 +185,33 @@ struct Task {
     /// it ended on its own.
     kill_cause: Option<KillCause>,
     done: watch::Sender<bool>,
+    /// The pod the task belongs to, if any.
+    pod: Option<String>,
+    /// A pod task's container restarts (its pod's restart policy).
+    restarts: Option<pod::Restarts>,
+    /// When the container of a pod task in restart backoff starts again,
+    /// and why it ended.
+    restart_at: Option<(Instant, String)>,
+    /// Why the container being started again ended (for the update that
+    /// says it restarted).
+    restarting: Option<String>,
+}
+
+/// A pod on this agent: its tasks share `launch` (network, volumes).
+#[derive(Debug)]
+struct Pod {
+    framework_id: String,
+    keys: Vec<StreamKey>,
+    policy: pod::Policy,
+    dir: PathBuf,
+    /// Set once the network and volumes are ready.
+    launch: Option<PodLaunch>,
+    /// One of its tasks failed (or the pod is being killed): nothing
+    /// restarts any more.
+    failed: bool,
+    /// Teardown has begun.
+    tearing_down: bool,
+    _prepare: Option<AbortOnDrop>,
 }
 
 #[derive(Debug)]
@@ -181,6 +239,10 @@ pub(crate) struct Actor {
     usage: std::sync::Arc<dashmap::DashMap<StreamKey, Usage>>,
     /// Sandboxes of finished tasks, until they are removed.
     gc: crate::gc::SandboxGc,
+    /// Pods, until their network and volumes are gone.
+    pods: HashMap<String, Pod>,
+    /// Health checks of running tasks, until their final update.
+    health: HashMap<StreamKey, Monitor>,
 }
 
 /// The status a task's end maps to: `(state, reason, message)`; the
@@ -209,6 +271,20 @@ pub(crate) fn final_status_of(
                 TaskState::TaskFailed,
                 Reason::MaxCompletionTimeReached,
                 max_completion_message(max),
+            );
+        }
+        Some(KillCause::PodFailed) => {
+            return (
+                TaskState::TaskKilled,
+                Reason::Unspecified,
+                "killed: another task of its pod failed".to_string(),
+            );
+        }
+        Some(KillCause::Unhealthy) => {
+            return (
+                TaskState::TaskFailed,
+                Reason::TaskUnhealthy,
+                "killed: a health check failed".to_string(),
             );
         }
         Some(KillCause::Requested) => true,
@@ -327,6 +403,8 @@ impl Actor {
             next_usage: Instant::now() + config.usage_interval,
             usage,
             gc: crate::gc::SandboxGc::new(config.sandbox_gc_delay, config.sandbox_gc_max),
+            pods: HashMap::new(),
+            health: HashMap::new(),
         }
     }
 
@@ -362,7 +440,7 @@ impl Actor {
 
     fn finished(&mut self) -> Option<Result<(), AgentError>> {
         let stop = self.stopping.as_ref()?;
-        if self.tasks.values().any(|t| t.pid.is_some() || t.launching) {
+        if self.tasks.values().any(|t| t.pid.is_some() || t.launching) || !self.pods.is_empty() {
             return None;
         }
         Some(match stop {
@@ -386,10 +464,29 @@ impl Actor {
                 }
             }
             Command::FromMaster(msg) => self.handle_master_message(*msg),
-            Command::Started { key, running } => self.started(key, running),
+            Command::Started {
+                key,
+                running,
+                probes,
+            } => {
+                // First, so the RUNNING update carries `ready = false`.
+                self.start_health(&key, &running, probes);
+                self.started(key, running);
+            }
+            Command::HealthResult {
+                key,
+                pid,
+                kind,
+                outcome,
+                duration,
+            } => self.health_result(key, pid, kind, outcome, duration),
             Command::LaunchFailed { key, message } => self.launch_failed(key, message),
             Command::Exited { key, pid, ended } => self.exited(key, pid, ended),
             Command::UsageSampled(samples) => self.usage_sampled(samples),
+            Command::PodReady { pod_id, result } => self.pod_ready(&pod_id, result),
+            Command::PodGone { pod_id } => {
+                self.pods.remove(&pod_id);
+            }
             Command::State { reply } => {
                 let _ = reply.send(self.state_view());
             }
@@ -413,6 +510,7 @@ impl Actor {
         use pb::master_message::Message;
         match msg {
             Message::RunTask(run) => self.run_task(run),
+            Message::RunTaskGroup(run) => self.run_task_group(run),
             Message::KillTask(kill) => self.kill_task(kill),
             Message::Acknowledgement(ack) => self.acknowledge(ack),
             Message::ShutdownFramework(s) => self.shutdown_framework(&s.framework_id),
@@ -532,26 +630,314 @@ impl Actor {
             completion_deadline: None,
             kill_cause: None,
             done,
+            pod: None,
+            restarts: None,
+            restart_at: None,
+            restarting: None,
         };
+        task.launching = true;
+        self.tasks.insert(key.clone(), task);
+        self.launch(&key, None);
+    }
+
+    /// Starts the task's launcher (image pull, sandbox, container, wait),
+    /// which reports Started, then Exited.
+    fn launch(&mut self, key: &StreamKey, pod: Option<PodLaunch>) {
         let agent_id = self
             .agent_id
             .as_ref()
             .map(ToString::to_string)
             .unwrap_or_default();
+        let Some(task) = self.tasks.get_mut(key) else {
+            return;
+        };
         task.launching = true;
         let request = LaunchRequest {
             key: key.clone(),
-            framework_id: framework_id.clone(),
-            task_id: task_id.clone(),
+            framework_id: task.framework_id.clone(),
+            task_id: task.task_id.clone(),
             agent_id,
             info: task.info.clone(),
             sandbox: task.sandbox.clone(),
+            pod,
         };
-        // The launch (image pull, sandbox, container) and the wait run in
-        // their own task; it reports Started, then Exited.
         let handle = tokio::spawn(self.launcher.clone().run(request, self.cmd_tx.clone()));
         task._launcher = Some(AbortOnDrop(handle.abort_handle()));
-        self.tasks.insert(key, task);
+    }
+
+    /// A pod: its tasks are admitted together, then its network and
+    /// volumes are made (off the loop), then its containers start.
+    fn run_task_group(&mut self, run: pb::RunTaskGroup) {
+        let (Some(framework), Some(group)) = (run.framework, run.task_group) else {
+            warn!("RunTaskGroup without framework or task group; ignored");
+            return;
+        };
+        if self.stopping.is_some() {
+            warn!(
+                tasks = group.tasks.len(),
+                "agent is shutting down; RunTaskGroup ignored"
+            );
+            return;
+        }
+        let fail_all = |actor: &mut Self, state: TaskState, reason: Reason, message: &str| {
+            warn!(framework_id = %framework.id, error = %message, "pod refused");
+            for info in &group.tasks {
+                let st = status(&info.task_id, state, reason, message.to_string());
+                actor.emit(&framework.id, st);
+            }
+        };
+        let mut ids = Vec::with_capacity(group.tasks.len());
+        for (i, info) in group.tasks.iter().enumerate() {
+            let parsed =
+                FrameworkId::parse(&framework.id, "run_task_group.framework.id").and_then(|f| {
+                    TaskId::parse(&info.task_id, &format!("run_task_group.tasks[{i}].task_id"))
+                        .map(|t| (f, t))
+                });
+            match parsed {
+                Ok(ids_of) => ids.push(ids_of),
+                Err(e) => {
+                    return fail_all(
+                        self,
+                        TaskState::TaskError,
+                        Reason::TaskInvalid,
+                        &e.to_string(),
+                    );
+                }
+            }
+        }
+        if ids
+            .iter()
+            .any(|(f, t)| self.tasks.contains_key(&(f.to_string(), t.to_string())))
+        {
+            info!(framework_id = %framework.id, "duplicate RunTaskGroup for a pod the agent already has; ignored");
+            return;
+        }
+        if self.launcher.containerizer.is_none() || self.launcher.network.is_none() {
+            let why = self.launcher.pods_unavailable.clone().unwrap_or_default();
+            let message = format!("pods need container isolation and a pod network; {why}");
+            return fail_all(
+                self,
+                TaskState::TaskFailed,
+                Reason::ContainerLaunchFailed,
+                &message,
+            );
+        }
+        let pod_id = uuid::Uuid::new_v4().simple().to_string();
+        let dir = pod::pod_dir(&self.identity.work_dir, &pod_id);
+        let mut volumes = HashMap::new();
+        for (i, v) in group.volumes.iter().enumerate() {
+            match pod::volume_source(&dir, v, &self.launcher.allowed_host_paths) {
+                Ok(path) => {
+                    volumes.insert(v.name.clone(), path);
+                }
+                Err(e) => {
+                    let message = format!("task_group.volumes[{i}] ('{}'): {e}", v.name);
+                    return fail_all(
+                        self,
+                        TaskState::TaskFailed,
+                        Reason::ContainerLaunchFailed,
+                        &message,
+                    );
+                }
+            }
+        }
+        self.frameworks
+            .insert(framework.id.clone(), framework.clone());
+        let mut keys = Vec::with_capacity(ids.len());
+        for ((framework_id, task_id), info) in ids.into_iter().zip(group.tasks) {
+            let key = (framework_id.to_string(), task_id.to_string());
+            let sandbox = sandbox_path(&self.identity.work_dir, &framework_id, &task_id);
+            let (done, _) = watch::channel(false);
+            self.tasks.insert(
+                key.clone(),
+                Task {
+                    framework_id,
+                    task_id,
+                    info,
+                    state: TaskState::TaskStaging,
+                    pid: None,
+                    running: None,
+                    launching: true,
+                    pending_kill: None,
+                    _launcher: None,
+                    sandbox,
+                    exit_code: None,
+                    signal: None,
+                    kill: None,
+                    completion_deadline: None,
+                    kill_cause: None,
+                    done,
+                    pod: Some(pod_id.clone()),
+                    restarts: Some(pod::Restarts::new(Instant::now().into_std())),
+                    restart_at: None,
+                    restarting: None,
+                },
+            );
+            keys.push(key);
+        }
+        info!(framework_id = %framework.id, pod_id = %pod_id, tasks = keys.len(), "launching pod");
+        let empty_dirs: Vec<PathBuf> = group
+            .volumes
+            .iter()
+            .filter(|v| matches!(v.source, Some(pb::pod_volume::Source::EmptyDir(_))))
+            .filter_map(|v| volumes.get(&v.name).cloned())
+            .collect();
+        let network = self.launcher.network.clone();
+        let tx = self.cmd_tx.clone();
+        let id = pod_id.clone();
+        let prepare = tokio::spawn(async move {
+            let result = crate::launch::prepare_pod(network, &id, empty_dirs, volumes).await;
+            let _ = tx.send(Command::PodReady { pod_id: id, result }).await;
+        });
+        self.pods.insert(
+            pod_id,
+            Pod {
+                framework_id: framework.id,
+                keys,
+                policy: pod::Policy::from_proto(group.restart_policy),
+                dir,
+                launch: None,
+                failed: false,
+                tearing_down: false,
+                _prepare: Some(AbortOnDrop(prepare.abort_handle())),
+            },
+        );
+    }
+
+    /// The pod's network and volumes are ready: start its containers; or
+    /// they are not: its tasks fail.
+    fn pod_ready(&mut self, pod_id: &str, result: Result<PodLaunch, String>) {
+        let Some(pod) = self.pods.get_mut(pod_id) else {
+            return;
+        };
+        pod._prepare = None;
+        match result {
+            Ok(launch) => {
+                info!(pod_id, ip = %launch.ip, "pod network ready");
+                pod.launch = Some(launch.clone());
+                let keys = pod.keys.clone();
+                for key in keys {
+                    self.launch(&key, Some(launch.clone()));
+                }
+            }
+            Err(message) => {
+                pod.failed = true;
+                let keys = pod.keys.clone();
+                for key in keys {
+                    self.launch_failed(key, format!("cannot set up the pod: {message}"));
+                }
+            }
+        }
+    }
+
+    /// The pod has failed: every task of it still alive is killed.
+    fn fail_pod(&mut self, pod_id: &str) {
+        let Some(pod) = self.pods.get_mut(pod_id) else {
+            return;
+        };
+        pod.failed = true;
+        let keys = pod.keys.clone();
+        for key in keys {
+            self.kill_one(&key, None, KillCause::PodFailed);
+        }
+    }
+
+    /// Kills one task, whatever it is doing: launching (killed once
+    /// started), running, or waiting to restart (ends now).
+    fn kill_one(&mut self, key: &StreamKey, grace: Option<f64>, cause: KillCause) {
+        let Some(task) = self.tasks.get_mut(key) else {
+            return;
+        };
+        if is_terminal(task.state) {
+            return;
+        }
+        if task.launching {
+            task.kill_cause.get_or_insert(cause);
+            task.pending_kill = Some(grace);
+        } else if let Some((_, why)) = task.restart_at.take() {
+            let cause = *task.kill_cause.get_or_insert(cause);
+            let (state, reason, message) = match cause {
+                KillCause::PodFailed => (
+                    TaskState::TaskKilled,
+                    Reason::Unspecified,
+                    "killed: another task of its pod failed".to_string(),
+                ),
+                _ => (
+                    TaskState::TaskKilled,
+                    Reason::Unspecified,
+                    format!("killed while waiting to restart ({why})"),
+                ),
+            };
+            self.end_task(key, state, reason, message, None, None);
+        } else {
+            self.start_kill(key, grace, cause);
+        }
+    }
+
+    /// A task ends for good: its final update, and its pod's teardown once
+    /// the pod has no live task.
+    fn end_task(
+        &mut self,
+        key: &StreamKey,
+        state: TaskState,
+        reason: Reason,
+        message: String,
+        exit_code: Option<i32>,
+        signal: Option<i32>,
+    ) {
+        let Some(task) = self.tasks.get_mut(key) else {
+            return;
+        };
+        task.state = state;
+        task.exit_code = exit_code;
+        task.signal = signal;
+        task.done.send_replace(true);
+        let pod_id = task.pod.clone();
+        info!(framework_id = %key.0, task_id = %key.1, state = state_name(state),
+              message = %message, "task ended");
+        let mut st = status(&key.1, state, reason, message);
+        st.exit_code = exit_code;
+        st.signal = signal;
+        self.emit(&key.0, st);
+        if let Some(pod_id) = pod_id {
+            self.maybe_tear_down(&pod_id);
+        }
+    }
+
+    fn pod_status(&self, pod_id: &str) -> Option<pb::PodStatus> {
+        let launch = self.pods.get(pod_id)?.launch.as_ref()?;
+        Some(pb::PodStatus {
+            ip: launch.ip.clone(),
+        })
+    }
+
+    /// Once no task of the pod is alive, its network and volumes go.
+    fn maybe_tear_down(&mut self, pod_id: &str) {
+        let Some(pod) = self.pods.get(pod_id) else {
+            return;
+        };
+        let alive = pod.keys.iter().any(|k| {
+            self.tasks
+                .get(k)
+                .is_some_and(|t| !is_terminal(t.state) || t.launching || t.pid.is_some())
+        });
+        if alive || pod.tearing_down {
+            return;
+        }
+        let Some(pod) = self.pods.get_mut(pod_id) else {
+            return;
+        };
+        pod.tearing_down = true;
+        pod._prepare = None;
+        info!(pod_id, framework_id = %pod.framework_id, "pod ended; removing its network and volumes");
+        let network = self.launcher.network.clone();
+        let dir = pod.dir.clone();
+        let tx = self.cmd_tx.clone();
+        let id = pod_id.to_string();
+        tokio::spawn(async move {
+            crate::launch::tear_down_pod(network, &id, &dir).await;
+            let _ = tx.send(Command::PodGone { pod_id: id }).await;
+        });
     }
 
     fn started(&mut self, key: StreamKey, running: Running) {
@@ -566,6 +952,11 @@ impl Actor {
         task.pid = Some(running.pid());
         task.running = Some(running);
         task.state = TaskState::TaskRunning;
+        let restarted = task.restarting.take();
+        let restart_count = task.restarts.as_ref().map_or(0, |r| r.count);
+        if let Some(r) = task.restarts.as_mut() {
+            r.started(Instant::now().into_std());
+        }
         // Counted from the command's start, as Mesos' command executor does:
         // an image pull does not eat into it.
         if let Some(secs) = task.info.max_completion_time_seconds {
@@ -577,21 +968,25 @@ impl Actor {
         }
         info!(framework_id = %task.framework_id, task_id = %task.task_id, pid = ?task.pid,
               sandbox = %task.sandbox.display(), "task started");
+        let message = restarted.map_or_else(String::new, |why| {
+            format!("container restarted (restart {restart_count}); it had ended: {why}")
+        });
         let mut st = status(
             task.task_id.as_str(),
             TaskState::TaskRunning,
             Reason::Unspecified,
-            String::new(),
+            message,
         );
         st.started_at = Some(now_seconds());
         let pending_kill = task.pending_kill.take();
+        let cause = task.kill_cause.unwrap_or(KillCause::Requested);
         self.emit(&key.0, st);
         if stopping {
             if let Some(task) = self.tasks.get_mut(&key) {
                 hard_kill(task);
             }
         } else if let Some(grace) = pending_kill {
-            self.start_kill(&key, grace, KillCause::Requested);
+            self.start_kill(&key, grace, cause);
         }
     }
 
@@ -601,15 +996,101 @@ impl Actor {
         };
         warn!(framework_id = %key.0, task_id = %key.1, error = %message, "task launch failed");
         task.launching = false;
-        task.state = TaskState::TaskFailed;
-        task.done.send_replace(true);
-        let st = status(
-            &key.1,
+        let pod_id = task.pod.clone();
+        self.end_task(
+            &key,
             TaskState::TaskFailed,
             Reason::ContainerLaunchFailed,
             message,
+            None,
+            None,
         );
-        self.emit(&key.0, st);
+        // A pod launches as a unit: the others are killed.
+        if let Some(pod_id) = pod_id
+            && self.pods.get(&pod_id).is_some_and(|p| !p.failed)
+        {
+            self.fail_pod(&pod_id);
+        }
+    }
+
+    /// Starts the health checks of a task whose process `running` just
+    /// started (again, for a restarted pod container: its checks start
+    /// over, as Kubernetes' do). Checks the agent cannot run are logged
+    /// and skipped; the master refuses them, so this is only a safeguard.
+    fn start_health(
+        &mut self,
+        key: &StreamKey,
+        running: &Running,
+        probes: Option<std::sync::Arc<ProbeTarget>>,
+    ) {
+        self.health.remove(key);
+        let (Some(target), Some(task)) = (probes, self.tasks.get(key)) else {
+            return;
+        };
+        if self.stopping.is_some() {
+            return;
+        }
+        let (specs, errors) = health::checks_from_proto(&task.info.health_checks);
+        for error in errors {
+            warn!(framework_id = %key.0, task_id = %key.1, %error,
+                  "health check cannot be run; skipped");
+        }
+        if specs.is_empty() {
+            return;
+        }
+        let monitor = Monitor::start(
+            key.clone(),
+            running.pid(),
+            specs,
+            target,
+            self.cmd_tx.clone(),
+        );
+        self.health.insert(key.clone(), monitor);
+    }
+
+    /// A probe's result: counted, then judged by the task's monitor; a
+    /// change of `healthy`/`ready` is a RUNNING update, a failed liveness
+    /// or startup check kills the task.
+    fn health_result(
+        &mut self,
+        key: StreamKey,
+        pid: u32,
+        kind: health::Kind,
+        outcome: health::Outcome,
+        duration: Duration,
+    ) {
+        self.metrics
+            .health_check(kind.label(), outcome.label(), duration.as_secs_f64());
+        let current = self
+            .tasks
+            .get(&key)
+            .is_some_and(|t| t.pid == Some(pid) && t.state == TaskState::TaskRunning);
+        let Some(monitor) = self.health.get_mut(&key).filter(|_| current) else {
+            // A result from before a kill or restart, already on its way.
+            return;
+        };
+        if let health::Outcome::Failure(e) | health::Outcome::Timeout(e) = &outcome {
+            debug!(framework_id = %key.0, task_id = %key.1, check = kind.label(), error = %e,
+                   "health check probe failed");
+        }
+        let effects = monitor.record(kind, &outcome);
+        if let Some(message) = effects.update {
+            info!(framework_id = %key.0, task_id = %key.1, healthy = ?monitor.healthy(),
+                  ready = ?monitor.ready(), %message, "health changed");
+            let st = status(
+                &key.1,
+                TaskState::TaskRunning,
+                Reason::TaskHealthCheckStatusUpdated,
+                message,
+            );
+            self.emit(&key.0, st);
+        }
+        if let Some(message) = effects.kill {
+            warn!(framework_id = %key.0, task_id = %key.1, %message,
+                  "health check failed; killing task");
+            self.metrics.tasks_unhealthy_killed.increment(1);
+            self.start_kill(&key, None, KillCause::Unhealthy);
+        }
     }
 
     fn kill_task(&mut self, kill: pb::KillTask) {
@@ -628,6 +1109,22 @@ impl Actor {
             }
             Some(t) if is_terminal(t.state) => {
                 debug!(framework_id = %key.0, task_id = %key.1, "kill of a terminal task; ignored");
+            }
+            // Killing one task of a pod kills the pod (Mesos: a task group
+            // lives and dies as a unit).
+            Some(t) if t.pod.is_some() => {
+                let keys = t
+                    .pod
+                    .as_ref()
+                    .and_then(|id| self.pods.get_mut(id))
+                    .map(|p| {
+                        p.failed = true;
+                        p.keys.clone()
+                    })
+                    .unwrap_or_else(|| vec![key.clone()]);
+                for k in keys {
+                    self.kill_one(&k, kill.kill_grace_period_seconds, KillCause::Requested);
+                }
             }
             Some(_) if self.tasks.get(&key).is_some_and(|t| t.launching) => {
                 // Killed once it has started (or reported failed if it never does).
@@ -657,6 +1154,10 @@ impl Actor {
     /// the first kill's cause decides the task's final state.
     fn start_kill(&mut self, key: &StreamKey, grace_override: Option<f64>, cause: KillCause) {
         let default = self.default_kill_grace;
+        // Probing a task that is going away would only add noise.
+        if let Some(monitor) = self.health.get_mut(key) {
+            monitor.stop();
+        }
         let Some(task) = self.tasks.get_mut(key) else {
             return;
         };
@@ -696,6 +1197,12 @@ impl Actor {
                 Reason::MaxCompletionTimeReached,
                 max_completion_message(max),
             ),
+            KillCause::PodFailed => (
+                Reason::Unspecified,
+                "another task of its pod failed".to_string(),
+            ),
+            // The check's message is filled in by `emit`.
+            KillCause::Unhealthy => (Reason::TaskUnhealthy, String::new()),
         };
         let st = status(
             task.task_id.as_str(),
@@ -714,6 +1221,22 @@ impl Actor {
         for task in self.tasks.values_mut() {
             hard_kill(task);
         }
+        for monitor in self.health.values_mut() {
+            monitor.stop();
+        }
+        for pod in self.pods.values_mut() {
+            pod.failed = true;
+        }
+        // Containers waiting to restart have nothing to kill: they end.
+        let waiting: Vec<StreamKey> = self
+            .tasks
+            .iter()
+            .filter(|(_, t)| t.restart_at.is_some())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in waiting {
+            self.kill_one(&key, Some(0.0), KillCause::Requested);
+        }
     }
 
     fn exited(&mut self, key: StreamKey, pid: u32, ended: Ended) {
@@ -726,27 +1249,63 @@ impl Actor {
             return;
         }
         let (state, reason, message) = final_status_of(&ended, task.kill_cause);
-        let termination = ended.termination;
+        // The check's own words say more than "a health check failed".
+        let message = match (
+            task.kill_cause,
+            self.health.get(&key).and_then(|m| m.failure()),
+        ) {
+            (Some(KillCause::Unhealthy), Some(failure)) => failure.to_string(),
+            _ => message,
+        };
+        let succeeded = state == TaskState::TaskFinished;
+        // A container killed by its liveness check restarts by its pod's
+        // policy, as in Kubernetes; any other kill ends it.
+        let stopping =
+            task.kill_cause.is_some_and(|c| c != KillCause::Unhealthy) || self.stopping.is_some();
         task.pid = None;
         task.running = None;
         self.usage.remove(&key);
+        if let Some(monitor) = self.health.get_mut(&key) {
+            monitor.stop();
+        }
         task.kill = None;
         task.completion_deadline = None;
-        task.state = state;
-        let (exit_code, signal) = match termination {
+        let (exit_code, signal) = match ended.termination {
             Termination::Exited(code) => (Some(code), None),
             Termination::Signaled(sig) => (None, Some(sig)),
             Termination::WaitFailed(_) => (None, None),
         };
-        task.exit_code = exit_code;
-        task.signal = signal;
-        task.done.send_replace(true);
-        info!(framework_id = %key.0, task_id = %key.1, state = state_name(state),
-              message = %message, "task ended");
-        let mut st = status(&key.1, state, reason, message);
-        st.exit_code = exit_code;
-        st.signal = signal;
-        self.emit(&key.0, st);
+        let verdict = match (task.pod.clone(), task.restarts.as_mut()) {
+            (Some(pod_id), Some(restarts)) => {
+                let pod = self.pods.get(&pod_id);
+                let policy = pod.map_or(pod::Policy::Never, |p| p.policy);
+                let stopping = stopping || pod.is_none_or(|p| p.failed);
+                let now = Instant::now().into_std();
+                Some((
+                    pod_id,
+                    pod::on_exit(policy, restarts, succeeded, stopping, now),
+                ))
+            }
+            _ => None,
+        };
+        match verdict {
+            Some((_, pod::Verdict::Restart { at })) => {
+                let at = Instant::from_std(at);
+                info!(framework_id = %key.0, task_id = %key.1, %message,
+                      delay_ms = at.saturating_duration_since(Instant::now()).as_millis() as u64,
+                      "pod container ended; restarting it");
+                task.restart_at = Some((at, message));
+                task.kill_cause = None;
+                task.state = TaskState::TaskRunning;
+            }
+            Some((pod_id, pod::Verdict::EndAndKillPod)) => {
+                self.end_task(&key, state, reason, message, exit_code, signal);
+                self.fail_pod(&pod_id);
+            }
+            Some((_, pod::Verdict::End)) | None => {
+                self.end_task(&key, state, reason, message, exit_code, signal);
+            }
+        }
     }
 
     fn acknowledge(&mut self, ack: pb::StatusAcknowledgement) {
@@ -778,7 +1337,39 @@ impl Actor {
     }
 
     /// Queues an agent-generated update and sends what is due.
-    fn emit(&mut self, framework_id: &str, status: pb::TaskStatus) {
+    fn emit(&mut self, framework_id: &str, mut status: pb::TaskStatus) {
+        // Every update of a task with health checks carries its latest
+        // verdicts; a kill for a failed check also carries why. The
+        // monitor goes with the task's final update.
+        let key =
+            (!self.health.is_empty()).then(|| (framework_id.to_string(), status.task_id.clone()));
+        if let Some(key) = key
+            && let Some(monitor) = self.health.get(&key)
+        {
+            status.healthy = status.healthy.or(monitor.healthy());
+            status.ready = status.ready.or(monitor.ready());
+            if status.reason() == Reason::TaskUnhealthy
+                && let Some(failure) = monitor.failure()
+            {
+                status.message = failure.to_string();
+            }
+            if is_terminal(status.state()) {
+                self.health.remove(&key);
+            }
+        }
+        // Every update of a pod's task says which pod and how often its
+        // container restarted, so the latest one always has it.
+        if !self.pods.is_empty()
+            && let Some(task) = self
+                .tasks
+                .get(&(framework_id.to_string(), status.task_id.clone()))
+            && let Some(pod_id) = &task.pod
+        {
+            status.restart_count = task.restarts.as_ref().map_or(0, |r| r.count);
+            if status.pod.is_none() {
+                status.pod = self.pod_status(pod_id);
+            }
+        }
         let agent_id = self
             .agent_id
             .as_ref()
@@ -858,7 +1449,12 @@ impl Actor {
             .as_ref()
             .map(|_| self.next_usage);
         let gc = self.gc.next_deadline(Instant::now());
+        let restarts = self
+            .tasks
+            .values()
+            .filter_map(|t| t.restart_at.as_ref().map(|(at, _)| *at));
         kills
+            .chain(restarts)
             .chain(completions)
             .chain(retry)
             .chain(usage)
@@ -868,6 +1464,24 @@ impl Actor {
 
     fn on_timer(&mut self) {
         let now = Instant::now();
+        let restarts: Vec<(StreamKey, Option<PodLaunch>)> = self
+            .tasks
+            .iter_mut()
+            .filter(|(_, t)| t.restart_at.as_ref().is_some_and(|(at, _)| *at <= now))
+            .filter_map(|(k, t)| {
+                let (_, why) = t.restart_at.take()?;
+                t.restarting = Some(why);
+                let launch = t
+                    .pod
+                    .as_ref()
+                    .and_then(|id| self.pods.get(id)?.launch.clone());
+                Some((k.clone(), launch))
+            })
+            .collect();
+        for (key, launch) in restarts {
+            info!(framework_id = %key.0, task_id = %key.1, "restarting pod container");
+            self.launch(&key, launch);
+        }
         let sandboxes = self.gc.take_due(now);
         if !sandboxes.is_empty() {
             debug!(
@@ -987,6 +1601,12 @@ impl Actor {
         self.metrics
             .sandboxes_retained
             .set(self.gc.retained() as f64);
+        let unhealthy = self
+            .health
+            .values()
+            .filter(|m| m.healthy() == Some(false))
+            .count();
+        self.metrics.tasks_unhealthy.set(unhealthy as f64);
     }
 
     fn state_view(&self) -> StateView {
@@ -1031,6 +1651,13 @@ impl Actor {
                         .usage
                         .get(&(t.framework_id.to_string(), t.task_id.to_string()))
                         .map(|u| UsageView::from(&*u)),
+                    pod_id: t.pod.clone(),
+                    pod_ip: t
+                        .pod
+                        .as_ref()
+                        .and_then(|id| self.pod_status(id))
+                        .map(|p| p.ip),
+                    restart_count: t.restarts.as_ref().map_or(0, |r| r.count),
                 })
                 .collect(),
         }
@@ -1146,6 +1773,24 @@ mod tests {
     }
 
     #[test]
+    fn a_task_killed_for_a_failed_health_check_failed_unhealthy_however_it_exits() {
+        for t in [
+            Termination::Exited(0),
+            Termination::Exited(143),
+            Termination::Signaled(15),
+            Termination::Signaled(9),
+            Termination::WaitFailed("gone".into()),
+        ] {
+            let (state, reason, _) = final_status(&t, Some(KillCause::Unhealthy));
+            assert_eq!(
+                (state, reason),
+                (TaskState::TaskFailed, Reason::TaskUnhealthy),
+                "{t:?}"
+            );
+        }
+    }
+
+    #[test]
     fn max_completion_times_from_the_wire_are_validated_and_capped() {
         assert_eq!(
             completion_time_from_seconds(2.5),
@@ -1203,6 +1848,8 @@ mod tests {
                 log: crate::logs::LogConfig::default(),
                 layers_in_use: Default::default(),
                 launch_slots: std::sync::Arc::new(tokio::sync::Semaphore::new(2)),
+                network: None,
+                pods_unavailable: Some("test agent".into()),
             };
             let resources = Resources::parse("cpus:1;mem:64").unwrap();
             let identity = Identity {

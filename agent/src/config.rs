@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use corral_proto::{Resources, pb};
 
+use crate::network::{DEFAULT_POD_BRIDGE, PodCidr};
+
 /// Longest wait between two attempts to reach the master: long enough not to
 /// hammer a master that is down, short enough that an agent is back within
 /// seconds of the master's return.
@@ -113,6 +115,11 @@ pub struct AgentConfig {
     pub sandbox_gc_delay: Duration,
     /// At most this many finished tasks' sandboxes are kept.
     pub sandbox_gc_max: usize,
+    /// Addresses of pods (`--pod-cidr`); the bridge takes the first host
+    /// address, each pod one of the rest.
+    pub pod_cidr: PodCidr,
+    /// The agent's Linux bridge for pods (`--pod-bridge`).
+    pub pod_bridge: String,
 }
 
 impl AgentConfig {
@@ -144,6 +151,8 @@ impl AgentConfig {
             usage_interval: DEFAULT_USAGE_INTERVAL,
             sandbox_gc_delay: DEFAULT_SANDBOX_GC_DELAY,
             sandbox_gc_max: DEFAULT_SANDBOX_GC_MAX,
+            pod_cidr: PodCidr::DEFAULT,
+            pod_bridge: DEFAULT_POD_BRIDGE.to_string(),
         }
     }
 }

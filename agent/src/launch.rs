@@ -7,6 +7,7 @@
 //! volumes) that are unit-tested without root.
 
 use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,8 +20,10 @@ use tracing::{debug, warn};
 use crate::actor::{Command, StreamKey};
 use crate::config::Isolation;
 use crate::containerizer::{BindMount, Container, ContainerSpec, Containerizer, RootFs};
+use crate::health::{self, ContainerEntry, ExecTarget, ProbeTarget};
 use crate::images::{ImageConfig, ImageStore};
 use crate::logs::{self, LogConfig, RotatingFile};
+use crate::network::PodNetwork;
 use crate::task::{self, TASK_PATH, Termination};
 
 /// Where an image task sees its sandbox (`CORRAL_SANDBOX`).
@@ -43,6 +46,11 @@ pub(crate) struct Launcher {
     /// a few at a time keep a burst of thousands from growing the pool to
     /// hundreds of threads (and their memory) for no gain in throughput.
     pub(crate) launch_slots: Arc<tokio::sync::Semaphore>,
+    /// The agent's pod bridge and pods' namespaces; `None` without
+    /// container isolation (no pods then).
+    pub(crate) network: Option<Arc<PodNetwork>>,
+    /// Why this agent cannot run pods, when it cannot.
+    pub(crate) pods_unavailable: Option<String>,
 }
 
 /// One task to start.
@@ -53,6 +61,19 @@ pub(crate) struct LaunchRequest {
     pub(crate) agent_id: String,
     pub(crate) info: pb::TaskInfo,
     pub(crate) sandbox: PathBuf,
+    /// Set for the tasks of a pod: what they share.
+    pub(crate) pod: Option<PodLaunch>,
+}
+
+/// What the containers of one pod share.
+#[derive(Debug, Clone)]
+pub(crate) struct PodLaunch {
+    /// The pod's address on the agent's pod bridge.
+    pub(crate) ip: String,
+    /// The pod's network namespace.
+    pub(crate) netns: Arc<OwnedFd>,
+    /// The pod's volumes: name → directory on the agent.
+    pub(crate) volumes: HashMap<String, PathBuf>,
 }
 
 /// A started task, as the actor holds it.
@@ -110,8 +131,10 @@ impl Running {
 /// The log pumps of one task.
 type Pumps = Vec<tokio::task::JoinHandle<std::io::Result<u64>>>;
 /// A started task: what the actor holds, what the launcher waits on, its
-/// log pumps and its container id.
-type Started = (Running, Handle, Pumps, Option<String>);
+/// log pumps, its container id, and how its command probes get in.
+type Started = (Running, Handle, Pumps, Option<String>, Option<ExecTarget>);
+/// A started process or container, its id and how command probes get in.
+type Launched = (Running, Handle, Option<String>, Option<ExecTarget>);
 
 /// What the launcher waits on.
 enum Handle {
@@ -141,8 +164,16 @@ impl Launcher {
         // life (thousands of containers wait here).
         let started = Box::pin(self.start(&req)).await;
         let task_id = req.task_id.clone();
+        let checked = !req.info.health_checks.is_empty();
+        // HTTP and TCP probes go to the task's address: a pod's own IP, else
+        // the host's loopback (the task shares the host's network).
+        let probe_host = req
+            .pod
+            .as_ref()
+            .and_then(|p| p.ip.parse().ok())
+            .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
         drop(req);
-        let (running, handle, pumps, container_id) = match started {
+        let (running, handle, pumps, container_id, exec) = match started {
             Ok(s) => s,
             Err(LaunchFailure(message)) => {
                 let _ = tx.send(Command::LaunchFailed { key, message }).await;
@@ -154,6 +185,15 @@ impl Launcher {
             .send(Command::Started {
                 key: key.clone(),
                 running: running.clone(),
+                probes: checked.then(|| {
+                    Arc::new(ProbeTarget {
+                        host: probe_host,
+                        exec,
+                        // Not waited for yet (below), so not reaped: the
+                        // pidfd is certainly this task's process.
+                        main: health::pidfd_open(pid).ok(),
+                    })
+                }),
             })
             .await;
         let ended = Box::pin(self.wait(handle)).await;
@@ -257,7 +297,7 @@ impl Launcher {
             _ => start_process(req, out_w, err_w),
         };
         match result {
-            Ok((running, handle, id)) => Ok((running, handle, pumps, id)),
+            Ok((running, handle, id, exec)) => Ok((running, handle, pumps, id, exec)),
             Err(e) => {
                 // The write ends are gone with the failed launch: the pumps end.
                 for p in pumps {
@@ -274,7 +314,7 @@ impl Launcher {
         containerizer: Arc<Containerizer>,
         stdout: OwnedFd,
         stderr: OwnedFd,
-    ) -> Result<(Running, Handle, Option<String>), LaunchFailure> {
+    ) -> Result<Launched, LaunchFailure> {
         let container = req.info.container.clone().unwrap_or_default();
         let id = uuid::Uuid::new_v4().simple().to_string();
         let image = if container.image.is_empty() {
@@ -284,10 +324,19 @@ impl Launcher {
         };
         let mut mounts = Vec::new();
         for (i, v) in container.volumes.iter().enumerate() {
-            let source = allowed_volume(Path::new(&v.host_path), &self.allowed_host_paths)
-                .map_err(|e| {
+            let source = if v.pod_volume.is_empty() {
+                allowed_volume(Path::new(&v.host_path), &self.allowed_host_paths).map_err(|e| {
                     LaunchFailure(format!("task.container.volumes[{i}].host_path: {e}"))
-                })?;
+                })?
+            } else {
+                let found = req.pod.as_ref().and_then(|p| p.volumes.get(&v.pod_volume));
+                found.cloned().ok_or_else(|| {
+                    LaunchFailure(format!(
+                        "task.container.volumes[{i}].pod_volume: the pod has no volume named '{}'",
+                        v.pod_volume
+                    ))
+                })?
+            };
             mounts.push(BindMount {
                 source,
                 target: PathBuf::from(&v.container_path),
@@ -373,20 +422,31 @@ impl Launcher {
         );
         let resources = corral_proto::Resources::from_proto(&req.info.resources, "task.resources")
             .unwrap_or_default();
-        let spec = ContainerSpec {
-            id: id.clone(),
-            argv,
-            env,
-            cwd,
-            rootfs,
-            hostname: hostname_for(req.task_id.as_str()),
-            mounts,
-            user,
-            cpus_milli: resources.cpus.milli(),
-            mem_bytes: (resources.mem.milli() * 1024 * 1024) / 1000,
-            stdout,
-            stderr,
-        };
+        // Command probes run like the command: same environment, working
+        // directory and user.
+        let probe_exec = health::has_command_probe(&req.info.health_checks)
+            .then(|| (cwd.clone(), env.clone(), user));
+        let spec =
+            ContainerSpec {
+                id: id.clone(),
+                argv,
+                env,
+                cwd,
+                rootfs,
+                hostname: hostname_for(req.task_id.as_str()),
+                mounts,
+                user,
+                cpus_milli: resources.cpus.milli(),
+                mem_bytes: (resources.mem.milli() * 1024 * 1024) / 1000,
+                stdout,
+                stderr,
+                netns: match &req.pod {
+                    Some(pod) => Some(pod.netns.try_clone().map_err(|e| {
+                        LaunchFailure(format!("cannot share the pod's network: {e}"))
+                    })?),
+                    None => None,
+                },
+            };
         let slot = self
             .launch_slots
             .clone()
@@ -402,6 +462,16 @@ impl Launcher {
         match launched {
             Ok(c) => {
                 debug!(container_id = %id, pid = c.pid, "container started");
+                // Now, while the init cannot have been reaped (nobody waits
+                // for it yet): the entry's pidfd is certainly the init's.
+                let exec = probe_exec.map(|(cwd, env, user)| {
+                    match ContainerEntry::new(c.pid, cwd, env, user) {
+                        Ok(entry) => ExecTarget::Container(entry),
+                        Err(e) => ExecTarget::Unavailable(format!(
+                            "cannot watch the container's init: {e}"
+                        )),
+                    }
+                });
                 let c = Arc::new(c);
                 Ok((
                     Running::Container {
@@ -410,6 +480,7 @@ impl Launcher {
                     },
                     Handle::Container(c),
                     Some(id),
+                    exec,
                 ))
             }
             Err(e) => {
@@ -634,7 +705,7 @@ fn start_process(
     req: &LaunchRequest,
     stdout: OwnedFd,
     stderr: OwnedFd,
-) -> Result<(Running, Handle, Option<String>), LaunchFailure> {
+) -> Result<Launched, LaunchFailure> {
     let empty = pb::CommandInfo::default();
     let command = req.info.command.as_ref().unwrap_or(&empty);
     if command.value.is_empty() {
@@ -665,11 +736,77 @@ fn start_process(
     let pgid = child
         .id()
         .ok_or_else(|| LaunchFailure("the command exited before its pid was known".into()))?;
+    // Command probes run where the command does: on the host, in the
+    // sandbox, with the environment `task::launch` gives it.
+    let exec = health::has_command_probe(&req.info.health_checks).then(|| {
+        let sandbox = req.sandbox.display().to_string();
+        ExecTarget::Host {
+            cwd: req.sandbox.clone(),
+            env: environment(
+                &[],
+                &[
+                    ("CORRAL_SANDBOX", sandbox.as_str()),
+                    ("CORRAL_TASK_ID", req.task_id.as_str()),
+                    ("CORRAL_FRAMEWORK_ID", req.framework_id.as_str()),
+                    ("CORRAL_AGENT_ID", req.agent_id.as_str()),
+                ],
+                Some(req.sandbox.as_path()),
+                &command.environment,
+            ),
+        }
+    });
     Ok((
         Running::Process { pgid },
         Handle::Process(child, pgid),
         None,
+        exec,
     ))
+}
+
+/// Makes a pod's network namespace (its own IP on the bridge) and its
+/// `emptyDir` volumes; undoes what it made if a step fails.
+pub(crate) async fn prepare_pod(
+    network: Option<Arc<PodNetwork>>,
+    pod_id: &str,
+    empty_dirs: Vec<PathBuf>,
+    volumes: HashMap<String, PathBuf>,
+) -> Result<PodLaunch, String> {
+    let network = network.ok_or("this agent has no pod network")?;
+    for dir in &empty_dirs {
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(|e| format!("cannot create volume {}: {e}", dir.display()))?;
+    }
+    let net = network.setup(pod_id).await.map_err(|e| e.to_string())?;
+    match net.netns_fd() {
+        Ok(fd) => Ok(PodLaunch {
+            ip: net.ip.to_string(),
+            netns: Arc::new(fd),
+            volumes,
+        }),
+        Err(e) => {
+            if let Err(undo) = network.teardown(pod_id).await {
+                warn!(pod_id, error = %undo, "cannot tear down a pod network");
+            }
+            Err(e.to_string())
+        }
+    }
+}
+
+/// Removes a pod's network and its directory (`emptyDir` volumes). Errors
+/// are logged: the pod is over either way, and the agent's sweep at start
+/// removes what is left.
+pub(crate) async fn tear_down_pod(network: Option<Arc<PodNetwork>>, pod_id: &str, dir: &Path) {
+    if let Some(network) = network
+        && let Err(e) = network.teardown(pod_id).await
+    {
+        warn!(pod_id, error = %e, "cannot tear down a pod network");
+    }
+    if let Err(e) = tokio::fs::remove_dir_all(dir).await
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        warn!(pod_id, dir = %dir.display(), error = %e, "cannot remove a pod's directory");
+    }
 }
 
 #[cfg(test)]

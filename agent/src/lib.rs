@@ -24,6 +24,11 @@
 //! - `metrics`: metric names and a per-agent Prometheus recorder.
 //! - `state`: the `/state` JSON view.
 //! - `gc`: garbage collection of finished tasks' sandboxes.
+//! - `health`: health checks (startup, liveness, readiness; command, HTTP
+//!   and TCP probes) the agent runs against its tasks.
+//! - `network`: pod networking: the agent's bridge, a network namespace
+//!   per pod with a veth and its own address (netlink), persisted IPAM.
+//! - `pod`: pods' restart policy and backoff, and where their volumes live.
 
 mod actor;
 mod api;
@@ -31,11 +36,14 @@ mod config;
 pub mod containerizer;
 mod error;
 mod gc;
+mod health;
 pub mod images;
 mod launch;
 pub mod logs;
 mod master_link;
 pub mod metrics;
+pub mod network;
+mod pod;
 pub mod resources;
 mod state;
 mod status_updates;
@@ -118,6 +126,23 @@ pub async fn run(
         Isolation::None => None,
         Isolation::Container => Some(std::sync::Arc::new(start_containerizer(&config)?)),
     };
+    // Pods need a bridge (CAP_NET_ADMIN, the bridge and veth drivers); an
+    // agent that cannot make one still runs tasks, and refuses pods saying
+    // why.
+    let (network, pods_unavailable) = match config.isolation {
+        Isolation::None => (
+            None,
+            Some("this agent runs with --isolation=none".to_string()),
+        ),
+        Isolation::Container => match start_pod_network(&config).await {
+            Ok(net) => (Some(std::sync::Arc::new(net)), None),
+            Err(e) => {
+                warn!(parent: &span, error = %e, "no pod network: pods will be refused");
+                (None, Some(format!("this agent has no pod network: {e}")))
+            }
+        },
+    };
+    let pod_network = network.clone();
     let mut attributes = config.attributes.clone();
     if !attributes.iter().any(|a| a.name == "isolation") {
         attributes.push(corral_proto::pb::Attribute {
@@ -142,6 +167,8 @@ pub async fn run(
         launch_slots: std::sync::Arc::new(tokio::sync::Semaphore::new(
             std::thread::available_parallelism().map_or(2, |n| n.get()) * 2,
         )),
+        network,
+        pods_unavailable,
     };
 
     let metrics = metrics::AgentMetrics::new(&resources);
@@ -217,8 +244,48 @@ pub async fn run(
     {
         warn!(parent: &span, error = %e, "cannot remove the cgroup subtree");
     }
+    // Every pod is gone too: so is the bridge.
+    if let Some(network) = pod_network
+        && let Err(e) = network.remove_bridge().await
+    {
+        warn!(parent: &span, error = %e, "cannot remove the pod bridge");
+    }
     info!(parent: &span, ok = result.is_ok(), "agent stopped");
     result
+}
+
+/// The pod network, after sweeping what pods of an earlier run left
+/// (until agent recovery re-adopts pods, none of them survives a
+/// restart): their namespaces, veths, addresses and directories.
+async fn start_pod_network(config: &AgentConfig) -> Result<network::PodNetwork, AgentError> {
+    let net_config = network::PodNetworkConfig::for_work_dir(
+        &config.work_dir,
+        config.pod_bridge.clone(),
+        config.pod_cidr,
+    );
+    let net = network::PodNetwork::new(net_config)
+        .await
+        .map_err(|e| AgentError::Isolation(format!("pod network: {e}")))?;
+    match net.sweep(&std::collections::HashSet::new()).await {
+        Ok(swept) if !swept.is_empty() => {
+            warn!(
+                pods = swept.len(),
+                "removed the networks of pods of an earlier run"
+            );
+        }
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "cannot sweep old pod networks"),
+    }
+    net.ensure_bridge()
+        .await
+        .map_err(|e| AgentError::Isolation(format!("pod network: {e}")))?;
+    let pods = config.work_dir.join("pods");
+    if pods.exists()
+        && let Err(e) = std::fs::remove_dir_all(&pods)
+    {
+        warn!(path = %pods.display(), error = %e, "cannot remove old pod dirs");
+    }
+    Ok(net)
 }
 
 /// The containerizer, after sweeping orphans: containers in our cgroup

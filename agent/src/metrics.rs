@@ -10,8 +10,10 @@ use std::collections::HashMap;
 use corral_proto::Resources;
 use corral_proto::pb::TaskState;
 use corral_proto::task::state_name;
-use metrics::{Counter, Gauge, Key, Label, Metadata, Recorder};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
 
 /// Gauge, label `state`: tasks the agent holds per non-terminal state.
 pub const TASKS: &str = "corral_agent_tasks";
@@ -29,6 +31,26 @@ pub const MASTER_CONNECTIONS_TOTAL: &str = "corral_agent_master_connections_tota
 pub const SANDBOXES_RETAINED: &str = "corral_agent_sandboxes_retained";
 /// Counter: sandboxes of finished tasks removed by the garbage collector.
 pub const SANDBOXES_REMOVED_TOTAL: &str = "corral_agent_sandboxes_removed_total";
+/// Counter, labels `kind` (startup/liveness/readiness) and `result`
+/// (success/failure/timeout): health check probes run.
+pub const HEALTH_CHECKS_TOTAL: &str = "corral_agent_health_checks_total";
+/// Histogram, label `kind`: how long health check probes took.
+pub const HEALTH_CHECK_DURATION: &str = "corral_agent_health_check_duration_seconds";
+/// Gauge: tasks whose latest liveness (or startup) verdict is unhealthy.
+pub const TASKS_UNHEALTHY: &str = "corral_agent_tasks_unhealthy";
+/// Counter: tasks the agent killed because a liveness or startup check
+/// failed.
+pub const TASKS_UNHEALTHY_KILLED_TOTAL: &str = "corral_agent_tasks_unhealthy_killed_total";
+
+/// The `kind` label values of the health check metrics.
+pub(crate) const HEALTH_CHECK_KINDS: [&str; 3] = ["startup", "liveness", "readiness"];
+/// The `result` label values of [`HEALTH_CHECKS_TOTAL`].
+pub(crate) const HEALTH_CHECK_RESULTS: [&str; 3] = ["success", "failure", "timeout"];
+/// Probes take from a millisecond (a TCP connect on loopback) to their
+/// timeout (5 s by default; a few more for long custom ones).
+const HEALTH_CHECK_BUCKETS: [f64; 12] = [
+    0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0,
+];
 
 /// The states a task can be in while the agent runs it; one `TASKS` series
 /// each, so a state that drops to zero shows 0 instead of vanishing.
@@ -52,11 +74,25 @@ pub(crate) struct AgentMetrics {
     pub(crate) master_connections: Counter,
     pub(crate) sandboxes_removed: Counter,
     pub(crate) sandboxes_retained: Gauge,
+    health_checks: HashMap<(&'static str, &'static str), Counter>,
+    health_check_durations: HashMap<&'static str, Histogram>,
+    pub(crate) tasks_unhealthy: Gauge,
+    pub(crate) tasks_unhealthy_killed: Counter,
 }
 
 impl AgentMetrics {
     pub(crate) fn new(total: &Resources) -> Self {
-        let recorder: PrometheusRecorder = PrometheusBuilder::new().build_recorder();
+        // Real buckets, not the exporter's default summary, so durations
+        // aggregate across agents.
+        let recorder: PrometheusRecorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                Matcher::Full(HEALTH_CHECK_DURATION.into()),
+                &HEALTH_CHECK_BUCKETS,
+            )
+            .map_or_else(
+                |_| PrometheusBuilder::new().build_recorder(),
+                PrometheusBuilder::build_recorder,
+            );
         describe(&recorder);
         let gauge = |name: &'static str, labels: Vec<Label>| {
             recorder.register_gauge(&Key::from_parts(name, labels), &METADATA)
@@ -76,6 +112,19 @@ impl AgentMetrics {
         }
         let status_updates_pending = gauge(STATUS_UPDATES_PENDING, Vec::new());
         status_updates_pending.set(0.0);
+        let mut health_checks = HashMap::new();
+        let mut health_check_durations = HashMap::new();
+        for kind in HEALTH_CHECK_KINDS {
+            for result in HEALTH_CHECK_RESULTS {
+                let labels = vec![Label::new("kind", kind), Label::new("result", result)];
+                let c = recorder
+                    .register_counter(&Key::from_parts(HEALTH_CHECKS_TOTAL, labels), &METADATA);
+                c.increment(0);
+                health_checks.insert((kind, result), c);
+            }
+            let key = Key::from_parts(HEALTH_CHECK_DURATION, vec![Label::new("kind", kind)]);
+            health_check_durations.insert(kind, recorder.register_histogram(&key, &METADATA));
+        }
         let metrics = Self {
             handle: recorder.handle(),
             tasks,
@@ -85,8 +134,14 @@ impl AgentMetrics {
             master_connections: counter(MASTER_CONNECTIONS_TOTAL),
             sandboxes_removed: counter(SANDBOXES_REMOVED_TOTAL),
             sandboxes_retained: gauge(SANDBOXES_RETAINED, Vec::new()),
+            health_checks,
+            health_check_durations,
+            tasks_unhealthy: gauge(TASKS_UNHEALTHY, Vec::new()),
+            tasks_unhealthy_killed: counter(TASKS_UNHEALTHY_KILLED_TOTAL),
         };
         metrics.sandboxes_retained.set(0.0);
+        metrics.tasks_unhealthy.set(0.0);
+        metrics.tasks_unhealthy_killed.increment(0);
         // Counters only appear in the output once touched; show them at 0.
         metrics.status_updates_sent.increment(0);
         metrics.acks_ignored.increment(0);
@@ -98,6 +153,18 @@ impl AgentMetrics {
     /// The renderer for `/metrics`; cheap to clone.
     pub(crate) fn handle(&self) -> PrometheusHandle {
         self.handle.clone()
+    }
+
+    /// Counts one health check probe of `kind` that ended with `result`
+    /// (labels from [`HEALTH_CHECK_KINDS`], [`HEALTH_CHECK_RESULTS`]) and
+    /// records how long it took.
+    pub(crate) fn health_check(&self, kind: &'static str, result: &'static str, seconds: f64) {
+        if let Some(c) = self.health_checks.get(&(kind, result)) {
+            c.increment(1);
+        }
+        if let Some(h) = self.health_check_durations.get(kind) {
+            h.record(seconds);
+        }
     }
 
     /// Sets the per-state task gauges from the actor's counts.
@@ -123,6 +190,10 @@ fn describe(recorder: &PrometheusRecorder) {
             SANDBOXES_RETAINED,
             "Sandboxes of finished tasks kept until --sandbox-gc-delay (at most --sandbox-gc-max).",
         ),
+        (
+            TASKS_UNHEALTHY,
+            "Tasks whose latest liveness (or startup) health check verdict is unhealthy.",
+        ),
     ];
     for (name, help) in gauges {
         recorder.describe_gauge(name.into(), None, help.into());
@@ -144,10 +215,23 @@ fn describe(recorder: &PrometheusRecorder) {
             SANDBOXES_REMOVED_TOTAL,
             "Sandboxes of finished tasks removed after --sandbox-gc-delay or beyond --sandbox-gc-max.",
         ),
+        (
+            HEALTH_CHECKS_TOTAL,
+            "Health check probes run, by check kind and result (success, failure, timeout).",
+        ),
+        (
+            TASKS_UNHEALTHY_KILLED_TOTAL,
+            "Tasks killed because a liveness or startup health check failed.",
+        ),
     ];
     for (name, help) in counters {
         recorder.describe_counter(name.into(), None, help.into());
     }
+    recorder.describe_histogram(
+        HEALTH_CHECK_DURATION.into(),
+        Some(metrics::Unit::Seconds),
+        "How long health check probes took, by check kind.".into(),
+    );
 }
 
 /// Per-container usage series, `corral_agent_container_*{framework,task}`.
@@ -246,6 +330,41 @@ mod tests {
         }
         assert!(text.contains("corral_agent_tasks{state=\"TASK_RUNNING\"} 0"));
         assert!(text.contains("corral_agent_resources_total{resource=\"cpus\"} 2"));
+    }
+
+    #[test]
+    fn health_check_metrics_are_labelled_by_kind_and_result_with_real_buckets() {
+        let m = AgentMetrics::new(&Resources::parse("cpus:1").unwrap());
+        let before = m.handle().render();
+        assert!(
+            before.contains(
+                "corral_agent_health_checks_total{kind=\"readiness\",result=\"timeout\"} 0"
+            ),
+            "{before}"
+        );
+        assert!(
+            before.contains("corral_agent_tasks_unhealthy 0"),
+            "{before}"
+        );
+        assert!(before.contains("corral_agent_tasks_unhealthy_killed_total 0"));
+        m.health_check("liveness", "failure", 0.02);
+        m.health_check("liveness", "failure", 0.2);
+        let text = m.handle().render();
+        assert!(
+            text.contains(
+                "corral_agent_health_checks_total{kind=\"liveness\",result=\"failure\"} 2"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "corral_agent_health_check_duration_seconds_bucket{kind=\"liveness\",le=\"0.025\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("corral_agent_health_check_duration_seconds_count{kind=\"liveness\"} 2")
+        );
     }
 
     #[test]

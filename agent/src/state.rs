@@ -35,6 +35,13 @@ pub(crate) struct TaskView {
     /// Latest cgroup usage of the task's container.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) usage: Option<UsageView>,
+    /// The task's pod, and its address once its network is up.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) pod_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) pod_ip: Option<String>,
+    /// Times its container restarted in place (its pod's restart policy).
+    pub(crate) restart_count: u32,
 }
 
 #[derive(Debug, Clone, Serialize)]

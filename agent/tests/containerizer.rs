@@ -81,6 +81,47 @@ async fn the_init_holds_only_stdio_and_its_socket_to_the_agent() {
     env.finish();
 }
 
+/// A fresh network namespace, held by an fd only: the thread that made it
+/// ends, and the namespace goes once the fd and its users are gone.
+fn new_netns() -> std::os::fd::OwnedFd {
+    std::thread::spawn(|| {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        std::fs::File::open("/proc/thread-self/ns/net")
+            .unwrap()
+            .into()
+    })
+    .join()
+    .unwrap()
+}
+
+#[tokio::test]
+async fn containers_given_a_network_namespace_share_it_and_others_keep_the_hosts() {
+    use std::os::unix::fs::MetadataExt;
+    let mut env = Env::new("netns");
+    let netns = new_netns();
+    let inode = std::fs::File::from(netns.try_clone().unwrap())
+        .metadata()
+        .unwrap()
+        .ino();
+    let host = std::fs::metadata("/proc/self/ns/net").unwrap().ino();
+    assert_ne!(inode, host);
+    let mut outs = Vec::new();
+    for id in ["pod-a", "pod-b"] {
+        let mut spec = env.spec(id, &["readlink", "/proc/self/ns/net"]);
+        spec.netns = Some(netns.try_clone().unwrap());
+        outs.push(env.run(spec).await.1);
+    }
+    assert_eq!(outs, vec![format!("net:[{inode}]\n"); 2]);
+    let spec = env.spec("alone", &["readlink", "/proc/self/ns/net"]);
+    let (_, out) = env.run(spec).await;
+    assert_eq!(
+        out,
+        format!("net:[{host}]\n"),
+        "no netns: the host's network"
+    );
+    env.finish();
+}
+
 #[tokio::test]
 async fn hostname_is_the_containers_own() {
     let mut env = Env::new("uts");

@@ -1,6 +1,7 @@
 //! `corral`: the one binary. Servers (`master`, `agent`, `dev`), a one-task
 //! framework (`run`, like `mesos-execute`), the batch framework and its
-//! client (`batch`) and operator views of `/state` (`agents`, `frameworks`,
+//! client (`batch`), the service framework and its client (`service`) and
+//! operator views of `/state` (`agents`, `frameworks`,
 //! `tasks`).
 
 mod batch;
@@ -8,6 +9,7 @@ mod image;
 mod logs;
 mod run;
 mod serve;
+mod service;
 mod views;
 
 use std::process::ExitCode;
@@ -43,8 +45,8 @@ enum Command {
     Master(serve::MasterArgs),
     /// Run an agent that offers this machine's resources to a master.
     Agent(serve::AgentArgs),
-    /// Run a whole single-node cluster (master, one agent and the batch
-    /// framework) in one process.
+    /// Run a whole single-node cluster (master, one agent, the batch and
+    /// the service framework) in one process.
     Dev(serve::DevArgs),
     /// Run one task on the cluster, stream its output, exit with its exit code.
     Run(run::RunArgs),
@@ -61,6 +63,9 @@ enum Command {
     /// Batch jobs: submit, list, status, wait, logs, cancel; `serve` runs
     /// the batch framework.
     Batch(batch::BatchArgs),
+    /// Long-running services and pods: apply, list, status, scale, restart,
+    /// delete; `serve` runs the service framework.
+    Service(service::ServiceArgs),
 }
 
 fn init_logging(format: LogFormat, default: &str) {
@@ -116,6 +121,8 @@ fn main() -> ExitCode {
             Command::Image(args) => image::image(args).await.map(|()| ExitCode::SUCCESS),
             // Prints its own errors, as `corral batch CMD: MESSAGE`.
             Command::Batch(args) => Ok(batch::batch(args, cli.log_format).await),
+            // Prints its own errors, as `corral service CMD: MESSAGE`.
+            Command::Service(args) => Ok(service::service(args, cli.log_format).await),
         }
     });
     match result {

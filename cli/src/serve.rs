@@ -1,4 +1,5 @@
-//! `corral master`, `corral agent`, `corral batch serve` and `corral dev`.
+//! `corral master`, `corral agent`, `corral batch serve`, `corral service
+//! serve` and `corral dev`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -10,6 +11,7 @@ use corral_agent::AgentConfig;
 use corral_batch::BatchConfig;
 use corral_master::MasterConfig;
 use corral_proto::{Resources, attributes};
+use corral_service::ServiceConfig;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -147,6 +149,14 @@ struct NodeArgs {
     /// Most finished tasks' sandboxes kept; the oldest go first.
     #[arg(long, default_value_t = corral_agent::DEFAULT_SANDBOX_GC_MAX, env = "CORRAL_SANDBOX_GC_MAX")]
     sandbox_gc_max: usize,
+    /// IPv4 network for pods (/8 to /30): the bridge takes the first
+    /// address, each pod one of the rest.
+    #[arg(long, default_value_t = corral_agent::network::PodCidr::DEFAULT.to_string(),
+          env = "CORRAL_POD_CIDR")]
+    pod_cidr: String,
+    /// Linux bridge the agent attaches pods to (created if missing).
+    #[arg(long, default_value = corral_agent::network::DEFAULT_POD_BRIDGE, env = "CORRAL_POD_BRIDGE")]
+    pod_bridge: String,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -213,6 +223,11 @@ impl NodeArgs {
             config.sandbox_gc_delay = delay;
         }
         config.sandbox_gc_max = self.sandbox_gc_max;
+        config.pod_cidr = corral_agent::network::PodCidr::parse(&self.pod_cidr)
+            .map_err(|e| anyhow::anyhow!("--pod-cidr: {e}"))?;
+        corral_agent::network::validate_link_name(&self.pod_bridge)
+            .map_err(|e| anyhow::anyhow!("--pod-bridge: {e}"))?;
+        config.pod_bridge = self.pod_bridge.clone();
         Ok(config)
     }
 }
@@ -262,6 +277,59 @@ impl BatchServeArgs {
 }
 
 #[derive(Args)]
+pub struct ServiceServeArgs {
+    /// Master to register with, HOST:PORT.
+    #[arg(long, env = "CORRAL_MASTER")]
+    master: String,
+    /// Address to serve the service API and /metrics on.
+    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], corral_service::DEFAULT_PORT)),
+          env = "CORRAL_SERVICE_LISTEN")]
+    listen: SocketAddr,
+    /// The service store lives here.
+    #[arg(
+        long,
+        default_value = "/var/lib/corral/service",
+        env = "CORRAL_SERVICE_WORK_DIR"
+    )]
+    work_dir: PathBuf,
+    /// How long the master keeps the framework's instances while it is
+    /// away (e.g. 1h, 7d) [default: 7d].
+    #[arg(long, value_parser = parse_duration, env = "CORRAL_SERVICE_FAILOVER_TIMEOUT")]
+    failover_timeout: Option<Duration>,
+    /// Role the framework's share is accounted under [default: *].
+    #[arg(long, env = "CORRAL_SERVICE_ROLE")]
+    role: Option<String>,
+    /// Framework name shown by the master [default: corral-service].
+    #[arg(long, env = "CORRAL_SERVICE_NAME")]
+    name: Option<String>,
+}
+
+impl ServiceServeArgs {
+    fn config(&self) -> Result<ServiceConfig> {
+        let mut config = ServiceConfig::new(self.master.clone(), self.work_dir.clone());
+        if let Some(t) = self.failover_timeout {
+            if t.is_zero() {
+                bail!("--failover-timeout: must be > 0");
+            }
+            config.failover_timeout = t;
+        }
+        if let Some(role) = &self.role {
+            if role.is_empty() {
+                bail!("--role: must not be empty");
+            }
+            config.role = role.clone();
+        }
+        if let Some(name) = &self.name {
+            if name.is_empty() {
+                bail!("--name: must not be empty");
+            }
+            config.name = name.clone();
+        }
+        Ok(config)
+    }
+}
+
+#[derive(Args)]
 pub struct DevArgs {
     /// Port of the master (gRPC, /metrics, /state) on 127.0.0.1.
     #[arg(long, default_value_t = 5050)]
@@ -272,6 +340,9 @@ pub struct DevArgs {
     /// Port of the batch framework's API on 127.0.0.1.
     #[arg(long, default_value_t = corral_batch::DEFAULT_PORT)]
     batch_port: u16,
+    /// Port of the service framework's API on 127.0.0.1.
+    #[arg(long, default_value_t = corral_service::DEFAULT_PORT)]
+    service_port: u16,
     /// Sandboxes and state of the dev cluster.
     #[arg(long, env = "CORRAL_WORK_DIR")]
     work_dir: Option<PathBuf>,
@@ -328,6 +399,16 @@ pub async fn batch(args: BatchServeArgs) -> Result<()> {
     Ok(())
 }
 
+pub async fn service(args: ServiceServeArgs) -> Result<()> {
+    let config = args.config()?;
+    std::fs::create_dir_all(&config.work_dir)
+        .with_context(|| format!("cannot create {}", config.work_dir.display()))?;
+    let listener = bind(args.listen, "service framework").await?;
+    tracing::info!(address = %args.listen, master = %args.master, "service framework listening");
+    corral_service::run(config, listener, crate::shutdown_signal()).await?;
+    Ok(())
+}
+
 pub async fn dev(args: DevArgs) -> Result<()> {
     let work_dir = args
         .work_dir
@@ -338,19 +419,24 @@ pub async fn dev(args: DevArgs) -> Result<()> {
     let master_addr = SocketAddr::from(([127, 0, 0, 1], args.master_port));
     let agent_addr = SocketAddr::from(([127, 0, 0, 1], args.agent_port));
     let batch_addr = SocketAddr::from(([127, 0, 0, 1], args.batch_port));
+    let service_addr = SocketAddr::from(([127, 0, 0, 1], args.service_port));
     let config = args.tuning.apply(MasterConfig::dev())?;
     let master_listener = bind(master_addr, "master").await?;
     let agent_listener = bind(agent_addr, "agent").await?;
     let batch_listener = bind(batch_addr, "batch framework").await?;
+    let service_listener = bind(service_addr, "service framework").await?;
     let batch_config = BatchConfig::new(master_addr.to_string(), work_dir.join("batch"));
     std::fs::create_dir_all(&batch_config.work_dir)
         .with_context(|| format!("cannot create {}", batch_config.work_dir.display()))?;
+    let service_config = ServiceConfig::new(master_addr.to_string(), work_dir.join("service"));
+    std::fs::create_dir_all(&service_config.work_dir)
+        .with_context(|| format!("cannot create {}", service_config.work_dir.display()))?;
     let mut agent_config = args
         .node
         .agent_config(master_addr.to_string(), work_dir.join("agent"))?;
     agent_config.advertise_address = Some(agent_addr.to_string());
 
-    // One signal stops all three.
+    // One signal stops them all.
     let (stop_tx, stop_rx) = watch::channel(false);
     let wait = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
@@ -370,15 +456,21 @@ pub async fn dev(args: DevArgs) -> Result<()> {
     let mut batch = tokio::spawn(corral_batch::run(
         batch_config,
         batch_listener,
+        wait(stop_rx.clone()),
+    ));
+    let mut services = tokio::spawn(corral_service::run(
+        service_config,
+        service_listener,
         wait(stop_rx),
     ));
     eprintln!(
         "corral dev: master on http://{master_addr} (see /state, /metrics), agent on {agent_addr}, \
-         batch framework on {batch_addr}, work dir {}",
+         batch framework on {batch_addr}, service framework on {service_addr}, work dir {}",
         work_dir.display()
     );
     eprintln!(
-        "corral dev: try `corral run -- echo hello` or `corral batch submit --count 3 -- sh -c 'echo $CORRAL_TASK_INDEX'`; \
+        "corral dev: try `corral run -- echo hello` or `corral batch submit --count 3 -- sh -c 'echo $CORRAL_TASK_INDEX'` \
+         or `corral service apply -f web.toml`; \
          Ctrl-C stops the cluster"
     );
     tokio::select! {
@@ -393,10 +485,18 @@ pub async fn dev(args: DevArgs) -> Result<()> {
             r.context("batch framework task panicked")??;
             bail!("the batch framework stopped unexpectedly");
         }
+        r = &mut services => {
+            let _ = stop_tx.send(true);
+            r.context("service framework task panicked")??;
+            bail!("the service framework stopped unexpectedly");
+        }
     }
     let _ = stop_tx.send(true);
     agent.await.context("agent task panicked")??;
     batch.await.context("batch framework task panicked")??;
+    services
+        .await
+        .context("service framework task panicked")??;
     master.await.context("master task panicked")??;
     Ok(())
 }
@@ -412,6 +512,40 @@ mod tests {
         assert_eq!(parse_size("100"), Ok(100));
         assert!(parse_size("0").is_err());
         assert!(parse_size("ten").is_err());
+    }
+
+    #[derive(clap::Parser)]
+    struct NodeCli {
+        #[command(flatten)]
+        node: NodeArgs,
+    }
+
+    fn node_config(args: &[&str]) -> Result<AgentConfig> {
+        use clap::Parser;
+        let cli = NodeCli::try_parse_from(std::iter::once("corral").chain(args.iter().copied()))?;
+        cli.node
+            .agent_config("127.0.0.1:5050".into(), "/var/lib/corral/agent".into())
+    }
+
+    #[test]
+    fn pod_network_flags_default_and_errors_name_the_flag() {
+        let config = node_config(&[]).unwrap();
+        assert_eq!(config.pod_cidr.to_string(), "10.88.0.0/16");
+        assert_eq!(config.pod_bridge, "corral0");
+        let config =
+            node_config(&["--pod-cidr", "172.30.0.0/24", "--pod-bridge", "pods0"]).unwrap();
+        assert_eq!(config.pod_cidr.to_string(), "172.30.0.0/24");
+        assert_eq!(config.pod_bridge, "pods0");
+        for (args, flag) in [
+            (["--pod-cidr", "fd00::/64"], "--pod-cidr: "),
+            (["--pod-cidr", "10.88.0.0/31"], "--pod-cidr: "),
+            (["--pod-cidr", "10.88.0.0"], "--pod-cidr: "),
+            (["--pod-bridge", "a-bridge-name-too-long"], "--pod-bridge: "),
+            (["--pod-bridge", "br/0"], "--pod-bridge: "),
+        ] {
+            let err = node_config(&args).unwrap_err().to_string();
+            assert!(err.starts_with(flag), "{args:?}: {err}");
+        }
     }
 
     #[test]

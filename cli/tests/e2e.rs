@@ -17,6 +17,7 @@ struct Dev {
     cgroup_root: String,
     agent: String,
     batch: String,
+    service: String,
 }
 
 impl Drop for Dev {
@@ -48,8 +49,12 @@ fn corral(master: &str, args: &[&str]) -> Output {
 }
 
 fn start_dev(work_dir: &Path, extra: &[&str]) -> (Dev, String) {
-    let (mp, ap, bp) = (free_port(), free_port(), free_port());
+    let (mp, ap, bp, sp) = (free_port(), free_port(), free_port(), free_port());
     let cgroup_root = format!("corral-e2e-{ap}");
+    // Its own pod bridge and range: tests run several `corral dev` at once,
+    // and each removes its bridge when it stops.
+    let pod_bridge = format!("ce{ap}");
+    let pod_cidr = format!("10.{}.{}.0/24", 240 + ap % 10, (ap / 10) % 256);
     let child = Command::new(CORRAL)
         .args([
             "dev",
@@ -59,6 +64,8 @@ fn start_dev(work_dir: &Path, extra: &[&str]) -> (Dev, String) {
             &ap.to_string(),
             "--batch-port",
             &bp.to_string(),
+            "--service-port",
+            &sp.to_string(),
         ])
         .arg("--work-dir")
         .arg(work_dir)
@@ -67,6 +74,10 @@ fn start_dev(work_dir: &Path, extra: &[&str]) -> (Dev, String) {
             "cpus:2;mem:1024",
             "--cgroup-root",
             &cgroup_root,
+            "--pod-bridge",
+            &pod_bridge,
+            "--pod-cidr",
+            &pod_cidr,
         ])
         .args(extra)
         .stdin(Stdio::null())
@@ -79,6 +90,7 @@ fn start_dev(work_dir: &Path, extra: &[&str]) -> (Dev, String) {
         cgroup_root,
         agent: format!("127.0.0.1:{ap}"),
         batch: format!("127.0.0.1:{bp}"),
+        service: format!("127.0.0.1:{sp}"),
     };
     let master = format!("127.0.0.1:{mp}");
     let deadline = Instant::now() + WAIT;
@@ -112,6 +124,17 @@ fn batch(dev: &Dev, master: &str, args: &[&str]) -> Output {
         .stdin(Stdio::null())
         .output()
         .expect("run corral batch")
+}
+
+/// `corral service ARGS...` against the dev cluster's service framework.
+fn service(dev: &Dev, args: &[&str]) -> Output {
+    Command::new(CORRAL)
+        .arg("service")
+        .args(args)
+        .env("CORRAL_SERVICE", &dev.service)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run corral service")
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -480,6 +503,90 @@ fn corral_batch_runs_an_array_job_on_corral_dev_and_reports_it() {
     assert!(!out.status.success(), "{out:?}");
     assert!(
         text(&out.stderr).starts_with("corral batch status: "),
+        "{out:?}"
+    );
+    drop(dev);
+}
+
+#[test]
+fn corral_service_applies_lists_scales_and_deletes_a_service_on_corral_dev() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (dev, master) = start_dev(dir.path(), &[]);
+    let deadline = Instant::now() + WAIT;
+    while !service(&dev, &["list"]).status.success() {
+        assert!(
+            Instant::now() < deadline,
+            "the service framework did not come up"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let file = dir.path().join("web.toml");
+    std::fs::write(
+        &file,
+        "name = \"web\"\ninstances = 2\n[task]\ncommand = \"exec sleep 600\"\ncpus = 0.1\nmem = 16\n",
+    )
+    .expect("service file");
+    let out = service(&dev, &["apply", "-f", &file.to_string_lossy()]);
+    assert!(out.status.success(), "apply: {out:?}");
+    assert_eq!(text(&out.stdout), "created service web (version 1)\n");
+
+    // `list` shows running/healthy/wanted; wait for 2/2/2.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let out = service(&dev, &["list"]);
+        let list = text(&out.stdout);
+        if list
+            .lines()
+            .any(|l| l.starts_with("web ") && l.contains("2/2/2") && l.contains("stable"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "web never ran 2 instances: {list}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = service(&dev, &["status", "web"]);
+    assert!(out.status.success(), "status: {out:?}");
+    let status = text(&out.stdout);
+    assert_eq!(status.matches("RUNNING").count(), 2, "{status}");
+    let out = corral(&master, &["tasks"]);
+    assert!(text(&out.stdout).contains("web.1.1"), "{out:?}");
+
+    let out = service(&dev, &["scale", "web", "1"]);
+    assert!(out.status.success(), "scale: {out:?}");
+    let out = service(&dev, &["restart", "web"]);
+    assert!(out.status.success(), "restart: {out:?}");
+    assert!(
+        text(&out.stdout).contains("rolling out version 2"),
+        "{out:?}"
+    );
+
+    // Errors name the field, exit 1, `corral service CMD: ...`.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "name = \"bad\"\ninstances = 1\n[task]\ncommand = \"true\"\ncpus = -1\nmem = 16\n",
+    )
+    .expect("bad file");
+    let out = service(&dev, &["apply", "-f", &bad.to_string_lossy()]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = text(&out.stderr);
+    assert!(stderr.starts_with("corral service apply: "), "{stderr}");
+    assert!(stderr.contains("service.task.cpus"), "{stderr}");
+
+    let out = service(&dev, &["delete", "web"]);
+    assert!(out.status.success(), "delete: {out:?}");
+    let deadline = Instant::now() + WAIT;
+    while service(&dev, &["status", "web"]).status.success() {
+        assert!(Instant::now() < deadline, "web was never forgotten");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = service(&dev, &["status", "web"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).starts_with("corral service status: no service named web"),
         "{out:?}"
     );
     drop(dev);

@@ -176,6 +176,23 @@ struct Task {
     usage: Option<pb::ContainerUsage>,
 }
 
+/// One LAUNCH's task or one LAUNCH_GROUP's pod, in call order.
+// Lives for one accept call only: boxing would cost an allocation per task.
+#[allow(clippy::large_enum_variant)]
+enum Launching {
+    Task(pb::TaskInfo),
+    Group(pb::TaskGroupInfo),
+}
+
+impl Launching {
+    fn tasks(&self) -> &[pb::TaskInfo] {
+        match self {
+            Launching::Task(t) => std::slice::from_ref(t),
+            Launching::Group(g) => &g.tasks,
+        }
+    }
+}
+
 impl Task {
     fn state(&self) -> TaskState {
         self.status.state()
@@ -1078,11 +1095,16 @@ impl Master {
                 OfferId::parse(o, &format!("offer_ids[{i}]")).map_err(|e| invalid(e.into()))?,
             );
         }
-        let tasks: Vec<pb::TaskInfo> = r
+        let launches: Vec<Launching> = r
             .operations
             .into_iter()
             .filter_map(|op| match op.operation {
-                Some(pb::operation::Operation::Launch(l)) => Some(l.tasks),
+                Some(pb::operation::Operation::Launch(l)) => {
+                    Some(l.tasks.into_iter().map(Launching::Task).collect())
+                }
+                Some(pb::operation::Operation::LaunchGroup(l)) => {
+                    Some(vec![Launching::Group(l.task_group.unwrap_or_default())])
+                }
                 None => None,
             })
             .flatten()
@@ -1094,7 +1116,7 @@ impl Master {
         let problem = self.offers_problem(fid, &offer_ids);
         if let Some(problem) = problem {
             warn!(framework_id = %fid, "accept with invalid offers: {problem}");
-            for t in &tasks {
+            for t in launches.iter().flat_map(Launching::tasks) {
                 self.reject_task(
                     fid,
                     t,
@@ -1128,7 +1150,7 @@ impl Master {
         self.metrics.offers("accepted", offer_ids.len() as u64);
         let Some(agent_id) = agent_id else {
             // No offers and no tasks: nothing to do.
-            for t in &tasks {
+            for t in launches.iter().flat_map(Launching::tasks) {
                 self.reject_task(
                     fid,
                     t,
@@ -1142,52 +1164,77 @@ impl Master {
 
         let mut remaining = offered;
         let mut in_call: HashSet<TaskId> = HashSet::new();
-        for info in tasks {
-            let valid = match validation::task(&info) {
-                Ok(v) => v,
-                Err(e) => {
-                    self.reject_task(
-                        fid,
-                        &info,
-                        TaskState::TaskError,
-                        Reason::TaskInvalid,
-                        &e.to_string(),
-                    );
-                    continue;
+        for launching in launches {
+            match launching {
+                Launching::Task(info) => {
+                    let checked = validation::task(&info).and_then(|v| {
+                        match validation::pod_volume_outside_a_pod(&info) {
+                            Some(e) => Err(e),
+                            None => Ok(v),
+                        }
+                    });
+                    let problem = match &checked {
+                        Ok(v) => self.launch_problem(fid, v, &agent_id, &remaining, &in_call),
+                        Err(e) => Some(e.to_string()),
+                    };
+                    match (checked, problem) {
+                        (Ok(valid), None) => {
+                            remaining.saturating_sub(&valid.resources);
+                            in_call.insert(valid.id.clone());
+                            self.launch(fid, &agent_id, valid);
+                        }
+                        (_, problem) => self.reject_task(
+                            fid,
+                            &info,
+                            TaskState::TaskError,
+                            Reason::TaskInvalid,
+                            problem.as_deref().unwrap_or_default(),
+                        ),
+                    }
                 }
-            };
-            let key = (fid.clone(), valid.id.clone());
-            let problem = if self.tasks.contains_key(&key) || in_call.contains(&valid.id) {
-                Some(format!(
-                    "task.task_id: '{}' is already in use by this framework",
-                    valid.id
-                ))
-            } else if info.agent_id != agent_id.as_str() {
-                Some(format!(
-                    "task.agent_id: '{}' is not the agent of the offers ({agent_id})",
-                    info.agent_id
-                ))
-            } else if !remaining.contains(&valid.resources) {
-                Some(format!(
-                    "task.resources: {} exceed what is left of the offers ({remaining})",
-                    valid.resources
-                ))
-            } else {
-                None
-            };
-            if let Some(problem) = problem {
-                self.reject_task(
-                    fid,
-                    &info,
-                    TaskState::TaskError,
-                    Reason::TaskInvalid,
-                    &problem,
-                );
-                continue;
+                Launching::Group(group) => {
+                    // All or nothing: one problem fails every task of the pod.
+                    let problem = match validation::task_group(&group) {
+                        Err(e) => Some(e.to_string()),
+                        Ok(valid) => {
+                            let mut total = Resources::default();
+                            let mut problem = None;
+                            for (i, v) in valid.iter().enumerate() {
+                                total.add(&v.resources);
+                                if let Some(p) =
+                                    self.launch_problem(fid, v, &agent_id, &remaining, &in_call)
+                                {
+                                    problem = Some(format!("task_group.tasks[{i}]: {p}"));
+                                    break;
+                                }
+                            }
+                            match problem {
+                                None if !remaining.contains(&total) => Some(format!(
+                                    "task_group: the pod's resources {total} exceed what is left of the offers ({remaining})"
+                                )),
+                                None => {
+                                    remaining.saturating_sub(&total);
+                                    in_call.extend(valid.iter().map(|v| v.id.clone()));
+                                    self.launch_group(fid, &agent_id, &group, valid);
+                                    None
+                                }
+                                problem => problem,
+                            }
+                        }
+                    };
+                    if let Some(problem) = problem {
+                        for t in &group.tasks {
+                            self.reject_task(
+                                fid,
+                                t,
+                                TaskState::TaskError,
+                                Reason::TaskInvalid,
+                                &problem,
+                            );
+                        }
+                    }
+                }
             }
-            remaining.saturating_sub(&valid.resources);
-            in_call.insert(valid.id.clone());
-            self.launch(fid, &agent_id, valid);
         }
         if !remaining.is_empty() {
             let now = self.now();
@@ -1196,6 +1243,36 @@ impl Master {
         }
         self.allocation_pending = true;
         Ok(())
+    }
+
+    /// Why a valid task cannot be launched on these offers, if it cannot.
+    fn launch_problem(
+        &self,
+        fid: &FrameworkId,
+        task: &validation::ValidTask,
+        agent_id: &AgentId,
+        remaining: &Resources,
+        in_call: &HashSet<TaskId>,
+    ) -> Option<String> {
+        let key = (fid.clone(), task.id.clone());
+        if self.tasks.contains_key(&key) || in_call.contains(&task.id) {
+            Some(format!(
+                "task.task_id: '{}' is already in use by this framework",
+                task.id
+            ))
+        } else if task.info.agent_id != agent_id.as_str() {
+            Some(format!(
+                "task.agent_id: '{}' is not the agent of the offers ({agent_id})",
+                task.info.agent_id
+            ))
+        } else if !remaining.contains(&task.resources) {
+            Some(format!(
+                "task.resources: {} exceed what is left of the offers ({remaining})",
+                task.resources
+            ))
+        } else {
+            None
+        }
     }
 
     /// Why these offers cannot be used by `fid`, if they cannot.
@@ -1246,6 +1323,46 @@ impl Master {
         };
         self.insert_task(key, agent_id.clone(), task.info, task.resources, status);
         debug!(framework_id = %fid, task_id = %task.id, agent_id = %agent_id, "launching task");
+        self.send_to_agent(agent_id, message);
+    }
+
+    /// Records every task of a pod and sends the pod to its agent in one
+    /// message, so the agent launches it as a unit.
+    fn launch_group(
+        &mut self,
+        fid: &FrameworkId,
+        agent_id: &AgentId,
+        group: &pb::TaskGroupInfo,
+        tasks: Vec<validation::ValidTask>,
+    ) {
+        let framework = self
+            .frameworks
+            .get(fid)
+            .map(|f| f.info.clone())
+            .unwrap_or_default();
+        let ids: Vec<String> = tasks.iter().map(|t| t.id.to_string()).collect();
+        for task in tasks {
+            let status = pb::TaskStatus {
+                task_id: task.id.to_string(),
+                state: TaskState::TaskStaging as i32,
+                source: Source::Master as i32,
+                agent_id: agent_id.to_string(),
+                framework_id: fid.to_string(),
+                timestamp: now_seconds(),
+                ..Default::default()
+            };
+            let key = (fid.clone(), task.id.clone());
+            self.insert_task(key, agent_id.clone(), task.info, task.resources, status);
+        }
+        debug!(framework_id = %fid, tasks = ?ids, agent_id = %agent_id, "launching pod");
+        let message = pb::MasterMessage {
+            message: Some(pb::master_message::Message::RunTaskGroup(
+                pb::RunTaskGroup {
+                    framework: Some(framework),
+                    task_group: Some(group.clone()),
+                },
+            )),
+        };
         self.send_to_agent(agent_id, message);
     }
 
@@ -1546,6 +1663,8 @@ impl Master {
             timestamp: now_seconds(),
             exit_code: None,
             started_at: task.status.started_at,
+            pod: task.status.pod.clone(),
+            restart_count: task.status.restart_count,
             ..Default::default()
         };
         task.status = status.clone();
@@ -1706,6 +1825,10 @@ fn task_json(task: &Task, status: &pb::TaskStatus) -> state::TaskState {
         exit_code: status.exit_code,
         updated_at: status.timestamp,
         usage: task.usage.as_ref().map(state::UsageJson::from),
+        healthy: status.healthy,
+        ready: status.ready,
+        pod_ip: status.pod.as_ref().map(|p| p.ip.clone()),
+        restart_count: status.restart_count,
     }
 }
 

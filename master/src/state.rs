@@ -106,6 +106,23 @@ pub struct TaskState {
     /// Latest container usage reported by the agent (isolated tasks).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<UsageJson>,
+    /// Latest liveness verdict of the task's health checks, once there is
+    /// one (tasks with a liveness or startup check).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthy: Option<bool>,
+    /// Latest readiness verdict (tasks with a readiness check).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready: Option<bool>,
+    /// The address of the task's pod (tasks launched in a pod).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_ip: Option<String>,
+    /// Times the agent restarted the task's container in its pod.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub restart_count: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// A container's usage as sampled by its agent.

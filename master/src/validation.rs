@@ -3,7 +3,7 @@
 //! Errors carry the dotted path of the offending field so the caller sees
 //! `task.resources.cpus: must be finite and > 0`, never a bare "invalid".
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use corral_proto::{AgentId, FrameworkId, IdError, ResourceError, Resources, TaskId, pb};
 
@@ -255,6 +255,7 @@ pub fn task(info: &pb::TaskInfo) -> Result<ValidTask, FieldError> {
     if let Some(max) = info.max_completion_time_seconds {
         max_completion_time(max)?;
     }
+    health_checks(&info.health_checks)?;
     Ok(ValidTask {
         id,
         info: info.clone(),
@@ -270,6 +271,134 @@ fn max_completion_time(value: f64) -> Result<(), FieldError> {
         return Err(FieldError::new(FIELD, "must be finite and > 0"));
     }
     seconds(value, FIELD).map(drop)
+}
+
+/// A task's health checks: at most one of each kind (an unspecified kind is
+/// liveness), each with a probe, sane timing and thresholds, and ports and
+/// paths the agent can use. Kubernetes' rules where it has them (periods
+/// and timeouts > 0, thresholds >= 1, a success threshold of 1 for
+/// liveness and startup probes).
+fn health_checks(checks: &[pb::HealthCheck]) -> Result<(), FieldError> {
+    use pb::health_check::Kind;
+    let mut seen = HashSet::new();
+    for (i, check) in checks.iter().enumerate() {
+        let field = |name: &str| format!("task.health_checks[{i}].{name}");
+        let kind = match Kind::try_from(check.kind) {
+            Ok(Kind::Unspecified) => Kind::Liveness,
+            Ok(kind) => kind,
+            Err(_) => {
+                return Err(FieldError::new(
+                    field("kind"),
+                    format!("unknown kind {}", check.kind),
+                ));
+            }
+        };
+        let kind_name = kind.as_str_name();
+        if !seen.insert(kind) {
+            return Err(FieldError::new(
+                field("kind"),
+                format!("a task has at most one {kind_name} check"),
+            ));
+        }
+        match &check.probe {
+            None => {
+                return Err(FieldError::new(
+                    field("probe"),
+                    "is required: command, http or tcp",
+                ));
+            }
+            Some(pb::health_check::Probe::Command(c)) => command_probe(c, &field("command"))?,
+            Some(pb::health_check::Probe::Http(h)) => {
+                if !h.scheme.is_empty() && h.scheme != "http" {
+                    return Err(FieldError::new(
+                        field("http.scheme"),
+                        format!("must be http ('{}' is not supported)", h.scheme),
+                    ));
+                }
+                port(h.port, &field("http.port"))?;
+                if !h.path.is_empty() {
+                    text(&h.path, &field("http.path"), true)?;
+                    if !h.path.starts_with('/') || h.path.contains(char::is_whitespace) {
+                        return Err(FieldError::new(
+                            field("http.path"),
+                            "must start with '/' and contain no spaces",
+                        ));
+                    }
+                }
+            }
+            Some(pb::health_check::Probe::Tcp(t)) => port(t.port, &field("tcp.port"))?,
+        }
+        if let Some(delay) = check.delay_seconds {
+            seconds(delay, &field("delay_seconds"))?;
+        }
+        if let Some(grace) = check.grace_period_seconds {
+            seconds(grace, &field("grace_period_seconds"))?;
+        }
+        for (value, name) in [
+            (check.interval_seconds, "interval_seconds"),
+            (check.timeout_seconds, "timeout_seconds"),
+        ] {
+            if let Some(v) = value {
+                // Zero would probe in a busy loop, or fail every probe.
+                if !v.is_finite() || v <= 0.0 {
+                    return Err(FieldError::new(field(name), "must be finite and > 0"));
+                }
+                seconds(v, &field(name))?;
+            }
+        }
+        if check.consecutive_failures == Some(0) {
+            return Err(FieldError::new(
+                field("consecutive_failures"),
+                "must be >= 1",
+            ));
+        }
+        match check.consecutive_successes {
+            Some(0) => {
+                return Err(FieldError::new(
+                    field("consecutive_successes"),
+                    "must be >= 1",
+                ));
+            }
+            Some(n) if n > 1 && kind != Kind::Readiness => {
+                return Err(FieldError::new(
+                    field("consecutive_successes"),
+                    format!("must be 1 for a {kind_name} check"),
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// A command probe: the rules of the task's own command.
+fn command_probe(c: &pb::CommandProbe, field: &str) -> Result<(), FieldError> {
+    if c.value.is_empty() && (c.shell || c.arguments.is_empty()) {
+        return Err(FieldError::new(
+            format!("{field}.value"),
+            "must not be empty",
+        ));
+    }
+    let size = c.value.len() + c.arguments.iter().map(String::len).sum::<usize>();
+    if size > MAX_COMMAND {
+        return Err(FieldError::new(field, "is longer than 256 KiB"));
+    }
+    if c.arguments
+        .iter()
+        .chain(std::iter::once(&c.value))
+        .any(|a| a.contains('\0'))
+    {
+        return Err(FieldError::new(field, "must not contain NUL bytes"));
+    }
+    Ok(())
+}
+
+/// A TCP port to probe: 1-65535 (0 is "any port" to the kernel).
+fn port(value: u32, field: &str) -> Result<(), FieldError> {
+    if value == 0 || value > u32::from(u16::MAX) {
+        return Err(FieldError::new(field, "must be 1-65535"));
+    }
+    Ok(())
 }
 
 /// `UID[:GID]`, both decimal.
@@ -305,16 +434,133 @@ fn container_info(c: &pb::ContainerInfo) -> Result<(), FieldError> {
         ));
     }
     for (i, v) in c.volumes.iter().enumerate() {
-        absolute_path(
-            &v.host_path,
-            &format!("task.container.volumes[{i}].host_path"),
-        )?;
+        if v.pod_volume.is_empty() {
+            absolute_path(
+                &v.host_path,
+                &format!("task.container.volumes[{i}].host_path"),
+            )?;
+        } else if !v.host_path.is_empty() {
+            return Err(FieldError::new(
+                format!("task.container.volumes[{i}]"),
+                "set host_path or pod_volume, not both",
+            ));
+        } else {
+            volume_name(
+                &v.pod_volume,
+                &format!("task.container.volumes[{i}].pod_volume"),
+            )?;
+        }
         absolute_path(
             &v.container_path,
             &format!("task.container.volumes[{i}].container_path"),
         )?;
     }
     Ok(())
+}
+
+/// Most tasks in one pod (Kubernetes has no limit; a pod is one agent's).
+const MAX_POD_TASKS: usize = 64;
+
+/// Checks a LAUNCH_GROUP's pod on its own: every task as [`task`] does
+/// (fields named `task_group.tasks[i].…`), unique task ids, unique volume
+/// names, and every pod volume a task mounts defined. The master checks the
+/// tasks against offers and its state, all or nothing.
+pub fn task_group(group: &pb::TaskGroupInfo) -> Result<Vec<ValidTask>, FieldError> {
+    if group.tasks.is_empty() {
+        return Err(FieldError::new("task_group.tasks", "must not be empty"));
+    }
+    if group.tasks.len() > MAX_POD_TASKS {
+        return Err(FieldError::new("task_group.tasks", "at most 64 tasks"));
+    }
+    let mut volumes = HashSet::new();
+    for (i, v) in group.volumes.iter().enumerate() {
+        let field = format!("task_group.volumes[{i}]");
+        volume_name(&v.name, &format!("{field}.name"))?;
+        if !volumes.insert(v.name.as_str()) {
+            return Err(FieldError::new(
+                format!("{field}.name"),
+                format!("'{}' is defined twice", v.name),
+            ));
+        }
+        match &v.source {
+            Some(pb::pod_volume::Source::EmptyDir(_)) => {}
+            Some(pb::pod_volume::Source::HostPath(path)) => {
+                absolute_path(path, &format!("{field}.host_path"))?;
+            }
+            None => {
+                return Err(FieldError::new(
+                    field,
+                    "needs a source: empty_dir or host_path",
+                ));
+            }
+        }
+    }
+    let mut ids = HashSet::new();
+    let mut valid = Vec::with_capacity(group.tasks.len());
+    for (i, info) in group.tasks.iter().enumerate() {
+        let prefix = format!("task_group.tasks[{i}]");
+        let renamed = |e: FieldError| {
+            let field = match e.field.strip_prefix("task") {
+                Some(rest) => format!("{prefix}{rest}"),
+                None => e.field,
+            };
+            FieldError::new(field, e.reason)
+        };
+        let v = task(info).map_err(renamed)?;
+        if !ids.insert(v.id.clone()) {
+            return Err(FieldError::new(
+                format!("{prefix}.task_id"),
+                format!("'{}' is used twice in the pod", v.id),
+            ));
+        }
+        let mounts = info.container.iter().flat_map(|c| c.volumes.iter());
+        for (j, m) in mounts.enumerate() {
+            if !m.pod_volume.is_empty() && !volumes.contains(m.pod_volume.as_str()) {
+                return Err(FieldError::new(
+                    format!("{prefix}.container.volumes[{j}].pod_volume"),
+                    format!("the pod has no volume named '{}'", m.pod_volume),
+                ));
+            }
+        }
+        valid.push(v);
+    }
+    Ok(valid)
+}
+
+/// Where a task outside a pod names a pod volume.
+pub fn pod_volume_outside_a_pod(info: &pb::TaskInfo) -> Option<FieldError> {
+    let volumes = info.container.iter().flat_map(|c| c.volumes.iter());
+    volumes
+        .enumerate()
+        .find(|(_, v)| !v.pod_volume.is_empty())
+        .map(|(i, _)| {
+            FieldError::new(
+                format!("task.container.volumes[{i}].pod_volume"),
+                "only the tasks of a pod (LaunchGroup) can mount pod volumes",
+            )
+        })
+}
+
+/// A volume name as Kubernetes has it: a DNS label (lowercase letters,
+/// digits and '-', at most 63, starting and ending alphanumeric).
+fn volume_name(value: &str, field: &str) -> Result<(), FieldError> {
+    let ok = !value.is_empty()
+        && value.len() <= 63
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !value.starts_with('-')
+        && !value.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(FieldError::new(
+            field,
+            format!(
+                "'{value}' must be 1-63 lowercase letters, digits or '-', starting and ending with a letter or digit"
+            ),
+        ))
+    }
 }
 
 /// An absolute path without `..` components.
@@ -465,6 +711,204 @@ mod tests {
         assert!(task(&good_task()).is_ok(), "the field is optional");
     }
 
+    fn http_check(kind: pb::health_check::Kind) -> pb::HealthCheck {
+        pb::HealthCheck {
+            kind: kind as i32,
+            probe: Some(pb::health_check::Probe::Http(pb::HttpProbe {
+                scheme: "http".into(),
+                port: 8080,
+                path: "/health".into(),
+            })),
+            ..Default::default()
+        }
+    }
+
+    /// The error for `good_task` with these checks.
+    fn health_error(checks: Vec<pb::HealthCheck>) -> String {
+        let mut t = good_task();
+        t.health_checks = checks;
+        task(&t).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn health_checks_of_each_kind_with_every_probe_pass() {
+        use pb::health_check::{Kind, Probe};
+        let mut t = good_task();
+        let mut command = http_check(Kind::Startup);
+        command.probe = Some(Probe::Command(pb::CommandProbe {
+            shell: true,
+            value: "test -f /ready".into(),
+            ..Default::default()
+        }));
+        let mut tcp = http_check(Kind::Readiness);
+        tcp.probe = Some(Probe::Tcp(pb::TcpProbe { port: 65535 }));
+        tcp.consecutive_successes = Some(3);
+        let mut liveness = http_check(Kind::Unspecified);
+        liveness.delay_seconds = Some(0.0);
+        liveness.interval_seconds = Some(0.1);
+        liveness.timeout_seconds = Some(1.0);
+        liveness.grace_period_seconds = Some(30.0);
+        liveness.consecutive_failures = Some(1);
+        liveness.consecutive_successes = Some(1);
+        t.health_checks = vec![liveness, tcp, command];
+        let valid = task(&t).unwrap();
+        assert_eq!(valid.info.health_checks.len(), 3);
+    }
+
+    #[test]
+    fn health_check_timings_must_be_finite_and_positive() {
+        use pb::health_check::Kind;
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            let mut c = http_check(Kind::Liveness);
+            c.interval_seconds = Some(bad);
+            assert_eq!(
+                health_error(vec![c]),
+                "task.health_checks[0].interval_seconds: must be finite and > 0",
+                "{bad}"
+            );
+            let mut c = http_check(Kind::Liveness);
+            c.timeout_seconds = Some(bad);
+            assert_eq!(
+                health_error(vec![c]),
+                "task.health_checks[0].timeout_seconds: must be finite and > 0",
+                "{bad}"
+            );
+        }
+        let mut c = http_check(Kind::Liveness);
+        c.interval_seconds = Some(MAX_SECONDS * 2.0);
+        assert_eq!(
+            health_error(vec![c]),
+            "task.health_checks[0].interval_seconds: must be at most one year"
+        );
+        let mut c = http_check(Kind::Liveness);
+        c.delay_seconds = Some(-1.0);
+        assert_eq!(
+            health_error(vec![c]),
+            "task.health_checks[0].delay_seconds: must be >= 0"
+        );
+        let mut c = http_check(Kind::Liveness);
+        c.grace_period_seconds = Some(f64::NAN);
+        assert_eq!(
+            health_error(vec![c]),
+            "task.health_checks[0].grace_period_seconds: must be finite"
+        );
+    }
+
+    #[test]
+    fn health_check_thresholds_must_be_at_least_one_and_one_for_liveness_successes() {
+        use pb::health_check::Kind;
+        let mut c = http_check(Kind::Readiness);
+        c.consecutive_failures = Some(0);
+        assert_eq!(
+            health_error(vec![c]),
+            "task.health_checks[0].consecutive_failures: must be >= 1"
+        );
+        let mut c = http_check(Kind::Readiness);
+        c.consecutive_successes = Some(0);
+        assert_eq!(
+            health_error(vec![c]),
+            "task.health_checks[0].consecutive_successes: must be >= 1"
+        );
+        for kind in [Kind::Liveness, Kind::Unspecified, Kind::Startup] {
+            let mut c = http_check(kind);
+            c.consecutive_successes = Some(2);
+            let err = health_error(vec![c]);
+            assert!(
+                err.starts_with("task.health_checks[0].consecutive_successes: must be 1 for a"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn at_most_one_health_check_of_each_kind_and_unspecified_is_liveness() {
+        use pb::health_check::Kind;
+        assert_eq!(
+            health_error(vec![http_check(Kind::Liveness), http_check(Kind::Liveness)]),
+            "task.health_checks[1].kind: a task has at most one LIVENESS check"
+        );
+        assert_eq!(
+            health_error(vec![
+                http_check(Kind::Readiness),
+                http_check(Kind::Liveness),
+                http_check(Kind::Unspecified)
+            ]),
+            "task.health_checks[2].kind: a task has at most one LIVENESS check"
+        );
+        let mut c = http_check(Kind::Liveness);
+        c.kind = 42;
+        assert_eq!(
+            health_error(vec![c]),
+            "task.health_checks[0].kind: unknown kind 42"
+        );
+    }
+
+    #[test]
+    fn health_check_probes_are_required_and_checked() {
+        use pb::health_check::{Kind, Probe};
+        let mut c = http_check(Kind::Liveness);
+        c.probe = None;
+        assert_eq!(
+            health_error(vec![c]),
+            "task.health_checks[0].probe: is required: command, http or tcp"
+        );
+        for port in [0, 65536, u32::MAX] {
+            let mut c = http_check(Kind::Liveness);
+            c.probe = Some(Probe::Tcp(pb::TcpProbe { port }));
+            assert_eq!(
+                health_error(vec![c]),
+                "task.health_checks[0].tcp.port: must be 1-65535",
+                "{port}"
+            );
+            let mut c = http_check(Kind::Liveness);
+            if let Some(Probe::Http(h)) = c.probe.as_mut() {
+                h.port = port;
+            }
+            assert_eq!(
+                health_error(vec![c]),
+                "task.health_checks[0].http.port: must be 1-65535",
+                "{port}"
+            );
+        }
+        let mut c = http_check(Kind::Liveness);
+        if let Some(Probe::Http(h)) = c.probe.as_mut() {
+            h.scheme = "https".into();
+        }
+        assert_eq!(
+            health_error(vec![c]),
+            "task.health_checks[0].http.scheme: must be http ('https' is not supported)"
+        );
+        for path in ["health", "/a b", "/x\n"] {
+            let mut c = http_check(Kind::Liveness);
+            if let Some(Probe::Http(h)) = c.probe.as_mut() {
+                h.path = path.into();
+            }
+            assert!(
+                health_error(vec![c]).starts_with("task.health_checks[0].http.path: "),
+                "{path:?}"
+            );
+        }
+        let mut c = http_check(Kind::Liveness);
+        c.probe = Some(Probe::Command(pb::CommandProbe {
+            shell: true,
+            ..Default::default()
+        }));
+        assert_eq!(
+            health_error(vec![c]),
+            "task.health_checks[0].command.value: must not be empty"
+        );
+        let mut c = http_check(Kind::Liveness);
+        c.probe = Some(Probe::Command(pb::CommandProbe {
+            shell: false,
+            value: "/bin/true".into(),
+            arguments: vec!["true\0".into()],
+        }));
+        assert_eq!(
+            health_error(vec![c]),
+            "task.health_checks[0].command: must not contain NUL bytes"
+        );
+    }
+
     #[test]
     fn image_tasks_may_omit_the_command_and_container_fields_are_checked() {
         let mut t = good_task();
@@ -479,6 +923,7 @@ mod tests {
             host_path: "relative".into(),
             container_path: "/data".into(),
             read_only: true,
+            ..Default::default()
         });
         t.container = Some(c.clone());
         assert_eq!(

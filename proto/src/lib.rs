@@ -1,7 +1,7 @@
 //! Corral's wire types and the exact arithmetic and validation over them.
 //!
 //! - [`pb`]: the generated protobuf/tonic code for `corral.v1` (agent ⇄ master
-//!   stream, framework API, agent API).
+//!   stream, framework API, agent API, the batch and service frameworks' specs).
 //! - [`ids`]: validated id newtypes (`AgentId`, `FrameworkId`, `TaskId`, `OfferId`).
 //! - [`resources`]: fixed-point resource amounts, port ranges, parsing of the
 //!   `cpus:4;mem:8192;ports:[31000-32000]` text form, and validation of wire values.

@@ -209,6 +209,34 @@ impl TestFramework {
             .map(|_| ())
     }
 
+    /// Accepts `offer_ids` with one LAUNCH_GROUP of `group` (its tasks'
+    /// agent id is set to `agent_id`).
+    pub async fn accept_group(
+        &mut self,
+        offer_ids: Vec<String>,
+        agent_id: &str,
+        mut group: pb::TaskGroupInfo,
+    ) -> Result<(), Status> {
+        for t in &mut group.tasks {
+            t.agent_id = agent_id.to_string();
+        }
+        self.client
+            .accept(pb::AcceptRequest {
+                header: self.header(),
+                offer_ids,
+                operations: vec![pb::Operation {
+                    operation: Some(pb::operation::Operation::LaunchGroup(pb::LaunchGroup {
+                        task_group: Some(group),
+                    })),
+                }],
+                filters: Some(pb::Filters {
+                    refuse_seconds: Some(0.0),
+                }),
+            })
+            .await
+            .map(|_| ())
+    }
+
     /// Launches `tasks` on `offer` (their agent id is set to the offer's).
     pub async fn launch(&mut self, offer: &pb::Offer, mut tasks: Vec<pb::TaskInfo>) {
         for t in &mut tasks {

@@ -6,15 +6,18 @@
 //! - [`TestFramework`]: a framework on the raw gRPC API, so tests control
 //!   exactly what is sent (and what is not acknowledged).
 //! - [`wait_for`]: the bounded poll every test uses instead of sleeping.
+//! - [`batch::TestBatch`], [`service::TestService`]: the batch and service
+//!   frameworks in-process, with their gRPC clients.
 
 pub mod batch;
 mod framework;
 pub mod images;
 mod proxy;
+pub mod service;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use corral_agent::AgentConfig;
@@ -71,6 +74,9 @@ pub struct TestAgent {
     pub address: SocketAddr,
     pub work_dir: PathBuf,
     pub cgroup_root: String,
+    /// The agent's pod network: its bridge and address range.
+    pub pod_bridge: String,
+    pub pod_cidr: corral_agent::network::PodCidr,
     /// Between this agent and the master; cut it to partition the agent.
     pub proxy: Proxy,
     stop: watch::Sender<bool>,
@@ -86,6 +92,27 @@ impl Drop for TestAgent {
             for h in hierarchies.flatten() {
                 let _ = std::fs::remove_dir(h.path().join(&self.cgroup_root));
             }
+        }
+        // Nor pods' namespaces and veths, nor the bridge (on its own
+        // runtime: this may run inside the test's).
+        if Path::new("/sys/class/net").join(&self.pod_bridge).exists() {
+            let config = corral_agent::network::PodNetworkConfig::for_work_dir(
+                &self.work_dir,
+                self.pod_bridge.clone(),
+                self.pod_cidr,
+            );
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .ok()?;
+                rt.block_on(async {
+                    let net = corral_agent::network::PodNetwork::new(config).await.ok()?;
+                    let _ = net.sweep(&Default::default()).await;
+                    net.remove_bridge().await.ok()
+                })
+            })
+            .join();
         }
     }
 }
@@ -104,6 +131,11 @@ impl TestAgent {
         }
         self.proxy.shutdown();
         assert_clean(&self.cgroup_root, &self.work_dir);
+        assert!(
+            !Path::new("/sys/class/net").join(&self.pod_bridge).exists(),
+            "the agent left its pod bridge {} behind",
+            self.pod_bridge
+        );
     }
 }
 
@@ -211,6 +243,17 @@ impl Cluster {
             "corral-test-{}",
             &uuid::Uuid::new_v4().simple().to_string()[..12]
         );
+        // Its own pod bridge and address range: tests run in parallel, and
+        // each agent removes its bridge when it stops.
+        static AGENTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = AGENTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        config.pod_bridge = format!("ct{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+        config.pod_cidr = corral_agent::network::PodCidr::parse(&format!(
+            "10.{}.{}.0/24",
+            200 + std::process::id() % 50,
+            n % 256
+        ))
+        .expect("pod cidr");
         config
     }
 
@@ -228,17 +271,25 @@ impl Cluster {
         config.advertise_address = Some(address.to_string());
         let work_dir = config.work_dir.clone();
         let cgroup_root = config.cgroup_root.clone();
+        let (pod_bridge, pod_cidr) = (config.pod_bridge.clone(), config.pod_cidr);
         let (stop, rx) = watch::channel(false);
         let task = tokio::spawn(corral_agent::run(config, listener, until(rx)));
         self.agents.push(TestAgent {
             address,
             work_dir,
             cgroup_root,
+            pod_bridge,
+            pod_cidr,
             proxy,
             stop,
             task: Some(task),
         });
         self.agents.len() - 1
+    }
+
+    /// The work dir of agent `index`.
+    pub fn agent_work_dir(&self, index: usize) -> std::path::PathBuf {
+        self.agents[index].work_dir.clone()
     }
 
     pub async fn state(&self) -> StateSnapshot {

@@ -213,6 +213,7 @@ async fn volumes_are_mounted_only_under_allowed_host_paths() {
         host_path: host.display().to_string(),
         container_path: "/data".into(),
         read_only: ro,
+        ..Default::default()
     };
     let mut ro = shell_task(
         "ro",
@@ -373,6 +374,7 @@ async fn an_agent_destroys_orphan_containers_in_its_cgroup_subtree_at_start() {
             mem_bytes: 32 << 20,
             stdout: null(),
             stderr: null(),
+            netns: None,
         })
         .expect("launch the orphan");
     let pid = orphan.pid;

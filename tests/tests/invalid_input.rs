@@ -256,3 +256,123 @@ async fn a_framework_cannot_kill_acknowledge_or_reconcile_another_frameworks_tas
     assert_eq!(cluster.state().await.tasks[0].state, "TASK_RUNNING");
     cluster.shutdown().await;
 }
+
+/// A pod launches all or nothing: one problem anywhere in it fails every
+/// one of its tasks with TASK_ERROR naming the field, and nothing changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_pod_fails_all_its_tasks_naming_the_field_and_changes_nothing() {
+    let cluster = Cluster::start(1).await;
+    let mut fw = cluster.framework("pods").await;
+    let before = fingerprint(&cluster).await;
+    let mount = |volume: &str| pb::Volume {
+        pod_volume: volume.into(),
+        container_path: "/data".into(),
+        ..Default::default()
+    };
+    let with_mount = |id: &str, volume: &str| {
+        let mut t = shell_task(id, "true", 0.1, 32.0);
+        t.container = Some(pb::ContainerInfo {
+            volumes: vec![mount(volume)],
+            ..Default::default()
+        });
+        t
+    };
+    let empty_dir = |name: &str| pb::PodVolume {
+        name: name.into(),
+        source: Some(pb::pod_volume::Source::EmptyDir(pb::EmptyDirVolume {})),
+    };
+    let cases: Vec<(&str, pb::TaskGroupInfo, &str)> = vec![
+        (
+            "unknown-volume",
+            pb::TaskGroupInfo {
+                tasks: vec![
+                    shell_task("a1", "true", 0.1, 32.0),
+                    with_mount("a2", "cache"),
+                ],
+                volumes: vec![empty_dir("data")],
+                ..Default::default()
+            },
+            "task_group.tasks[1].container.volumes[0].pod_volume: the pod has no volume named 'cache'",
+        ),
+        (
+            "bad-resources",
+            pb::TaskGroupInfo {
+                tasks: vec![
+                    shell_task("b1", "true", 0.1, 32.0),
+                    shell_task("b2", "true", 0.0, 32.0),
+                ],
+                ..Default::default()
+            },
+            "task_group.tasks[1].resources.cpus: must be finite and > 0",
+        ),
+        (
+            "too-big",
+            pb::TaskGroupInfo {
+                tasks: vec![
+                    shell_task("c1", "true", 1.5, 32.0),
+                    shell_task("c2", "true", 1.5, 32.0),
+                ],
+                ..Default::default()
+            },
+            "task_group: the pod's resources cpus:3;mem:64 exceed",
+        ),
+        (
+            "duplicate-id",
+            pb::TaskGroupInfo {
+                tasks: vec![
+                    shell_task("d1", "true", 0.1, 32.0),
+                    shell_task("d1", "true", 0.1, 32.0),
+                ],
+                ..Default::default()
+            },
+            "task_group.tasks[1].task_id: 'd1' is used twice in the pod",
+        ),
+        (
+            "bad-volume-name",
+            pb::TaskGroupInfo {
+                tasks: vec![shell_task("e1", "true", 0.1, 32.0)],
+                volumes: vec![empty_dir("Data_1")],
+                ..Default::default()
+            },
+            "task_group.volumes[0].name: 'Data_1' must be 1-63 lowercase",
+        ),
+    ];
+    for (case, group, want) in cases {
+        let offer = fw.wait_offers().await.remove(0);
+        let ids: Vec<String> = group.tasks.iter().map(|t| t.task_id.clone()).collect();
+        fw.updates.clear();
+        fw.accept_group(vec![offer.id.clone()], &offer.agent_id, group)
+            .await
+            .expect("accept");
+        for id in &ids {
+            let error = fw.wait_update(id, TaskState::TaskError).await;
+            assert_eq!(error.reason(), Reason::TaskInvalid, "{case}");
+            assert!(
+                error.message.starts_with(want),
+                "{case}: '{}' should start with '{want}'",
+                error.message
+            );
+        }
+        assert_eq!(
+            fingerprint(&cluster).await,
+            before,
+            "{case} changed the master's state"
+        );
+    }
+    // A pod volume outside a pod is refused too.
+    let offer = fw.wait_offers().await.remove(0);
+    let mut lone = with_mount("lone", "data");
+    lone.agent_id = offer.agent_id.clone();
+    fw.accept(vec![offer.id.clone()], vec![lone], Some(0.0))
+        .await
+        .expect("accept");
+    let error = fw.wait_update("lone", TaskState::TaskError).await;
+    assert!(
+        error.message.starts_with(
+            "task.container.volumes[0].pod_volume: only the tasks of a pod (LaunchGroup) can mount pod volumes"
+        ),
+        "{}",
+        error.message
+    );
+    cluster.shutdown().await;
+}

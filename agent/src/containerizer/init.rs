@@ -81,6 +81,7 @@ pub(crate) enum Stage {
     Chdir,
     CwdOutsideRoot,
     Exec,
+    JoinNetwork,
 }
 
 impl Stage {
@@ -103,6 +104,7 @@ impl Stage {
             Chdir,
             CwdOutsideRoot,
             Exec,
+            JoinNetwork,
         ]
         .into_iter()
         .find(|s| *s as u32 == v)
@@ -127,6 +129,7 @@ impl Stage {
             Stage::Chdir => "chdir",
             Stage::CwdOutsideRoot => "check cwd",
             Stage::Exec => "exec",
+            Stage::JoinNetwork => "join the pod's network namespace",
         }
     }
 }
@@ -286,13 +289,15 @@ pub(crate) struct ChildFds {
     pub(crate) stdout: RawFd,
     pub(crate) stderr: RawFd,
     pub(crate) sock: RawFd,
+    /// A network namespace to join, or -1 for the host's.
+    pub(crate) netns: RawFd,
 }
 
 const NAMESPACES: libc::c_int =
     libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
 
-/// Clones the init into new pid, mount, uts and ipc namespaces (host
-/// network). Returns its host pid and a pidfd.
+/// Clones the init into new pid, mount, uts and ipc namespaces; it keeps
+/// the host network or joins `fds.netns`. Returns its host pid and a pidfd.
 pub(crate) fn spawn(
     plan: &ChildPlan,
     scratch: &mut Scratch,
@@ -343,9 +348,18 @@ fn init_main(plan: &ChildPlan, scratch: &mut Scratch, fds: ChildFds) -> ! {
         fail(sock, Stage::Signals, 0, e);
     }
     sys::reset_signal_dispositions();
-    let mut keep = [fds.stdout, fds.stderr, sock];
+    let mut keep = [fds.stdout, fds.stderr, sock, fds.netns];
     keep.sort_unstable();
-    sys::close_fds_except(&keep, plan.max_fd);
+    // An absent netns (-1) sorts first and must not count.
+    let first = keep.iter().position(|&fd| fd >= 0).unwrap_or(keep.len());
+    sys::close_fds_except(keep.get(first..).unwrap_or(&[]), plan.max_fd);
+    // Before the mounts: a fresh /sys shows the network of its mounter.
+    if fds.netns >= 0 {
+        if let Err(e) = sys::setns(fds.netns, libc::CLONE_NEWNET) {
+            fail(sock, Stage::JoinNetwork, 0, e);
+        }
+        sys::close(fds.netns);
+    }
 
     let _ = sys::prctl(libc::PR_SET_DUMPABLE, 0);
     sys::set_name(c"corral-init");

@@ -140,6 +140,9 @@ pub struct ContainerSpec {
     /// stdin is /dev/null.
     pub stdout: OwnedFd,
     pub stderr: OwnedFd,
+    /// A network namespace to join (a pod's, shared by its containers);
+    /// `None`: the host's network.
+    pub netns: Option<OwnedFd>,
 }
 
 /// The container's root filesystem.
@@ -317,10 +320,15 @@ impl Containerizer {
         let stdout = AboveStdio::new(spec.stdout.as_fd()).map_err(sys_err("dup stdout"))?;
         let stderr = AboveStdio::new(spec.stderr.as_fd()).map_err(sys_err("dup stderr"))?;
         let child_sock = AboveStdio::owned(child_sock).map_err(sys_err("dup the init socket"))?;
+        let netns = match &spec.netns {
+            Some(fd) => Some(AboveStdio::new(fd.as_fd()).map_err(sys_err("dup the netns"))?),
+            None => None,
+        };
         let fds = ChildFds {
             stdout: stdout.raw(),
             stderr: stderr.raw(),
             sock: child_sock.raw(),
+            netns: netns.as_ref().map_or(-1, AboveStdio::raw),
         };
         // A zygote that is gone (killed by an operator?) costs only speed.
         let spawned = match self.zygote.as_ref().and_then(|z| z.spawn(spec, fds)) {
@@ -329,7 +337,7 @@ impl Containerizer {
             None => init::spawn(&plan, &mut Scratch::new(&plan), fds),
         };
         let (pid, pidfd) = spawned.map_err(sys_err("clone the init"))?;
-        drop((stdout, stderr, child_sock));
+        drop((stdout, stderr, child_sock, netns));
         // From here on, every error path kills and reaps the init.
         let abort = |err: ContainerError, leaf: Option<&Leaf>| {
             let _ = sys::pidfd_send_signal(&pidfd, libc::SIGKILL);

@@ -217,6 +217,7 @@ mod tests {
             mem_bytes: 64 << 20,
             stdout: devnull(),
             stderr: devnull(),
+            netns: None,
         }
     }
 

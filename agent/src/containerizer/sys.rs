@@ -204,6 +204,12 @@ pub(crate) fn create_file(path: &CStr) -> SysResult<()> {
 // ---------------------------------------------------------------------------
 // Process state of the cloned init and command.
 
+/// setns(2) into the namespace `fd` refers to, of kind `nstype`.
+pub(crate) fn setns(fd: RawFd, nstype: libc::c_int) -> SysResult<()> {
+    // SAFETY: setns(2) on plain integers; a bad fd is an error, not UB.
+    check(unsafe { libc::setns(fd, nstype) }).map(drop)
+}
+
 pub(crate) fn sethostname(name: &[u8]) -> SysResult<()> {
     // SAFETY: `name` is valid for `len` bytes.
     check(unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) }).map(drop)

@@ -119,7 +119,9 @@ impl Zygote {
         }
         let body = serde_json::to_vec(&request).ok()?;
         let sock = self.sock.lock().unwrap_or_else(|e| e.into_inner());
-        sys::send_with_fds(sock.as_raw_fd(), &body, &[fds.stdout, fds.stderr, fds.sock]).ok()?;
+        let all = [fds.stdout, fds.stderr, fds.sock, fds.netns];
+        let passed = if fds.netns >= 0 { &all[..] } else { &all[..3] };
+        sys::send_with_fds(sock.as_raw_fd(), &body, passed).ok()?;
         let ms = ANSWER_TIMEOUT.as_millis() as i32;
         if !sys::poll_readable(sock.as_raw_fd(), ms).unwrap_or(false) {
             // Hung (it must not be: see the module doc). An init it may
@@ -205,11 +207,17 @@ fn serve(cz: &Containerizer, sock: OwnedFd) -> ! {
 /// Builds the plan for one request and clones its init.
 fn answer(cz: &Containerizer, body: &[u8], fds: Vec<OwnedFd>) -> Result<(u32, OwnedFd), Errno> {
     let request: Request = serde_json::from_slice(body).map_err(|_| Errno::EINVAL)?;
-    let [stdout, stderr, sock]: [OwnedFd; 3] = fds.try_into().map_err(|_| Errno::EPROTO)?;
+    let mut fds = fds.into_iter();
+    let (Some(stdout), Some(stderr), Some(sock), netns, None) =
+        (fds.next(), fds.next(), fds.next(), fds.next(), fds.next())
+    else {
+        return Err(Errno::EPROTO);
+    };
     let child = ChildFds {
         stdout: stdout.as_raw_fd(),
         stderr: stderr.as_raw_fd(),
         sock: sock.as_raw_fd(),
+        netns: netns.as_ref().map_or(-1, AsRawFd::as_raw_fd),
     };
     let spec = ContainerSpec {
         id: request.id,
@@ -224,6 +232,7 @@ fn answer(cz: &Containerizer, body: &[u8], fds: Vec<OwnedFd>) -> Result<(u32, Ow
         mem_bytes: request.mem_bytes,
         stdout,
         stderr,
+        netns,
     };
     let leaf = cz.cgroups.leaf(&spec.id);
     let plan = cz.child_plan(&spec, &leaf).map_err(|_| Errno::EINVAL)?;

@@ -153,6 +153,7 @@ impl Env {
             mem_bytes: 64 << 20,
             stdout: out("stdout"),
             stderr: out("stderr"),
+            netns: None,
         }
     }
 

@@ -231,8 +231,18 @@ pub fn validate(spec: &pb::JobSpec) -> Result<Job, SpecError> {
         .iter()
         .enumerate()
         .map(|(i, text)| {
-            Constraint::from_str(text)
-                .map_err(|e| SpecError::new(format!("job.constraints[{i}]"), e.to_string()))
+            let field = format!("job.constraints[{i}]");
+            let c =
+                Constraint::from_str(text).map_err(|e| SpecError::new(&field, e.to_string()))?;
+            // The batch scheduler places tasks one offer at a time and does
+            // not track where a job's other tasks run.
+            if c.depends_on_placements() {
+                return Err(SpecError::new(
+                    field,
+                    format!("'{text}': unique and max_per are for services, not batch jobs"),
+                ));
+            }
+            Ok(c)
         })
         .collect::<Result<Vec<_>, _>>()?;
     // An image needs a containerizing agent; `corral run --image` asks the
@@ -591,6 +601,10 @@ mod tests {
             ),
             (
                 "name = \"x\"\ncommand = \"true\"\nconstraints = [\"zone\"]",
+                "job.constraints[0]",
+            ),
+            (
+                "name = \"x\"\ncommand = \"true\"\nconstraints = [\"hostname unique\"]",
                 "job.constraints[0]",
             ),
             (

@@ -132,7 +132,24 @@ impl SchedulerClient {
         self.accept(offer_ids, vec![launch], filters).await
     }
 
-    /// Accepts offers with the given operations (currently only `Launch`).
+    /// Launches a pod (Mesos LAUNCH_GROUP): every task of `group` on the
+    /// offers' agent, sharing a network namespace and the group's volumes,
+    /// or none of them (each then gets TASK_ERROR naming the problem).
+    pub async fn launch_group(
+        &self,
+        offer_ids: &[OfferId],
+        group: pb::TaskGroupInfo,
+        filters: Option<pb::Filters>,
+    ) -> Result<(), DriverError> {
+        let launch = pb::Operation {
+            operation: Some(pb::operation::Operation::LaunchGroup(pb::LaunchGroup {
+                task_group: Some(group),
+            })),
+        };
+        self.accept(offer_ids, vec![launch], filters).await
+    }
+
+    /// Accepts offers with the given operations (`Launch`, `LaunchGroup`).
     pub async fn accept(
         &self,
         offer_ids: &[OfferId],

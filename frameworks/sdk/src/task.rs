@@ -36,6 +36,7 @@ pub struct TaskBuilder {
     max_completion_time: Option<Duration>,
     labels: HashMap<String, String>,
     container: Option<pb::ContainerInfo>,
+    health_checks: Vec<pb::HealthCheck>,
 }
 
 const CPUS: usize = 0;
@@ -57,6 +58,7 @@ impl TaskBuilder {
             max_completion_time: None,
             labels: HashMap::new(),
             container: None,
+            health_checks: Vec::new(),
         }
     }
 
@@ -162,6 +164,39 @@ impl TaskBuilder {
         self
     }
 
+    /// Adds a health check the agent runs once the task is RUNNING: a
+    /// command (in the task's container), an HTTP GET or a TCP connect,
+    /// as a liveness, readiness or startup check (at most one of each).
+    /// Verdict changes arrive as `TASK_RUNNING` updates with `healthy` /
+    /// `ready` set and reason `TASK_HEALTH_CHECK_STATUS_UPDATED`; a failed
+    /// liveness or startup check makes the agent kill the task, which then
+    /// ends `TASK_FAILED` with `REASON_TASK_UNHEALTHY`. The master refuses
+    /// bad settings (zero interval, port 0, a second liveness check, ...).
+    ///
+    /// ```
+    /// # use corral_sdk::{pb, TaskBuilder, TaskId};
+    /// use pb::health_check::{Kind, Probe};
+    /// let task = TaskBuilder::new(TaskId::parse("web-0", "task_id").unwrap())
+    ///     .shell("exec ./serve --port 8080")
+    ///     .health_check(pb::HealthCheck {
+    ///         kind: Kind::Liveness as i32,
+    ///         probe: Some(Probe::Http(pb::HttpProbe {
+    ///             port: 8080,
+    ///             path: "/health".into(),
+    ///             ..Default::default()
+    ///         })),
+    ///         interval_seconds: Some(5.0),
+    ///         consecutive_failures: Some(3),
+    ///         ..Default::default()
+    ///     })
+    ///     .build_for(&pb::Offer::default());
+    /// assert_eq!(task.health_checks.len(), 1);
+    /// ```
+    pub fn health_check(mut self, check: pb::HealthCheck) -> Self {
+        self.health_checks.push(check);
+        self
+    }
+
     pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.labels.insert(key.into(), value.into());
         self
@@ -214,6 +249,7 @@ impl TaskBuilder {
             labels: self.labels.clone(),
             container: self.container.clone(),
             max_completion_time_seconds: self.max_completion_time.map(|d| d.as_secs_f64()),
+            health_checks: self.health_checks.clone(),
         }
     }
 
@@ -241,6 +277,24 @@ impl TaskBuilder {
             host_path: host_path.into(),
             container_path: container_path.into(),
             read_only,
+            ..Default::default()
+        });
+        self
+    }
+
+    /// Mounts the volume `name` of the task's pod at `container_path`
+    /// (only for tasks launched in a pod with `launch_group`).
+    pub fn pod_volume(
+        mut self,
+        name: impl Into<String>,
+        container_path: impl Into<String>,
+        read_only: bool,
+    ) -> Self {
+        self.container_mut().volumes.push(pb::Volume {
+            pod_volume: name.into(),
+            container_path: container_path.into(),
+            read_only,
+            ..Default::default()
         });
         self
     }
