@@ -12,12 +12,13 @@ use std::time::Duration;
 
 use corral_proto::{Amount, Resources, pb};
 use corral_sdk::Constraint;
+use corral_sdk::spec::MAX_SECONDS;
 use serde::Deserialize;
+
+pub use corral_sdk::spec::{MAX_NAME_LEN, parse_duration};
 
 use crate::schedule::Schedule;
 
-/// Longest job name; it is part of every task id and metric label.
-pub const MAX_NAME_LEN: usize = 63;
 /// Largest array job: each index is a record in the store and a row in
 /// `corral batch status`; bigger arrays are better split into several jobs.
 pub const MAX_COUNT: u32 = 100_000;
@@ -28,8 +29,6 @@ pub const MAX_RETRIES: u32 = 100;
 pub const DEFAULT_RETRY_BACKOFF: Duration = Duration::from_secs(1);
 /// Default cap of the retry delay (Kubernetes' 6 minutes, rounded down).
 pub const DEFAULT_RETRY_BACKOFF_MAX: Duration = Duration::from_secs(300);
-/// Longest duration any field accepts (one year).
-const MAX_SECONDS: f64 = 365.0 * 24.0 * 3600.0;
 /// Most `after` dependencies and constraints per job.
 const MAX_LIST: usize = 64;
 /// Most environment variables per job.
@@ -280,22 +279,7 @@ pub fn validate(spec: &pb::JobSpec) -> Result<Job, SpecError> {
 /// Job names become part of task ids (`NAME.RUN.INDEX.ATTEMPT`), so they are
 /// kept to a charset that is safe in ids, file names and metric labels.
 pub fn validate_name(name: &str, field: &str) -> Result<(), SpecError> {
-    if name.is_empty() || name.len() > MAX_NAME_LEN {
-        return Err(SpecError::new(
-            field,
-            format!("must be 1 to {MAX_NAME_LEN} characters"),
-        ));
-    }
-    if !name
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-    {
-        return Err(SpecError::new(
-            field,
-            format!("'{name}' may only contain letters, digits, '-' and '_'"),
-        ));
-    }
-    Ok(())
+    corral_sdk::spec::check_name(name).map_err(|reason| SpecError::new(field, reason))
 }
 
 fn amount(value: f64, field: &str) -> Result<Amount, SpecError> {
@@ -474,30 +458,6 @@ fn key_at(text: &str, offset: usize) -> Option<String> {
     let line = text[start..].lines().next()?;
     let key = line.split('=').next()?.trim();
     (!key.is_empty() && !key.starts_with('[') && key.len() < 64).then(|| key.to_string())
-}
-
-/// Parses `500ms`, `2s`, `1.5m`, `1h`, `1d` or a bare number of seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("'{text}' is not a duration like 500ms, 2s, 1m or 1h"))?;
-    let seconds = match unit.trim() {
-        "" | "s" => value,
-        "ms" => value / 1000.0,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        "d" => value * 86400.0,
-        other => return Err(format!("unknown unit '{other}' in '{text}'")),
-    };
-    if !seconds.is_finite() || seconds > MAX_SECONDS {
-        return Err(format!("'{text}' is longer than a year"));
-    }
-    Ok(Duration::from_secs_f64(seconds))
 }
 
 #[cfg(test)]

@@ -44,6 +44,7 @@
 //! - `task`: [`TaskBuilder`].
 //! - `offer`: [`OfferResources`], carving tasks out of one offer.
 //! - [`constraint`]: placement constraints on agent attributes.
+//! - [`spec`]: what the frameworks' specs share: durations and names.
 //! - `backoff`, `recent`: reconnect backoff and the duplicate-update memory.
 
 mod backoff;
@@ -54,6 +55,7 @@ mod error;
 mod offer;
 mod recent;
 mod scheduler;
+pub mod spec;
 mod task;
 
 pub use async_trait::async_trait;

@@ -17,11 +17,11 @@ use std::time::Duration;
 use corral_proto::{Amount, Resources, pb};
 use corral_sdk::Constraint;
 use corral_sdk::constraint::ISOLATION_ATTRIBUTE;
+use corral_sdk::spec::MAX_SECONDS;
 use serde::Deserialize;
 
-/// Longest service, container and volume name; names are part of task ids
-/// and metric labels (the batch framework's rule for job names).
-pub const MAX_NAME_LEN: usize = 63;
+pub use corral_sdk::spec::{MAX_NAME_LEN, parse_duration};
+
 /// Most instances of one service: each is a task (or a pod of tasks) the
 /// framework tracks and reconciles.
 pub const MAX_INSTANCES: u32 = 10_000;
@@ -51,8 +51,6 @@ pub const DEFAULT_CHECK_FAILURES: u32 = 3;
 /// batch framework's and `corral run`'s.
 pub const DEFAULT_CPUS: f64 = 0.1;
 pub const DEFAULT_MEM_MIB: f64 = 32.0;
-/// Longest duration any field accepts (one year).
-const MAX_SECONDS: f64 = 365.0 * 24.0 * 3600.0;
 /// Most constraints per service.
 const MAX_CONSTRAINTS: usize = 64;
 /// Most environment variables per task or container.
@@ -1012,22 +1010,7 @@ fn health_checks(checks: &[pb::HealthCheck], field: &str) -> Result<Vec<HealthCh
 /// names and metric labels, so they keep to a charset that is safe in all
 /// three (the batch framework's rule for job names).
 pub fn validate_name(name: &str, field: &str) -> Result<(), SpecError> {
-    if name.is_empty() || name.len() > MAX_NAME_LEN {
-        return Err(SpecError::new(
-            field,
-            format!("must be 1 to {MAX_NAME_LEN} characters"),
-        ));
-    }
-    if !name
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-    {
-        return Err(SpecError::new(
-            field,
-            format!("'{name}' may only contain letters, digits, '-' and '_'"),
-        ));
-    }
-    Ok(())
+    corral_sdk::spec::check_name(name).map_err(|reason| SpecError::new(field, reason))
 }
 
 fn image(image: &str, field: &str) -> Result<Option<String>, SpecError> {
@@ -1202,31 +1185,6 @@ fn seconds(value: f64, field: &str) -> Result<Duration, SpecError> {
         return Err(SpecError::new(field, "must be at most one year"));
     }
     Ok(Duration::from_secs_f64(value))
-}
-
-/// Parses `500ms`, `2s`, `1.5m`, `1h`, `1d` or a bare number of seconds
-/// (the batch framework's duration syntax).
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("'{text}' is not a duration like 500ms, 2s, 1m or 1h"))?;
-    let seconds = match unit.trim() {
-        "" | "s" => value,
-        "ms" => value / 1000.0,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        "d" => value * 86400.0,
-        other => return Err(format!("unknown unit '{other}' in '{text}'")),
-    };
-    if !seconds.is_finite() || seconds > MAX_SECONDS {
-        return Err(format!("'{text}' is longer than a year"));
-    }
-    Ok(Duration::from_secs_f64(seconds))
 }
 
 // ---------------------------------------------------------------------------
