@@ -254,6 +254,10 @@ async fn a_container_killed_by_its_liveness_check_restarts_by_the_pod_policy() {
         })),
         interval_seconds: Some(0.2),
         consecutive_failures: Some(1),
+        // Failures before the first pass count only after 2 s: a restarted
+        // container gets that long to create the file, however slow the
+        // machine (it restarted twice on a loaded CI run without it).
+        grace_period_seconds: Some(2.0),
         ..Default::default()
     }];
     launch_pod(&mut fw, pb::PodRestartPolicy::Always, vec![task]).await;
