@@ -7,7 +7,7 @@
 //! go away with the task and follow `tokio::time::pause` in tests.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use corral_proto::pb::{self, Reason, TaskState};
@@ -195,6 +195,45 @@ struct Task {
     /// Why the container being started again ended (for the update that
     /// says it restarted).
     restarting: Option<String>,
+}
+
+impl Task {
+    /// A task just handed to the agent, about to launch (alone, or as
+    /// part of `pod`, whose containers restart by its policy).
+    fn staging(
+        work_dir: &Path,
+        framework_id: FrameworkId,
+        task_id: TaskId,
+        info: pb::TaskInfo,
+        pod: Option<String>,
+    ) -> Task {
+        let sandbox = sandbox_path(work_dir, &framework_id, &task_id);
+        let restarts = pod
+            .as_ref()
+            .map(|_| pod::Restarts::new(Instant::now().into_std()));
+        Task {
+            framework_id,
+            task_id,
+            info,
+            state: TaskState::TaskStaging,
+            pid: None,
+            running: None,
+            launching: true,
+            pending_kill: None,
+            _launcher: None,
+            sandbox,
+            exit_code: None,
+            signal: None,
+            kill: None,
+            completion_deadline: None,
+            kill_cause: None,
+            done: watch::channel(false).0,
+            pod,
+            restarts,
+            restart_at: None,
+            restarting: None,
+        }
+    }
 }
 
 /// A pod on this agent: its tasks share `launch` (network, volumes).
@@ -611,31 +650,7 @@ impl Actor {
         }
         self.frameworks.insert(framework_id.to_string(), framework);
 
-        let sandbox = sandbox_path(&self.identity.work_dir, &framework_id, &task_id);
-        let (done, _) = watch::channel(false);
-        let mut task = Task {
-            framework_id: framework_id.clone(),
-            task_id: task_id.clone(),
-            info,
-            state: TaskState::TaskStaging,
-            pid: None,
-            running: None,
-            launching: false,
-            pending_kill: None,
-            _launcher: None,
-            sandbox,
-            exit_code: None,
-            signal: None,
-            kill: None,
-            completion_deadline: None,
-            kill_cause: None,
-            done,
-            pod: None,
-            restarts: None,
-            restart_at: None,
-            restarting: None,
-        };
-        task.launching = true;
+        let task = Task::staging(&self.identity.work_dir, framework_id, task_id, info, None);
         self.tasks.insert(key.clone(), task);
         self.launch(&key, None);
     }
@@ -746,33 +761,14 @@ impl Actor {
         let mut keys = Vec::with_capacity(ids.len());
         for ((framework_id, task_id), info) in ids.into_iter().zip(group.tasks) {
             let key = (framework_id.to_string(), task_id.to_string());
-            let sandbox = sandbox_path(&self.identity.work_dir, &framework_id, &task_id);
-            let (done, _) = watch::channel(false);
-            self.tasks.insert(
-                key.clone(),
-                Task {
-                    framework_id,
-                    task_id,
-                    info,
-                    state: TaskState::TaskStaging,
-                    pid: None,
-                    running: None,
-                    launching: true,
-                    pending_kill: None,
-                    _launcher: None,
-                    sandbox,
-                    exit_code: None,
-                    signal: None,
-                    kill: None,
-                    completion_deadline: None,
-                    kill_cause: None,
-                    done,
-                    pod: Some(pod_id.clone()),
-                    restarts: Some(pod::Restarts::new(Instant::now().into_std())),
-                    restart_at: None,
-                    restarting: None,
-                },
+            let task = Task::staging(
+                &self.identity.work_dir,
+                framework_id,
+                task_id,
+                info,
+                Some(pod_id.clone()),
             );
+            self.tasks.insert(key.clone(), task);
             keys.push(key);
         }
         info!(framework_id = %framework.id, pod_id = %pod_id, tasks = keys.len(), "launching pod");

@@ -1300,29 +1300,15 @@ impl Master {
     }
 
     fn launch(&mut self, fid: &FrameworkId, agent_id: &AgentId, task: validation::ValidTask) {
-        let key = (fid.clone(), task.id.clone());
-        let status = pb::TaskStatus {
-            task_id: task.id.to_string(),
-            state: TaskState::TaskStaging as i32,
-            source: Source::Master as i32,
-            agent_id: agent_id.to_string(),
-            framework_id: fid.to_string(),
-            timestamp: now_seconds(),
-            ..Default::default()
-        };
-        let framework = self
-            .frameworks
-            .get(fid)
-            .map(|f| f.info.clone())
-            .unwrap_or_default();
         let message = pb::MasterMessage {
             message: Some(pb::master_message::Message::RunTask(pb::RunTask {
-                framework: Some(framework),
+                framework: Some(self.framework_info(fid)),
                 task: Some(task.info.clone()),
             })),
         };
-        self.insert_task(key, agent_id.clone(), task.info, task.resources, status);
-        debug!(framework_id = %fid, task_id = %task.id, agent_id = %agent_id, "launching task");
+        let id = task.id.clone();
+        self.insert_staging(fid, agent_id, task);
+        debug!(framework_id = %fid, task_id = %id, agent_id = %agent_id, "launching task");
         self.send_to_agent(agent_id, message);
     }
 
@@ -1335,35 +1321,47 @@ impl Master {
         group: &pb::TaskGroupInfo,
         tasks: Vec<validation::ValidTask>,
     ) {
-        let framework = self
-            .frameworks
-            .get(fid)
-            .map(|f| f.info.clone())
-            .unwrap_or_default();
         let ids: Vec<String> = tasks.iter().map(|t| t.id.to_string()).collect();
         for task in tasks {
-            let status = pb::TaskStatus {
-                task_id: task.id.to_string(),
-                state: TaskState::TaskStaging as i32,
-                source: Source::Master as i32,
-                agent_id: agent_id.to_string(),
-                framework_id: fid.to_string(),
-                timestamp: now_seconds(),
-                ..Default::default()
-            };
-            let key = (fid.clone(), task.id.clone());
-            self.insert_task(key, agent_id.clone(), task.info, task.resources, status);
+            self.insert_staging(fid, agent_id, task);
         }
         debug!(framework_id = %fid, tasks = ?ids, agent_id = %agent_id, "launching pod");
         let message = pb::MasterMessage {
             message: Some(pb::master_message::Message::RunTaskGroup(
                 pb::RunTaskGroup {
-                    framework: Some(framework),
+                    framework: Some(self.framework_info(fid)),
                     task_group: Some(group.clone()),
                 },
             )),
         };
         self.send_to_agent(agent_id, message);
+    }
+
+    fn framework_info(&self, fid: &FrameworkId) -> pb::FrameworkInfo {
+        self.frameworks
+            .get(fid)
+            .map(|f| f.info.clone())
+            .unwrap_or_default()
+    }
+
+    /// Records a task the master is about to send to `agent_id`: STAGING.
+    fn insert_staging(
+        &mut self,
+        fid: &FrameworkId,
+        agent_id: &AgentId,
+        task: validation::ValidTask,
+    ) {
+        let status = pb::TaskStatus {
+            task_id: task.id.to_string(),
+            state: TaskState::TaskStaging as i32,
+            source: Source::Master as i32,
+            agent_id: agent_id.to_string(),
+            framework_id: fid.to_string(),
+            timestamp: now_seconds(),
+            ..Default::default()
+        };
+        let key = (fid.clone(), task.id);
+        self.insert_task(key, agent_id.clone(), task.info, task.resources, status);
     }
 
     fn insert_task(
