@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use corral_proto::pb::{self, Reason, TaskState};
 use corral_proto::task::{is_terminal, now_seconds, state_name};
-use corral_proto::{AgentId, FrameworkId, Resources, TaskId};
+use corral_proto::{AgentId, FrameworkId, Resources, TaskId, VolumeId};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -27,6 +27,7 @@ use crate::state::{StateView, TaskView, UsageView};
 pub(crate) use crate::status_updates::StreamKey;
 use crate::status_updates::{AckOutcome, StatusUpdateManager, new_update};
 use crate::task::{Termination, sandbox_path, signal_name};
+use crate::volumes::{VolumeKey, Volumes, validate_disk_mib};
 
 /// Room for bursts of launches, exits and API calls; senders wait (never
 /// the actor) when it is full.
@@ -241,6 +242,9 @@ impl Task {
 struct Pod {
     framework_id: String,
     keys: Vec<StreamKey>,
+    /// The framework's persistent volumes it mounts: no other pod may
+    /// mount them, nor may they be destroyed, until its teardown begins.
+    persistent: Vec<VolumeId>,
     policy: pod::Policy,
     dir: PathBuf,
     /// Set once the network and volumes are ready.
@@ -282,6 +286,8 @@ pub(crate) struct Actor {
     pods: HashMap<String, Pod>,
     /// Health checks of running tasks, until their final update.
     health: HashMap<StreamKey, Monitor>,
+    /// The persistent volumes on this agent's disk (their own thread).
+    volumes: Volumes,
 }
 
 /// The status a task's end maps to: `(state, reason, message)`; the
@@ -422,6 +428,7 @@ impl Actor {
         cmd_tx: mpsc::Sender<Command>,
         launcher: Launcher,
         usage: std::sync::Arc<dashmap::DashMap<StreamKey, Usage>>,
+        volumes: Volumes,
     ) -> Self {
         Self {
             identity,
@@ -444,6 +451,7 @@ impl Actor {
             gc: crate::gc::SandboxGc::new(config.sandbox_gc_delay, config.sandbox_gc_max),
             pods: HashMap::new(),
             health: HashMap::new(),
+            volumes,
         }
     }
 
@@ -494,7 +502,30 @@ impl Actor {
         match cmd {
             Command::Attaching { reply } => {
                 self.outbound = None;
-                let _ = reply.send(self.register_message());
+                // The volumes come from the volume thread, after every
+                // create and destroy already sent to it: what is on disk.
+                let mut register = self.register_message();
+                let volumes = self.volumes.clone();
+                tokio::spawn(async move {
+                    match volumes.list().await {
+                        Ok(list) => {
+                            let agent_id = register
+                                .info
+                                .as_ref()
+                                .map(|i| i.id.clone())
+                                .unwrap_or_default();
+                            register.volumes = list
+                                .into_iter()
+                                .map(|v| pb::PersistentVolume {
+                                    agent_id: agent_id.clone(),
+                                    ..v
+                                })
+                                .collect();
+                        }
+                        Err(e) => warn!(error = %e, "registering without persistent volumes"),
+                    }
+                    let _ = reply.send(register);
+                });
             }
             Command::Registered { agent_id, outbound } => self.registered(agent_id, outbound),
             Command::Disconnected => {
@@ -557,9 +588,60 @@ impl Actor {
                 warn!(message = %s.message, "the master removed this agent; killing all tasks");
                 self.begin_stop(Stop::RemovedByMaster(s.message));
             }
+            Message::CreateVolume(v) => self.create_volume(&v),
+            Message::DestroyVolume(v) => self.destroy_volume(&v),
             // The master link consumes these itself.
             Message::Registered(_) | Message::Heartbeat(_) => {}
         }
+    }
+
+    /// `CreateVolume`: made on the volume thread, in order with the pods
+    /// and destroys that follow.
+    fn create_volume(&mut self, volume: &pb::PersistentVolume) {
+        let checked = VolumeKey::parse(&volume.framework_id, &volume.id, "create_volume")
+            .and_then(|k| validate_disk_mib(volume.disk_mib, "create_volume.disk_mib").map(|_| k));
+        match checked {
+            Ok(key) => {
+                info!(framework_id = %key.framework_id, volume_id = %key.volume_id,
+                      disk_mib = volume.disk_mib, "creating persistent volume");
+                self.volumes.create(key, volume.disk_mib);
+            }
+            Err(e) => warn!(framework_id = %volume.framework_id, volume_id = %volume.id,
+                            error = %e, "invalid CreateVolume; ignored"),
+        }
+    }
+
+    /// `DestroyVolume`: refused while a live pod of this agent mounts the
+    /// volume (the master never asks then; the data is worth a check).
+    fn destroy_volume(&mut self, volume: &pb::PersistentVolume) {
+        let key = match VolumeKey::parse(&volume.framework_id, &volume.id, "destroy_volume") {
+            Ok(key) => key,
+            Err(e) => {
+                warn!(framework_id = %volume.framework_id, volume_id = %volume.id,
+                      error = %e, "invalid DestroyVolume; ignored");
+                return;
+            }
+        };
+        if let Some(pod_id) = self.pod_mounting(&key) {
+            warn!(framework_id = %key.framework_id, volume_id = %key.volume_id, pod_id,
+                  "DestroyVolume of a persistent volume a live pod mounts; refused");
+            return;
+        }
+        info!(framework_id = %key.framework_id, volume_id = %key.volume_id,
+              "destroying persistent volume");
+        self.volumes.destroy(key);
+    }
+
+    /// The live pod (teardown not begun) that mounts the volume, if any.
+    fn pod_mounting(&self, key: &VolumeKey) -> Option<&str> {
+        self.pods
+            .iter()
+            .find(|(_, p)| {
+                !p.tearing_down
+                    && p.framework_id == key.framework_id.as_str()
+                    && p.persistent.contains(&key.volume_id)
+            })
+            .map(|(id, _)| id.as_str())
     }
 
     fn register_message(&self) -> pb::Register {
@@ -596,6 +678,8 @@ impl Actor {
                 .filter_map(|id| self.frameworks.get(id).cloned())
                 .collect(),
             version: AGENT_VERSION.to_string(),
+            // Filled in from the volume thread (`Command::Attaching`).
+            volumes: Vec::new(),
         }
     }
 
@@ -701,13 +785,22 @@ impl Actor {
                 actor.emit(&framework.id, st);
             }
         };
+        let framework_id = match FrameworkId::parse(&framework.id, "run_task_group.framework.id") {
+            Ok(id) => id,
+            Err(e) => {
+                return fail_all(
+                    self,
+                    TaskState::TaskError,
+                    Reason::TaskInvalid,
+                    &e.to_string(),
+                );
+            }
+        };
         let mut ids = Vec::with_capacity(group.tasks.len());
         for (i, info) in group.tasks.iter().enumerate() {
             let parsed =
-                FrameworkId::parse(&framework.id, "run_task_group.framework.id").and_then(|f| {
-                    TaskId::parse(&info.task_id, &format!("run_task_group.tasks[{i}].task_id"))
-                        .map(|t| (f, t))
-                });
+                TaskId::parse(&info.task_id, &format!("run_task_group.tasks[{i}].task_id"))
+                    .map(|t| (framework_id.clone(), t));
             match parsed {
                 Ok(ids_of) => ids.push(ids_of),
                 Err(e) => {
@@ -740,11 +833,18 @@ impl Actor {
         let pod_id = uuid::Uuid::new_v4().simple().to_string();
         let dir = pod::pod_dir(&self.identity.work_dir, &pod_id);
         let mut volumes = HashMap::new();
+        let mut empty_dirs = Vec::new();
+        let mut persistent = Vec::new();
         for (i, v) in group.volumes.iter().enumerate() {
-            match pod::volume_source(&dir, v, &self.launcher.allowed_host_paths) {
-                Ok(path) => {
-                    volumes.insert(v.name.clone(), path);
-                }
+            let source = pod::volume_source(
+                &self.identity.work_dir,
+                &dir,
+                &framework_id,
+                v,
+                &self.launcher.allowed_host_paths,
+            );
+            let source = match source {
+                Ok(source) => source,
                 Err(e) => {
                     let message = format!("task_group.volumes[{i}] ('{}'): {e}", v.name);
                     return fail_all(
@@ -754,7 +854,37 @@ impl Actor {
                         &message,
                     );
                 }
+            };
+            match &source {
+                pod::VolumeSource::EmptyDir(path) => empty_dirs.push(path.clone()),
+                pod::VolumeSource::HostPath(_) => {}
+                pod::VolumeSource::Persistent { id, .. } => {
+                    let key = VolumeKey {
+                        framework_id: framework_id.clone(),
+                        volume_id: id.clone(),
+                    };
+                    // One pod at a time: two writers of one directory that
+                    // each believe they own it corrupt it.
+                    if let Some(other) = self.pod_mounting(&key) {
+                        let message = format!(
+                            "task_group.volumes[{i}] ('{}'): persistent volume '{id}' is mounted by another pod on this agent ({other})",
+                            v.name
+                        );
+                        return fail_all(
+                            self,
+                            TaskState::TaskFailed,
+                            Reason::ContainerLaunchFailed,
+                            &message,
+                        );
+                    }
+                    persistent.push(crate::launch::PersistentMount {
+                        index: i,
+                        name: v.name.clone(),
+                        key,
+                    });
+                }
             }
+            volumes.insert(v.name.clone(), source.path().to_path_buf());
         }
         self.frameworks
             .insert(framework.id.clone(), framework.clone());
@@ -772,17 +902,15 @@ impl Actor {
             keys.push(key);
         }
         info!(framework_id = %framework.id, pod_id = %pod_id, tasks = keys.len(), "launching pod");
-        let empty_dirs: Vec<PathBuf> = group
-            .volumes
-            .iter()
-            .filter(|v| matches!(v.source, Some(pb::pod_volume::Source::EmptyDir(_))))
-            .filter_map(|v| volumes.get(&v.name).cloned())
-            .collect();
+        let mounted: Vec<VolumeId> = persistent.iter().map(|m| m.key.volume_id.clone()).collect();
         let network = self.launcher.network.clone();
+        let store = self.volumes.clone();
         let tx = self.cmd_tx.clone();
         let id = pod_id.clone();
         let prepare = tokio::spawn(async move {
-            let result = crate::launch::prepare_pod(network, &id, empty_dirs, volumes).await;
+            let result =
+                crate::launch::prepare_pod(network, &id, empty_dirs, store, persistent, volumes)
+                    .await;
             let _ = tx.send(Command::PodReady { pod_id: id, result }).await;
         });
         self.pods.insert(
@@ -790,6 +918,7 @@ impl Actor {
             Pod {
                 framework_id: framework.id,
                 keys,
+                persistent: mounted,
                 policy: pod::Policy::from_proto(group.restart_policy),
                 dir,
                 launch: None,
@@ -1853,16 +1982,22 @@ mod tests {
                 address: "127.0.0.1:1".into(),
                 resources: resources.clone(),
                 attributes: Vec::new(),
-                work_dir: dir,
+                work_dir: dir.clone(),
             };
             let (cmd_tx, rx) = mpsc::channel(COMMAND_CHANNEL_CAPACITY);
+            let metrics = AgentMetrics::new(&resources);
+            let (store, trash) = crate::volumes::VolumeStore::open(&dir).unwrap();
+            let (volumes, _stopped) =
+                Volumes::start(store, trash, metrics.volume_gauges(), tracing::Span::none())
+                    .unwrap();
             let mut actor = Actor::new(
                 identity,
                 &config,
-                AgentMetrics::new(&resources),
+                metrics,
                 cmd_tx,
                 launcher,
                 Default::default(),
+                volumes,
             );
             let (outbound, to_master) = mpsc::channel(64);
             actor.handle(Command::Registered {

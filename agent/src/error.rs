@@ -36,6 +36,8 @@ pub enum AgentError {
     Internal { what: &'static str, reason: String },
     #[error("cannot open the image store: {0}")]
     Images(#[from] crate::images::ImageError),
+    #[error("persistent volumes: {0}")]
+    Volumes(#[from] crate::volumes::VolumeError),
     /// Containers are impossible here (no root, no cgroups): the message
     /// says why and suggests `--isolation=none`.
     #[error("{0}")]

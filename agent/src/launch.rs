@@ -25,6 +25,7 @@ use crate::images::{ImageConfig, ImageStore};
 use crate::logs::{self, LogConfig, RotatingFile};
 use crate::network::PodNetwork;
 use crate::task::{self, TASK_PATH, Termination};
+use crate::volumes::{VolumeKey, Volumes};
 
 /// Where an image task sees its sandbox (`CORRAL_SANDBOX`).
 pub(crate) const CONTAINER_SANDBOX: &str = "/mnt/sandbox";
@@ -763,15 +764,38 @@ fn start_process(
     ))
 }
 
-/// Makes a pod's network namespace (its own IP on the bridge) and its
-/// `emptyDir` volumes; undoes what it made if a step fails.
+/// A persistent volume a pod mounts: `task_group.volumes[index]`, named
+/// `name`.
+#[derive(Debug, Clone)]
+pub(crate) struct PersistentMount {
+    pub(crate) index: usize,
+    pub(crate) name: String,
+    pub(crate) key: VolumeKey,
+}
+
+/// Makes sure the pod's persistent volumes exist on this agent (asked of
+/// the volume thread, so a create sent just before the pod counts), makes
+/// the pod's `emptyDir` volumes and its network namespace (its own IP on
+/// the bridge); undoes what it made if a step fails.
 pub(crate) async fn prepare_pod(
     network: Option<Arc<PodNetwork>>,
     pod_id: &str,
     empty_dirs: Vec<PathBuf>,
-    volumes: HashMap<String, PathBuf>,
+    store: Volumes,
+    persistent: Vec<PersistentMount>,
+    mut volumes: HashMap<String, PathBuf>,
 ) -> Result<PodLaunch, String> {
     let network = network.ok_or("this agent has no pod network")?;
+    for m in persistent {
+        let id = m.key.volume_id.clone();
+        let path = store.lookup(m.key).await.map_err(|why| {
+            format!(
+                "task_group.volumes[{}] ('{}'): persistent volume '{id}' {why}",
+                m.index, m.name
+            )
+        })?;
+        volumes.insert(m.name, path);
+    }
     for dir in &empty_dirs {
         tokio::fs::create_dir_all(dir)
             .await
@@ -793,8 +817,9 @@ pub(crate) async fn prepare_pod(
     }
 }
 
-/// Removes a pod's network and its directory (`emptyDir` volumes). Errors
-/// are logged: the pod is over either way, and the agent's sweep at start
+/// Removes a pod's network and its directory (`emptyDir` volumes). Its
+/// persistent volumes live outside that directory and stay. Errors are
+/// logged: the pod is over either way, and the agent's sweep at start
 /// removes what is left.
 pub(crate) async fn tear_down_pod(network: Option<Arc<PodNetwork>>, pod_id: &str, dir: &Path) {
     if let Some(network) = network

@@ -1,9 +1,9 @@
 //! The Corral agent: reports what a machine has to the master and runs the
 //! tasks the master sends it.
 //!
-//! For now a task is a plain child process in its own process group and
-//! sandbox directory; cgroups, namespaces, checkpointing and recovery come
-//! in later issues.
+//! Every task runs as a container (`containerizer`: cgroups, namespaces, a
+//! root filesystem from an image or the host's) with its own sandbox;
+//! checkpointing and recovery come with issue 6.
 //!
 //! Entry points: [`run`] (serve until a shutdown future resolves, mini-redis
 //! style, so tests run agents in-process on `127.0.0.1:0`),
@@ -29,6 +29,9 @@
 //! - `network`: pod networking: the agent's bridge, a network namespace
 //!   per pod with a veth and its own address (netlink), persisted IPAM.
 //! - `pod`: pods' restart policy and backoff, and where their volumes live.
+//! - `volumes`: persistent volumes on the agent's disk (`CreateVolume`,
+//!   `DestroyVolume`), which outlive the pods that mount them; their own
+//!   thread runs every operation in order.
 
 mod actor;
 mod api;
@@ -48,6 +51,7 @@ pub mod resources;
 mod state;
 mod status_updates;
 mod task;
+mod volumes;
 
 use std::future::Future;
 use std::time::Duration;
@@ -65,12 +69,19 @@ pub use config::{
 };
 pub use error::AgentError;
 pub use resources::{detect_resources, merge_override};
+pub use volumes::VolumeError;
 
 use crate::actor::{AbortOnDrop, Actor, COMMAND_CHANNEL_CAPACITY, Command, Identity};
 
 /// How long open API connections (a followed `ReadFile`, HTTP keep-alive)
 /// may delay the end of [`run`] after the agent has stopped.
 const SERVER_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long volume operations the master sent before the stop (a create's
+/// fsyncs, a destroy's rename; never the deletion of data) may delay the
+/// end of [`run`], so an agent started right after on the same work dir
+/// finds them done.
+const VOLUMES_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Runs an agent: serves its API on `listener`, registers with the master
 /// and runs tasks until `shutdown` resolves. Then every task's process
@@ -108,6 +119,17 @@ pub async fn run(
     let span = tracing::info_span!("agent", address = %address);
     info!(parent: &span, master = %config.master, resources = %resources,
           work_dir = %config.work_dir.display(), "agent starting");
+
+    // Before any sweep below: none of them touches `volumes/` or
+    // `volume-meta/`, and the store's own repair needs no running task.
+    let volumes_dir = config.work_dir.clone();
+    let (volume_store, volume_trash) =
+        tokio::task::spawn_blocking(move || volumes::VolumeStore::open(&volumes_dir))
+            .await
+            .map_err(|e| AgentError::Internal {
+                what: "volume store",
+                reason: e.to_string(),
+            })??;
 
     let images = std::sync::Arc::new(images::ImageStore::open(
         config.work_dir.join("images"),
@@ -172,6 +194,12 @@ pub async fn run(
     };
 
     let metrics = metrics::AgentMetrics::new(&resources);
+    let (volumes, volumes_stopped) = volumes::Volumes::start(
+        volume_store,
+        volume_trash,
+        metrics.volume_gauges(),
+        span.clone(),
+    )?;
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_CHANNEL_CAPACITY);
     let api = api::Api {
         cmd_tx: cmd_tx.clone(),
@@ -186,7 +214,15 @@ pub async fn run(
         attributes,
         work_dir: config.work_dir.clone(),
     };
-    let mut actor = Actor::new(identity, &config, metrics, cmd_tx.clone(), launcher, usage);
+    let mut actor = Actor::new(
+        identity,
+        &config,
+        metrics,
+        cmd_tx.clone(),
+        launcher,
+        usage,
+        volumes,
+    );
     // Tasks of an earlier run are gone (orphans were swept): their
     // sandboxes wait out the rest of their delay.
     let work_dir = config.work_dir.clone();
@@ -237,6 +273,11 @@ pub async fn run(
             .is_err()
     {
         warn!(parent: &span, "api connections still open; closing them");
+    }
+    // The actor (and with it every handle but those of in-flight API
+    // calls) is gone: the volume thread finishes what it was sent.
+    if !volumes_stopped.wait(VOLUMES_DRAIN_TIMEOUT).await {
+        warn!(parent: &span, "persistent volume operations still running");
     }
     // Every container is gone: leave no empty cgroup subtree behind either.
     if let Some(c) = cgroups

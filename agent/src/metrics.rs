@@ -42,6 +42,11 @@ pub const TASKS_UNHEALTHY: &str = "corral_agent_tasks_unhealthy";
 /// failed.
 pub const TASKS_UNHEALTHY_KILLED_TOTAL: &str = "corral_agent_tasks_unhealthy_killed_total";
 
+/// Gauge: persistent volumes on the agent's disk.
+pub const PERSISTENT_VOLUMES: &str = "corral_agent_persistent_volumes";
+/// Gauge: disk (MiB) the agent's persistent volumes reserve in total.
+pub const PERSISTENT_VOLUME_DISK_MIB: &str = "corral_agent_persistent_volume_disk_mib";
+
 /// The `kind` label values of the health check metrics.
 pub(crate) const HEALTH_CHECK_KINDS: [&str; 3] = ["startup", "liveness", "readiness"];
 /// The `result` label values of [`HEALTH_CHECKS_TOTAL`].
@@ -78,6 +83,8 @@ pub(crate) struct AgentMetrics {
     health_check_durations: HashMap<&'static str, Histogram>,
     pub(crate) tasks_unhealthy: Gauge,
     pub(crate) tasks_unhealthy_killed: Counter,
+    persistent_volumes: Gauge,
+    persistent_volume_disk_mib: Gauge,
 }
 
 impl AgentMetrics {
@@ -138,7 +145,11 @@ impl AgentMetrics {
             health_check_durations,
             tasks_unhealthy: gauge(TASKS_UNHEALTHY, Vec::new()),
             tasks_unhealthy_killed: counter(TASKS_UNHEALTHY_KILLED_TOTAL),
+            persistent_volumes: gauge(PERSISTENT_VOLUMES, Vec::new()),
+            persistent_volume_disk_mib: gauge(PERSISTENT_VOLUME_DISK_MIB, Vec::new()),
         };
+        metrics.persistent_volumes.set(0.0);
+        metrics.persistent_volume_disk_mib.set(0.0);
         metrics.sandboxes_retained.set(0.0);
         metrics.tasks_unhealthy.set(0.0);
         metrics.tasks_unhealthy_killed.increment(0);
@@ -164,6 +175,15 @@ impl AgentMetrics {
         }
         if let Some(h) = self.health_check_durations.get(kind) {
             h.record(seconds);
+        }
+    }
+
+    /// The persistent volume gauges, for the volume thread that owns the
+    /// volumes (`volumes::Volumes`) to keep current.
+    pub(crate) fn volume_gauges(&self) -> crate::volumes::VolumeGauges {
+        crate::volumes::VolumeGauges {
+            count: self.persistent_volumes.clone(),
+            disk_mib: self.persistent_volume_disk_mib.clone(),
         }
     }
 
@@ -193,6 +213,14 @@ fn describe(recorder: &PrometheusRecorder) {
         (
             TASKS_UNHEALTHY,
             "Tasks whose latest liveness (or startup) health check verdict is unhealthy.",
+        ),
+        (
+            PERSISTENT_VOLUMES,
+            "Persistent volumes on the agent's disk, mounted or not.",
+        ),
+        (
+            PERSISTENT_VOLUME_DISK_MIB,
+            "Disk in MiB that the agent's persistent volumes reserve in total.",
         ),
     ];
     for (name, help) in gauges {
@@ -325,9 +353,12 @@ mod tests {
             STATUS_UPDATES_SENT_TOTAL,
             STATUS_UPDATE_ACKS_IGNORED_TOTAL,
             MASTER_CONNECTIONS_TOTAL,
+            PERSISTENT_VOLUMES,
+            PERSISTENT_VOLUME_DISK_MIB,
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }
+        assert!(text.contains("corral_agent_persistent_volumes 0"), "{text}");
         assert!(text.contains("corral_agent_tasks{state=\"TASK_RUNNING\"} 0"));
         assert!(text.contains("corral_agent_resources_total{resource=\"cpus\"} 2"));
     }
@@ -365,6 +396,21 @@ mod tests {
         assert!(
             text.contains("corral_agent_health_check_duration_seconds_count{kind=\"liveness\"} 2")
         );
+    }
+
+    #[test]
+    fn the_volume_gauges_are_the_ones_rendered() {
+        let m = AgentMetrics::new(&Resources::parse("cpus:1").unwrap());
+        let g = m.volume_gauges();
+        g.count.set(3.0);
+        g.disk_mib.set(1536.5);
+        let text = m.handle().render();
+        assert!(text.contains("corral_agent_persistent_volumes 3"), "{text}");
+        assert!(
+            text.contains("corral_agent_persistent_volume_disk_mib 1536.5"),
+            "{text}"
+        );
+        assert!(text.contains("# HELP corral_agent_persistent_volume_disk_mib"));
     }
 
     #[test]

@@ -4,13 +4,14 @@
 //!
 //! This module is the pure part the actor uses: the pod's restart policy
 //! (what happens when one of its containers ends), the restart backoff,
-//! and where the pod's volumes live on the agent. Time comes in as an
-//! argument.
+//! and where the pod's volumes live on the agent (`emptyDir`s in the pod's
+//! dir, host paths, the framework's persistent volumes). Time comes in as
+//! an argument.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use corral_proto::pb;
+use corral_proto::{FrameworkId, VolumeId, pb};
 
 /// First restart delay of a container (Marathon's backoff; Kubernetes
 /// starts at 10 s).
@@ -121,26 +122,59 @@ pub(crate) fn pod_dir(work_dir: &Path, pod_id: &str) -> PathBuf {
     work_dir.join("pods").join(pod_id)
 }
 
-/// The host directory behind the pod volume `name`, or why there is none.
-/// Host paths must be under one of `allowed` (the agent's
-/// `--allowed-host-paths`).
+/// Where a pod volume comes from on the agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum VolumeSource {
+    /// Made with the pod, removed with it (under the pod dir).
+    EmptyDir(PathBuf),
+    /// An allowed directory of the host.
+    HostPath(PathBuf),
+    /// One of the framework's persistent volumes: its data dir, which was
+    /// there before the pod and stays after it.
+    Persistent { id: VolumeId, path: PathBuf },
+}
+
+impl VolumeSource {
+    /// The directory the pod's containers bind-mount.
+    pub(crate) fn path(&self) -> &Path {
+        match self {
+            VolumeSource::EmptyDir(p) | VolumeSource::HostPath(p) => p,
+            VolumeSource::Persistent { path, .. } => path,
+        }
+    }
+}
+
+/// The host directory behind a pod volume, or why there is none. Host
+/// paths must be under one of `allowed` (the agent's
+/// `--allowed-host-paths`); a persistent volume is the data dir of
+/// `framework_id`'s volume of that id on this agent (whether it exists is
+/// the volume thread's to say, in order with creates and destroys).
 pub(crate) fn volume_source(
+    work_dir: &Path,
     pod_dir: &Path,
+    framework_id: &FrameworkId,
     volume: &pb::PodVolume,
     allowed: &[PathBuf],
-) -> Result<PathBuf, String> {
+) -> Result<VolumeSource, String> {
     match &volume.source {
-        Some(pb::pod_volume::Source::EmptyDir(_)) => Ok(pod_dir.join("volumes").join(&volume.name)),
+        Some(pb::pod_volume::Source::EmptyDir(_)) => Ok(VolumeSource::EmptyDir(
+            pod_dir.join("volumes").join(&volume.name),
+        )),
         Some(pb::pod_volume::Source::HostPath(path)) => {
             let path = Path::new(path);
             if allowed.iter().any(|prefix| path.starts_with(prefix)) {
-                Ok(path.to_path_buf())
+                Ok(VolumeSource::HostPath(path.to_path_buf()))
             } else {
                 Err(format!(
                     "host path {} is not under the agent's --allowed-host-paths",
                     path.display()
                 ))
             }
+        }
+        Some(pb::pod_volume::Source::Persistent(id)) => {
+            let id = VolumeId::parse(id, "persistent").map_err(|e| e.to_string())?;
+            let path = crate::volumes::data_dir(work_dir, framework_id, &id);
+            Ok(VolumeSource::Persistent { id, path })
         }
         None => Err("has no source".into()),
     }
@@ -230,25 +264,58 @@ mod tests {
 
     #[test]
     fn volumes_are_pod_dirs_or_allowed_host_paths() {
+        let work = Path::new("/w");
         let pod = Path::new("/w/pods/p1");
+        let fw = FrameworkId::parse("fw-1", "framework_id").unwrap();
         let allowed = vec![PathBuf::from("/srv")];
         let empty = pb::PodVolume {
             name: "cache".into(),
             source: Some(pb::pod_volume::Source::EmptyDir(pb::EmptyDirVolume {})),
         };
         assert_eq!(
-            volume_source(pod, &empty, &allowed),
-            Ok(PathBuf::from("/w/pods/p1/volumes/cache"))
+            volume_source(work, pod, &fw, &empty, &allowed),
+            Ok(VolumeSource::EmptyDir(PathBuf::from(
+                "/w/pods/p1/volumes/cache"
+            )))
         );
         let host = |p: &str| pb::PodVolume {
             name: "h".into(),
             source: Some(pb::pod_volume::Source::HostPath(p.into())),
         };
         assert_eq!(
-            volume_source(pod, &host("/srv/data"), &allowed),
-            Ok(PathBuf::from("/srv/data"))
+            volume_source(work, pod, &fw, &host("/srv/data"), &allowed),
+            Ok(VolumeSource::HostPath(PathBuf::from("/srv/data")))
         );
-        let refused = volume_source(pod, &host("/srvx/data"), &allowed).unwrap_err();
+        let refused = volume_source(work, pod, &fw, &host("/srvx/data"), &allowed).unwrap_err();
         assert!(refused.contains("--allowed-host-paths"), "{refused}");
+    }
+
+    #[test]
+    fn a_persistent_volume_is_the_frameworks_data_dir_outside_the_pod_dir() {
+        let work = Path::new("/w");
+        let pod = Path::new("/w/pods/p1");
+        let fw = FrameworkId::parse("fw-1", "framework_id").unwrap();
+        let persistent = |id: &str| pb::PodVolume {
+            name: "data".into(),
+            source: Some(pb::pod_volume::Source::Persistent(id.into())),
+        };
+        let source = volume_source(work, pod, &fw, &persistent("db-0"), &[]).unwrap();
+        assert_eq!(source.path(), Path::new("/w/volumes/fw-1/db-0"));
+        assert_eq!(
+            source,
+            VolumeSource::Persistent {
+                id: VolumeId::parse("db-0", "id").unwrap(),
+                path: PathBuf::from("/w/volumes/fw-1/db-0"),
+            }
+        );
+        assert!(
+            !source.path().starts_with(pod),
+            "tearing the pod down must not reach the volume"
+        );
+        // The id names a directory: it must not climb out of the framework's.
+        for bad in ["..", "../fw-2/db", ""] {
+            let err = volume_source(work, pod, &fw, &persistent(bad), &[]).unwrap_err();
+            assert!(err.starts_with("persistent: "), "{bad}: {err}");
+        }
     }
 }

@@ -56,6 +56,8 @@ enum Command {
     Frameworks(views::ViewArgs),
     /// List tasks (add --all for completed ones).
     Tasks(views::TaskArgs),
+    /// List persistent volumes: framework, agent, size, the task using it.
+    Volumes(views::ViewArgs),
     /// Show a task's stdout (or --stderr), following it with -f.
     Logs(logs::LogsArgs),
     /// Manage the image store of an agent.
@@ -117,6 +119,7 @@ fn main() -> ExitCode {
             Command::Agents(args) => views::agents(args).await.map(|()| ExitCode::SUCCESS),
             Command::Frameworks(args) => views::frameworks(args).await.map(|()| ExitCode::SUCCESS),
             Command::Tasks(args) => views::tasks(args).await.map(|()| ExitCode::SUCCESS),
+            Command::Volumes(args) => views::volumes(args).await.map(|()| ExitCode::SUCCESS),
             Command::Logs(args) => logs::logs(args).await.map(|()| ExitCode::SUCCESS),
             Command::Image(args) => image::image(args).await.map(|()| ExitCode::SUCCESS),
             // Prints its own errors, as `corral batch CMD: MESSAGE`.

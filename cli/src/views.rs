@@ -141,6 +141,28 @@ pub async fn agents(args: ViewArgs) -> Result<()> {
     Ok(())
 }
 
+pub async fn volumes(args: ViewArgs) -> Result<()> {
+    let state = fetch_state(&args.master).await?;
+    if args.json {
+        return print_json(&state.volumes);
+    }
+    let rows: Vec<Vec<String>> = state
+        .volumes
+        .iter()
+        .map(|v| {
+            vec![
+                v.id.clone(),
+                short(&v.framework_id),
+                short(&v.agent_id),
+                fmt_num(v.disk_mib),
+                v.in_use_by.clone().unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    print_table(&["ID", "FRAMEWORK", "AGENT", "DISK", "IN USE BY"], &rows);
+    Ok(())
+}
+
 pub async fn frameworks(args: ViewArgs) -> Result<()> {
     let state = fetch_state(&args.master).await?;
     if args.json {

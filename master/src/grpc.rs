@@ -107,6 +107,13 @@ impl pb::scheduler_server::Scheduler for SchedulerApi {
     ) -> Result<Response<pb::CallResponse>, Status> {
         self.call(Call::Teardown(r.into_inner())).await
     }
+
+    async fn destroy_volume(
+        &self,
+        r: Request<pb::DestroyVolumeRequest>,
+    ) -> Result<Response<pb::CallResponse>, Status> {
+        self.call(Call::DestroyVolume(r.into_inner())).await
+    }
 }
 
 pub(crate) struct AgentRegistryApi {

@@ -19,6 +19,7 @@ mod master;
 pub mod metrics;
 pub mod state;
 pub mod validation;
+mod volumes;
 
 use std::future::Future;
 use std::sync::Arc;

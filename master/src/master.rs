@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use corral_allocator::Allocator;
 use corral_proto::task::{is_terminal, now_seconds, reason_name, state_name};
-use corral_proto::{AgentId, FrameworkId, OfferId, Resources, TaskId, pb};
+use corral_proto::{AgentId, FrameworkId, OfferId, Resources, TaskId, VolumeId, pb};
 use pb::{Reason, Source, TaskState};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -20,6 +20,7 @@ use crate::config::{AGENT_MESSAGE_BUFFER, FRAMEWORK_EVENT_BUFFER, MasterConfig};
 use crate::metrics::Metrics;
 use crate::state::{self, ResourcesJson, StateSnapshot};
 use crate::validation::{self, FieldError};
+use crate::volumes::{self, Volume, VolumeKey, Volumes};
 
 pub(crate) type AgentTx = mpsc::Sender<Result<pb::MasterMessage, Status>>;
 pub(crate) type EventTx = mpsc::Sender<Result<pb::Event, Status>>;
@@ -83,6 +84,7 @@ pub(crate) enum Call {
     Acknowledge(pb::AcknowledgeRequest),
     Reconcile(pb::ReconcileRequest),
     Teardown(pb::TeardownRequest),
+    DestroyVolume(pb::DestroyVolumeRequest),
 }
 
 impl Call {
@@ -96,6 +98,7 @@ impl Call {
             Call::Acknowledge(_) => "acknowledge",
             Call::Reconcile(_) => "reconcile",
             Call::Teardown(_) => "teardown",
+            Call::DestroyVolume(_) => "destroy_volume",
         }
     }
 
@@ -109,6 +112,7 @@ impl Call {
             Call::Acknowledge(r) => r.header.as_ref(),
             Call::Reconcile(r) => r.header.as_ref(),
             Call::Teardown(r) => r.header.as_ref(),
+            Call::DestroyVolume(r) => r.header.as_ref(),
         }
     }
 }
@@ -134,6 +138,9 @@ struct Agent {
     tasks: HashSet<TaskKey>,
     /// Kills asked for while the agent was unreachable, sent when it returns.
     pending_kills: HashMap<TaskKey, Option<f64>>,
+    /// Volumes destroyed while the agent was unreachable: destroyed there
+    /// when it returns, never adopted back.
+    pending_destroys: HashSet<VolumeKey>,
 }
 
 struct FrameworkConn {
@@ -251,6 +258,7 @@ pub(crate) struct Master {
     /// Torn down or timed out; a SUBSCRIBE with one of these ids is refused.
     removed_frameworks: HashSet<FrameworkId>,
     tasks: HashMap<TaskKey, Task>,
+    volumes: Volumes,
     completed: VecDeque<state::TaskState>,
     offers: HashMap<OfferId, Offer>,
     metrics: Arc<Metrics>,
@@ -276,6 +284,7 @@ pub(crate) fn spawn(config: MasterConfig, metrics: Arc<Metrics>) -> MasterHandle
         frameworks: HashMap::new(),
         removed_frameworks: HashSet::new(),
         tasks: HashMap::new(),
+        volumes: Volumes::default(),
         completed: VecDeque::new(),
         offers: HashMap::new(),
         metrics,
@@ -419,6 +428,11 @@ impl Master {
                 .map_err(|e| invalid(e.into()))?;
             reported.push(((fid, tid), task, t.state()));
         }
+        let mut reported_volumes = Vec::with_capacity(register.volumes.len());
+        for (i, v) in register.volumes.iter().enumerate() {
+            reported_volumes
+                .push(volumes::reported(v, &format!("register.volumes[{i}]")).map_err(invalid)?);
+        }
         let reregister = valid.id.is_some();
         let id = valid
             .id
@@ -451,6 +465,7 @@ impl Master {
             registered_at: now_seconds(),
             tasks: HashSet::new(),
             pending_kills: HashMap::new(),
+            pending_destroys: HashSet::new(),
         });
         agent.info = valid.info;
         agent.info.id = id.to_string();
@@ -475,6 +490,7 @@ impl Master {
         if reregister {
             self.reconcile_agent_tasks(&id, reported);
         }
+        self.adopt_volumes(&id, reported_volumes);
 
         // The allocator learns the agent with what its tasks hold.
         let mut used: HashMap<FrameworkId, Resources> = HashMap::new();
@@ -486,6 +502,9 @@ impl Master {
                     used.entry(key.0.clone()).or_default().add(&t.resources);
                 }
             }
+        }
+        for (key, volume) in self.volumes.on_agent(&id) {
+            used.entry(key.0.clone()).or_default().add(&volume.disk);
         }
         if let Some(agent) = self.agents.get(&id) {
             self.allocator
@@ -564,14 +583,7 @@ impl Master {
             let resources =
                 Resources::from_proto(&info.resources, "task.resources").unwrap_or_default();
             if !self.frameworks.contains_key(&key.0) {
-                let info = pb::FrameworkInfo {
-                    id: key.0.to_string(),
-                    name: "(recovered)".into(),
-                    ..Default::default()
-                };
-                if let Ok(v) = validation::framework_info(&info) {
-                    self.add_framework_record(key.0.clone(), v, None);
-                }
+                self.add_recovered_framework(&key.0);
             }
             let status = pb::TaskStatus {
                 task_id: key.1.to_string(),
@@ -704,6 +716,19 @@ impl Master {
     }
 
     // ------------------------------------------------------------ frameworks
+
+    /// A framework known only from what an agent reports (after a master
+    /// restart): disconnected, its failover timeout running from now.
+    fn add_recovered_framework(&mut self, id: &FrameworkId) {
+        let info = pb::FrameworkInfo {
+            id: id.to_string(),
+            name: "(recovered)".into(),
+            ..Default::default()
+        };
+        if let Ok(v) = validation::framework_info(&info) {
+            self.add_framework_record(id.clone(), v, None);
+        }
+    }
 
     fn add_framework_record(
         &mut self,
@@ -885,6 +910,9 @@ impl Master {
         for agent_id in agents {
             self.send_to_agent(&agent_id, shutdown_framework_message(id));
         }
+        for key in self.volumes.of_framework(id) {
+            self.drop_volume(&key, "its framework was removed");
+        }
         self.allocator.remove_framework(id);
         self.removed_frameworks.insert(id.clone());
         self.allocation_pending = true;
@@ -949,6 +977,11 @@ impl Master {
                 agent_address: agent.info.address.clone(),
                 resources: a.resources.to_proto(),
                 attributes: agent.info.attributes.clone(),
+                volumes: Vec::new(),
+            };
+            let offer = pb::Offer {
+                volumes: self.free_volumes(&a.framework_id, &a.agent_id),
+                ..offer
             };
             if let Some(fw) = self.frameworks.get_mut(&a.framework_id) {
                 fw.offers.insert(id.clone());
@@ -1083,6 +1116,7 @@ impl Master {
                 self.remove_framework(&fid, "torn down by the framework");
                 Ok(())
             }
+            Call::DestroyVolume(r) => self.destroy_volume(&fid, &r),
         }
     }
 
@@ -1095,20 +1129,20 @@ impl Master {
                 OfferId::parse(o, &format!("offer_ids[{i}]")).map_err(|e| invalid(e.into()))?,
             );
         }
-        let launches: Vec<Launching> = r
-            .operations
-            .into_iter()
-            .filter_map(|op| match op.operation {
+        let mut launches: Vec<Launching> = Vec::new();
+        let mut creates: Vec<(usize, pb::CreateVolume)> = Vec::new();
+        for (i, op) in r.operations.into_iter().enumerate() {
+            match op.operation {
                 Some(pb::operation::Operation::Launch(l)) => {
-                    Some(l.tasks.into_iter().map(Launching::Task).collect())
+                    launches.extend(l.tasks.into_iter().map(Launching::Task));
                 }
                 Some(pb::operation::Operation::LaunchGroup(l)) => {
-                    Some(vec![Launching::Group(l.task_group.unwrap_or_default())])
+                    launches.push(Launching::Group(l.task_group.unwrap_or_default()));
                 }
-                None => None,
-            })
-            .flatten()
-            .collect();
+                Some(pb::operation::Operation::CreateVolume(c)) => creates.push((i, c)),
+                None => {}
+            }
+        }
 
         // Offers first: if any is not valid, nothing is launched (Mesos drops
         // every task of the call with INVALID_OFFERS) and the valid ones are
@@ -1139,6 +1173,12 @@ impl Master {
             return Ok(());
         }
 
+        // Volumes next: a create that cannot be done fails the whole call
+        // before anything happens, and the offers stay outstanding.
+        let creates = self
+            .check_creates(fid, &offer_ids, &creates)
+            .map_err(invalid)?;
+
         let mut offered = Resources::default();
         let mut agent_id = None;
         for id in &offer_ids {
@@ -1163,6 +1203,12 @@ impl Master {
         };
 
         let mut remaining = offered;
+        // Every create goes before the launches, so a pod of this call can
+        // mount a volume it creates.
+        for create in creates {
+            remaining.saturating_sub(&create.disk);
+            self.create_volume(fid, &agent_id, create);
+        }
         let mut in_call: HashSet<TaskId> = HashSet::new();
         for launching in launches {
             match launching {
@@ -1198,9 +1244,12 @@ impl Master {
                         Err(e) => Some(e.to_string()),
                         Ok(valid) => {
                             let mut total = Resources::default();
-                            let mut problem = None;
+                            let mut problem = self.volumes_problem(fid, &agent_id, &group);
                             for (i, v) in valid.iter().enumerate() {
                                 total.add(&v.resources);
+                                if problem.is_some() {
+                                    break;
+                                }
                                 if let Some(p) =
                                     self.launch_problem(fid, v, &agent_id, &remaining, &in_call)
                                 {
@@ -1322,6 +1371,12 @@ impl Master {
         tasks: Vec<validation::ValidTask>,
     ) {
         let ids: Vec<String> = tasks.iter().map(|t| t.id.to_string()).collect();
+        let users: HashSet<TaskId> = tasks.iter().map(|t| t.id.clone()).collect();
+        for key in persistent_volumes(fid, group) {
+            if let Some(volume) = self.volumes.get_mut(&key) {
+                volume.users = users.clone();
+            }
+        }
         for task in tasks {
             self.insert_staging(fid, agent_id, task);
         }
@@ -1335,6 +1390,252 @@ impl Master {
             )),
         };
         self.send_to_agent(agent_id, message);
+    }
+
+    // --------------------------------------------------------------- volumes
+
+    /// Checks an Accept's CreateVolume operations against the framework's
+    /// volumes and the disk of its (already checked) offers.
+    fn check_creates(
+        &self,
+        fid: &FrameworkId,
+        offer_ids: &[OfferId],
+        creates: &[(usize, pb::CreateVolume)],
+    ) -> Result<Vec<volumes::ValidCreate>, FieldError> {
+        let mut offered = Resources::default();
+        for id in offer_ids {
+            if let Some(o) = self.offers.get(id) {
+                offered.add(&o.resources);
+            }
+        }
+        let mut needed = Resources::default();
+        let mut ids = HashSet::new();
+        let mut valid = Vec::with_capacity(creates.len());
+        for (i, op) in creates {
+            let field = format!("operations[{i}].create_volume");
+            let create = volumes::create(op, &field)?;
+            let key = (fid.clone(), create.id.clone());
+            if let Some(v) = self.volumes.get(&key) {
+                return Err(FieldError::new(
+                    format!("{field}.volume_id"),
+                    format!(
+                        "the framework already has a persistent volume '{}' (on agent {})",
+                        create.id, v.agent_id
+                    ),
+                ));
+            }
+            if !ids.insert(create.id.clone()) {
+                return Err(FieldError::new(
+                    format!("{field}.volume_id"),
+                    format!("'{}' is created twice in this call", create.id),
+                ));
+            }
+            needed.add(&create.disk);
+            if !offered.contains(&needed) {
+                return Err(FieldError::new(
+                    format!("{field}.disk_mib"),
+                    format!(
+                        "the call's volumes need disk:{} but the offers have disk:{}",
+                        needed.disk.as_f64(),
+                        offered.disk.as_f64()
+                    ),
+                ));
+            }
+            valid.push(create);
+        }
+        Ok(valid)
+    }
+
+    /// Records a new volume (its disk stays allocated to the framework) and
+    /// tells its agent to create it.
+    fn create_volume(&mut self, fid: &FrameworkId, agent_id: &AgentId, c: volumes::ValidCreate) {
+        info!(framework_id = %fid, volume_id = %c.id, agent_id = %agent_id, disk_mib = c.disk.disk.as_f64(), "creating persistent volume");
+        let key = (fid.clone(), c.id);
+        let volume = Volume::new(agent_id.clone(), c.disk);
+        let message = pb::MasterMessage {
+            message: Some(pb::master_message::Message::CreateVolume(
+                volume.to_proto(&key),
+            )),
+        };
+        self.volumes.insert(key, volume);
+        self.send_to_agent(agent_id, message);
+    }
+
+    /// Why a pod cannot mount the persistent volumes it names, if it cannot.
+    fn volumes_problem(
+        &self,
+        fid: &FrameworkId,
+        agent_id: &AgentId,
+        group: &pb::TaskGroupInfo,
+    ) -> Option<String> {
+        for (i, v) in group.volumes.iter().enumerate() {
+            let Some(pb::pod_volume::Source::Persistent(id)) = &v.source else {
+                continue;
+            };
+            let field = format!("task_group.volumes[{i}].persistent");
+            let Ok(id) = VolumeId::parse(id, &field) else {
+                continue; // validation::task_group names it
+            };
+            let key = (fid.clone(), id);
+            match self.volumes.get(&key) {
+                None => {
+                    return Some(format!(
+                        "{field}: the framework has no persistent volume '{}'",
+                        key.1
+                    ));
+                }
+                Some(volume) if &volume.agent_id != agent_id => {
+                    return Some(format!(
+                        "{field}: persistent volume '{}' is on agent {}, not on the offers' agent {agent_id}",
+                        key.1, volume.agent_id
+                    ));
+                }
+                Some(_) => {
+                    if let Some(user) = self.volume_user(&key) {
+                        return Some(format!(
+                            "{field}: persistent volume '{}' is in use by task {user}",
+                            key.1
+                        ));
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// A live task that mounts the volume, if one does.
+    fn volume_user(&self, key: &VolumeKey) -> Option<&TaskId> {
+        let volume = self.volumes.get(key)?;
+        volume.users.iter().find(|tid| {
+            self.tasks
+                .get(&(key.0.clone(), (*tid).clone()))
+                .is_some_and(Task::holds_resources)
+        })
+    }
+
+    /// The framework's volumes on `agent` that no live task mounts: what an
+    /// offer from there lists.
+    fn free_volumes(&self, fid: &FrameworkId, agent: &AgentId) -> Vec<pb::PersistentVolume> {
+        let mut free: Vec<pb::PersistentVolume> = self
+            .volumes
+            .on_agent(agent)
+            .filter(|(key, _)| &key.0 == fid && self.volume_user(key).is_none())
+            .map(|(key, v)| v.to_proto(key))
+            .collect();
+        free.sort_by(|a, b| a.id.cmp(&b.id));
+        free
+    }
+
+    fn destroy_volume(
+        &mut self,
+        fid: &FrameworkId,
+        r: &pb::DestroyVolumeRequest,
+    ) -> Result<(), Status> {
+        let id = VolumeId::parse(&r.volume_id, "volume_id").map_err(|e| invalid(e.into()))?;
+        let key = (fid.clone(), id);
+        if !self.volumes.contains(&key) {
+            return Err(Status::not_found(format!(
+                "volume_id: the framework has no persistent volume '{}'",
+                key.1
+            )));
+        }
+        if let Some(user) = self.volume_user(&key) {
+            return Err(Status::failed_precondition(format!(
+                "volume_id: persistent volume '{}' is in use by task {user}",
+                key.1
+            )));
+        }
+        self.drop_volume(&key, "destroyed by its framework");
+        Ok(())
+    }
+
+    /// Forgets a volume, frees its disk and has its agent delete it (now,
+    /// or when the agent is back).
+    fn drop_volume(&mut self, key: &VolumeKey, why: &str) {
+        let Some(volume) = self.volumes.remove(key) else {
+            return;
+        };
+        info!(framework_id = %key.0, volume_id = %key.1, agent_id = %volume.agent_id, "destroying persistent volume: {why}");
+        let now = self.now();
+        self.allocator
+            .recover(&key.0, &volume.agent_id, &volume.disk, None, now);
+        self.allocation_pending = true;
+        let connected = self
+            .agents
+            .get(&volume.agent_id)
+            .is_some_and(|a| a.conn.is_some());
+        if connected {
+            let message = pb::MasterMessage {
+                message: Some(pb::master_message::Message::DestroyVolume(
+                    volume.to_proto(key),
+                )),
+            };
+            self.send_to_agent(&volume.agent_id, message);
+        } else if let Some(agent) = self.agents.get_mut(&volume.agent_id) {
+            agent.pending_destroys.insert(key.clone());
+        }
+    }
+
+    /// Brings the master's volumes on a registering agent in line with what
+    /// the agent has on disk: adopts unknown ones (after a master restart),
+    /// destroys those of removed frameworks or destroyed while it was away,
+    /// and forgets those it no longer has.
+    fn adopt_volumes(&mut self, id: &AgentId, reported: Vec<(VolumeKey, Resources)>) {
+        let reported_keys: HashSet<&VolumeKey> = reported.iter().map(|(k, _)| k).collect();
+        let vanished: Vec<VolumeKey> = self
+            .volumes
+            .on_agent(id)
+            .filter(|(k, _)| !reported_keys.contains(k))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in vanished {
+            warn!(agent_id = %id, framework_id = %key.0, volume_id = %key.1, "the agent came back without this persistent volume");
+            self.volumes.remove(&key);
+        }
+        let pending = self
+            .agents
+            .get_mut(id)
+            .map(|a| std::mem::take(&mut a.pending_destroys))
+            .unwrap_or_default();
+        for (key, disk) in reported {
+            let volume = Volume::new(id.clone(), disk);
+            if pending.contains(&key) || self.removed_frameworks.contains(&key.0) {
+                let message = pb::MasterMessage {
+                    message: Some(pb::master_message::Message::DestroyVolume(
+                        volume.to_proto(&key),
+                    )),
+                };
+                self.send_to_agent(id, message);
+                continue;
+            }
+            if let Some(known) = self.volumes.get(&key) {
+                let elsewhere = known.agent_id.clone();
+                if &elsewhere != id {
+                    if self
+                        .agents
+                        .get(&elsewhere)
+                        .is_some_and(|a| a.conn.is_some())
+                    {
+                        warn!(agent_id = %id, framework_id = %key.0, volume_id = %key.1, other = %elsewhere, "a persistent volume with this id is on another live agent; not adopted");
+                        continue;
+                    }
+                    // The same disk under a new agent id (its agent restarted
+                    // without recovering its id): it lives here now.
+                    let (old_disk, now) = (known.disk.clone(), self.now());
+                    self.allocator
+                        .recover(&key.0, &elsewhere, &old_disk, None, now);
+                }
+                if let Some(known) = self.volumes.get_mut(&key) {
+                    known.agent_id = id.clone();
+                    known.disk = volume.disk;
+                }
+                continue;
+            }
+            if !self.frameworks.contains_key(&key.0) {
+                self.add_recovered_framework(&key.0);
+            }
+            self.volumes.insert(key, volume);
+        }
     }
 
     fn framework_info(&self, fid: &FrameworkId) -> pb::FrameworkInfo {
@@ -1721,6 +2022,19 @@ impl Master {
                 used_by_fw.entry(fid).or_default().add(&t.resources);
             }
         }
+        let mut volumes = Vec::new();
+        for (key, v) in self.volumes.sorted() {
+            used_by_agent.entry(&v.agent_id).or_default().add(&v.disk);
+            used_by_fw.entry(&key.0).or_default().add(&v.disk);
+            let proto = v.to_proto(key);
+            volumes.push(state::VolumeState {
+                id: proto.id,
+                framework_id: proto.framework_id,
+                agent_id: proto.agent_id,
+                disk_mib: proto.disk_mib,
+                in_use_by: self.volume_user(key).map(ToString::to_string),
+            });
+        }
         let mut offered_by_agent: HashMap<&AgentId, Resources> = HashMap::new();
         let mut offered_by_fw: HashMap<&FrameworkId, Resources> = HashMap::new();
         for o in self.offers.values() {
@@ -1806,6 +2120,7 @@ impl Master {
             frameworks,
             tasks,
             completed_tasks: self.completed.iter().cloned().collect(),
+            volumes,
         }
     }
 }
@@ -1884,4 +2199,18 @@ fn error_event(message: &str) -> pb::Event {
 /// Capacity check helper used by the servers.
 pub(crate) fn agent_channel() -> (AgentTx, mpsc::Receiver<Result<pb::MasterMessage, Status>>) {
     mpsc::channel(AGENT_MESSAGE_BUFFER)
+}
+
+/// The persistent volumes a pod mounts, as keys of `fid`'s volumes.
+fn persistent_volumes(fid: &FrameworkId, group: &pb::TaskGroupInfo) -> Vec<VolumeKey> {
+    group
+        .volumes
+        .iter()
+        .filter_map(|v| match &v.source {
+            Some(pb::pod_volume::Source::Persistent(id)) => VolumeId::parse(id, "persistent")
+                .ok()
+                .map(|id| (fid.clone(), id)),
+            _ => None,
+        })
+        .collect()
 }

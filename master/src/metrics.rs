@@ -17,6 +17,7 @@ pub const FRAMEWORKS: &str = "corral_master_frameworks";
 pub const RESOURCES_TOTAL: &str = "corral_master_resources_total";
 pub const RESOURCES_USED: &str = "corral_master_resources_used";
 pub const TASKS: &str = "corral_master_tasks";
+pub const PERSISTENT_VOLUMES: &str = "corral_master_persistent_volumes";
 pub const TASKS_TERMINAL_TOTAL: &str = "corral_master_tasks_terminal_total";
 pub const OFFERS_TOTAL: &str = "corral_master_offers_total";
 pub const ALLOCATION_DURATION: &str = "corral_master_allocation_duration_seconds";
@@ -70,6 +71,10 @@ impl Metrics {
                 "Resources used by tasks on connected agents."
             );
             describe_gauge!(TASKS, "Non-terminal tasks, by state.");
+            describe_gauge!(
+                PERSISTENT_VOLUMES,
+                "Persistent volumes, by state (in_use: a live task mounts it; free)."
+            );
             describe_counter!(
                 TASKS_TERMINAL_TOTAL,
                 "Tasks that reached a terminal state, by state and reason."
@@ -148,6 +153,10 @@ impl Metrics {
                 metrics::gauge!(RESOURCES_TOTAL, "resource" => *name).set(total[i]);
                 metrics::gauge!(RESOURCES_USED, "resource" => *name).set(used[i]);
             }
+            let in_use = s.volumes.iter().filter(|v| v.in_use_by.is_some()).count();
+            metrics::gauge!(PERSISTENT_VOLUMES, "state" => "in_use").set(in_use as f64);
+            metrics::gauge!(PERSISTENT_VOLUMES, "state" => "free")
+                .set((s.volumes.len() - in_use) as f64);
             for state in LIVE_TASK_STATES {
                 let n = s.tasks.iter().filter(|t| t.state == state).count();
                 metrics::gauge!(TASKS, "state" => state).set(n as f64);

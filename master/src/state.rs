@@ -19,6 +19,21 @@ pub struct StateSnapshot {
     pub tasks: Vec<TaskState>,
     /// The most recent tasks that ended and were acknowledged (bounded).
     pub completed_tasks: Vec<TaskState>,
+    /// Persistent volumes, by framework and id.
+    #[serde(default)]
+    pub volumes: Vec<VolumeState>,
+}
+
+/// A persistent volume. Its disk counts in its agent's and framework's
+/// `used_resources` until it is destroyed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VolumeState {
+    pub id: String,
+    pub framework_id: String,
+    pub agent_id: String,
+    pub disk_mib: f64,
+    /// A live task that mounts it (one of its pod's tasks), if one does.
+    pub in_use_by: Option<String>,
 }
 
 /// Resources as JSON: scalars as numbers, ports in the text range form.

@@ -487,10 +487,13 @@ pub fn task_group(group: &pb::TaskGroupInfo) -> Result<Vec<ValidTask>, FieldErro
             Some(pb::pod_volume::Source::HostPath(path)) => {
                 absolute_path(path, &format!("{field}.host_path"))?;
             }
+            Some(pb::pod_volume::Source::Persistent(id)) => {
+                corral_proto::VolumeId::parse(id, &format!("{field}.persistent"))?;
+            }
             None => {
                 return Err(FieldError::new(
                     field,
-                    "needs a source: empty_dir or host_path",
+                    "needs a source: empty_dir, host_path or persistent",
                 ));
             }
         }

@@ -103,6 +103,11 @@ id_type!(
     /// An offer, assigned by the master.
     OfferId
 );
+id_type!(
+    /// A persistent volume, chosen by its framework; unique within the
+    /// framework. Names the volume's directory on its agent.
+    VolumeId
+);
 
 #[cfg(test)]
 mod tests {

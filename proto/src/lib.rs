@@ -2,7 +2,8 @@
 //!
 //! - [`pb`]: the generated protobuf/tonic code for `corral.v1` (agent ⇄ master
 //!   stream, framework API, agent API, the batch and service frameworks' specs).
-//! - [`ids`]: validated id newtypes (`AgentId`, `FrameworkId`, `TaskId`, `OfferId`).
+//! - [`ids`]: validated id newtypes (`AgentId`, `FrameworkId`, `TaskId`, `OfferId`,
+//!   `VolumeId`).
 //! - [`resources`]: fixed-point resource amounts, port ranges, parsing of the
 //!   `cpus:4;mem:8192;ports:[31000-32000]` text form, and validation of wire values.
 //! - [`attributes`]: agent attributes and their text form (`rack:r1;zone:a`).
@@ -19,5 +20,5 @@ pub mod pb {
     tonic::include_proto!("corral.v1");
 }
 
-pub use ids::{AgentId, FrameworkId, IdError, OfferId, TaskId};
+pub use ids::{AgentId, FrameworkId, IdError, OfferId, TaskId, VolumeId};
 pub use resources::{Amount, RangeSet, ResourceError, Resources};

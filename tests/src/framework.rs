@@ -237,6 +237,35 @@ impl TestFramework {
             .map(|_| ())
     }
 
+    /// Accepts `offer_ids` with these operations, as they are.
+    pub async fn accept_operations(
+        &mut self,
+        offer_ids: Vec<String>,
+        operations: Vec<pb::Operation>,
+    ) -> Result<(), Status> {
+        self.client
+            .accept(pb::AcceptRequest {
+                header: self.header(),
+                offer_ids,
+                operations,
+                filters: Some(pb::Filters {
+                    refuse_seconds: Some(0.0),
+                }),
+            })
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn destroy_volume(&mut self, volume_id: &str) -> Result<(), Status> {
+        self.client
+            .destroy_volume(pb::DestroyVolumeRequest {
+                header: self.header(),
+                volume_id: volume_id.to_string(),
+            })
+            .await
+            .map(|_| ())
+    }
+
     /// Launches `tasks` on `offer` (their agent id is set to the offer's).
     pub async fn launch(&mut self, offer: &pb::Offer, mut tasks: Vec<pb::TaskInfo>) {
         for t in &mut tasks {

@@ -2,7 +2,8 @@
 //! containers as root): replacement of failed and unhealthy instances,
 //! rolling updates that keep the healthy minimum and roll back a broken
 //! version, `hostname unique` placement, the README's Kubernetes Pod
-//! manifest, and errors of the real API. Rollout rules in depth are tested
+//! manifest, persistent volumes that outlive pods (and the framework's
+//! crash) and go with the service, and errors of the real API. Rollout rules in depth are tested
 //! on the pure core in `frameworks/service/src/core/tests.rs`.
 
 use std::path::Path;
@@ -495,6 +496,197 @@ async fn apply_names_unsupported_manifest_fields_and_invalid_spec_fields() {
         .expect("list")
         .into_inner();
     assert!(list.services.is_empty(), "{list:?}");
+    service.stop().await;
+    cluster.shutdown().await;
+}
+
+/// A one-instance pod service `diary` whose container appends
+/// `hello-<instance>` to `/data/log` on its persistent volume `data`, then
+/// runs until the file `kill-<instance>` appears in `dir` and exits 3; its
+/// pod fails with it (restart policy Never), so the instance is replaced.
+fn diary(dir: &Path) -> String {
+    format!(
+        r#"
+name = "diary"
+instances = 1
+
+[restart]
+backoff = "0.2s"
+
+[pod]
+restart_policy = "Never"
+
+[[pod.containers]]
+name = "writer"
+command = ["/bin/sh", "-c", "echo hello-$CORRAL_INSTANCE >> /data/log; while [ ! -e {dir}/kill-$CORRAL_INSTANCE ]; do sleep 0.1; done; exit 3"]
+cpus = 0.1
+mem = 16
+volume_mounts = [{{ name = "data", path = "/data" }}]
+
+[[pod.volumes]]
+name = "data"
+persistent = {{ size = 64 }}
+"#,
+        dir = dir.display()
+    )
+}
+
+/// The data directory of the service framework's volume `volume_id` on
+/// agent 0 (`<work_dir>/volumes/<framework_id>/<volume_id>`).
+async fn volume_dir(cluster: &Cluster, volume_id: &str) -> std::path::PathBuf {
+    let state = cluster
+        .wait_state("the service framework registered", |s| {
+            s.frameworks.iter().any(|f| f.name == "corral-service")
+        })
+        .await;
+    let framework = state
+        .frameworks
+        .iter()
+        .find(|f| f.name == "corral-service")
+        .expect("service framework");
+    cluster
+        .agent_work_dir(0)
+        .join("volumes")
+        .join(&framework.id)
+        .join(volume_id)
+}
+
+/// Waits until `path` reads `want`; panics with what it read last.
+async fn wait_file(path: &Path, want: &str) {
+    let result = tokio::time::timeout(
+        LONG + Duration::from_secs(1),
+        wait_for(
+            &format!("{} reads {want:?}", path.display()),
+            LONG,
+            || async { (std::fs::read_to_string(path).ok()? == want).then_some(()) },
+        ),
+    )
+    .await;
+    if result.is_err() {
+        panic!(
+            "{} never read {want:?}; it reads {:?}",
+            path.display(),
+            std::fs::read_to_string(path)
+        );
+    }
+}
+
+/// The running instance of `diary` once it is not `before` any more.
+async fn running_after(service: &TestService, before: u32) -> pb::ServiceInstance {
+    let status = service
+        .wait_status(
+            "diary",
+            &format!("an instance after {before} running"),
+            LONG,
+            |s| running(s).iter().any(|i| i.number > before),
+        )
+        .await;
+    running(&status)
+        .into_iter()
+        .find(|i| i.number > before)
+        .cloned()
+        .expect("running instance")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persistent_volumes_data_survives_the_pod_being_replaced() {
+    let cluster = Cluster::start(1).await;
+    let service = TestService::start(&cluster, cluster.dir.path().join("service")).await;
+    let dir = cluster.dir.path();
+    service.apply_toml(&diary(dir)).await.expect("apply");
+    let first = running_after(&service, 0).await;
+    assert_eq!(first.volumes, vec!["data-diary-0"], "{first:?}");
+    let log = volume_dir(&cluster, "data-diary-0").await.join("log");
+    wait_file(&log, &format!("hello-{}\n", first.number)).await;
+
+    // The pod fails; its replacement mounts the same volume and finds the
+    // first pod's line there.
+    std::fs::write(dir.join(format!("kill-{}", first.number)), b"").expect("signal file");
+    let second = running_after(&service, first.number).await;
+    assert_eq!(second.volumes, first.volumes, "{second:?}");
+    assert_eq!(second.agent_id, first.agent_id);
+    wait_file(
+        &log,
+        &format!("hello-{}\nhello-{}\n", first.number, second.number),
+    )
+    .await;
+    let state = cluster.state().await;
+    assert_eq!(
+        state.volumes.len(),
+        1,
+        "one volume, not one per pod: {:?}",
+        state.volumes
+    );
+    service.stop().await;
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persistent_volume_slots_survive_a_framework_crash() {
+    let cluster = Cluster::start(1).await;
+    let work_dir = cluster.dir.path().join("service");
+    let service = TestService::start(&cluster, work_dir.clone()).await;
+    let dir = cluster.dir.path();
+    service.apply_toml(&diary(dir)).await.expect("apply");
+    let first = running_after(&service, 0).await;
+    let log = volume_dir(&cluster, "data-diary-0").await.join("log");
+    wait_file(&log, &format!("hello-{}\n", first.number)).await;
+
+    // SIGKILL-like: the framework's tasks vanish mid-flight; a new one
+    // starts on the same store and finds its instance and slot.
+    service.crash();
+    let service = TestService::start(&cluster, work_dir).await;
+    let status = service
+        .wait_status("diary", "the instance reconciled as running", LONG, |s| {
+            running(s).iter().any(|i| i.number == first.number)
+        })
+        .await;
+    assert_eq!(status.instances.len(), 1, "nothing relaunched: {status:?}");
+    assert_eq!(status.instances[0].volumes, vec!["data-diary-0"]);
+
+    std::fs::write(dir.join(format!("kill-{}", first.number)), b"").expect("signal file");
+    let second = running_after(&service, first.number).await;
+    assert_eq!(second.volumes, vec!["data-diary-0"], "{second:?}");
+    wait_file(
+        &log,
+        &format!("hello-{}\nhello-{}\n", first.number, second.number),
+    )
+    .await;
+    service.stop().await;
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_persistent_service_removes_its_volume_directory() {
+    let cluster = Cluster::start(1).await;
+    let service = TestService::start(&cluster, cluster.dir.path().join("service")).await;
+    service
+        .apply_toml(&diary(cluster.dir.path()))
+        .await
+        .expect("apply");
+    let first = running_after(&service, 0).await;
+    let volume = volume_dir(&cluster, "data-diary-0").await;
+    wait_file(&volume.join("log"), &format!("hello-{}\n", first.number)).await;
+
+    service
+        .client
+        .clone()
+        .delete(pb::DeleteServiceRequest {
+            name: "diary".into(),
+        })
+        .await
+        .expect("delete");
+    // Forgotten only once its volume is destroyed.
+    wait_for("diary forgotten", LONG, || async {
+        (service.get("diary").await.err()?.code() == tonic::Code::NotFound).then_some(())
+    })
+    .await;
+    let state = cluster.state().await;
+    assert!(state.volumes.is_empty(), "{:?}", state.volumes);
+    wait_for("the volume directory removed", LONG, || async {
+        (!volume.exists()).then_some(())
+    })
+    .await;
     service.stop().await;
     cluster.shutdown().await;
 }

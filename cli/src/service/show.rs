@@ -118,11 +118,14 @@ pub(crate) fn render_status(s: &pb::ServiceStatus, now: f64) -> String {
         return out;
     }
     out.push('\n');
+    // Only services with persistent volumes get the column: the table is
+    // wide enough already.
+    let volumes = s.instances.iter().any(|i| !i.volumes.is_empty());
     let rows: Vec<Vec<String>> = s
         .instances
         .iter()
         .map(|i| {
-            vec![
+            let mut row = vec![
                 i.id.clone(),
                 format!("v{}", i.version),
                 if i.hostname.is_empty() {
@@ -139,15 +142,24 @@ pub(crate) fn render_status(s: &pb::ServiceStatus, now: f64) -> String {
                     i.pod_ip.clone()
                 },
                 i.restart_count.to_string(),
-            ]
+            ];
+            if volumes {
+                row.push(if i.volumes.is_empty() {
+                    "-".to_string()
+                } else {
+                    i.volumes.join(",")
+                });
+            }
+            row
         })
         .collect();
-    out.push_str(&render_table(
-        &[
-            "INSTANCE", "VERSION", "AGENT", "STATE", "HEALTHY", "READY", "POD IP", "RESTARTS",
-        ],
-        &rows,
-    ));
+    let mut header = vec![
+        "INSTANCE", "VERSION", "AGENT", "STATE", "HEALTHY", "READY", "POD IP", "RESTARTS",
+    ];
+    if volumes {
+        header.push("VOLUMES");
+    }
+    out.push_str(&render_table(&header, &rows));
     out
 }
 
@@ -225,5 +237,23 @@ mod tests {
         for cell in ["v3", "node1", "RUNNING", "yes", "10.88.0.5", "1"] {
             assert!(row.contains(cell), "{cell}: {row}");
         }
+        assert!(!text.contains("VOLUMES"), "{text}");
+    }
+
+    #[test]
+    fn status_shows_the_persistent_volumes_of_instances_that_have_them() {
+        let mut s = service();
+        s.instances[0].volumes = vec!["data-web-0".into(), "logs-web-0".into()];
+        let text = render_status(&s, 0.0);
+        let header = text
+            .lines()
+            .find(|l| l.starts_with("INSTANCE"))
+            .expect("header");
+        assert!(header.ends_with("VOLUMES"), "{text}");
+        let row = text
+            .lines()
+            .find(|l| l.starts_with("web.3.7"))
+            .expect("row");
+        assert!(row.ends_with("data-web-0,logs-web-0"), "{row}");
     }
 }

@@ -1248,21 +1248,7 @@ fn unplaced_reason(job: &Job, offers: &[pb::Offer]) -> String {
             constraints.join(", ")
         );
     }
-    let mut short = Vec::new();
-    for (name, want) in job.resources.scalars() {
-        let best = matching
-            .iter()
-            .filter_map(|r| r.scalar(name))
-            .max()
-            .unwrap_or_default();
-        if want > best {
-            short.push(format!(
-                "needs {name} {}, largest offer had {}",
-                want.as_f64(),
-                best.as_f64()
-            ));
-        }
-    }
+    let short = corral_sdk::shortfall(&job.resources, &matching);
     if short.is_empty() {
         "waiting for resources: offers went to higher-priority or earlier tasks".to_string()
     } else {

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use corral_proto::pb::{self, scheduler_client::SchedulerClient as GrpcClient};
-use corral_proto::{AgentId, FrameworkId, OfferId, TaskId};
+use corral_proto::{AgentId, FrameworkId, OfferId, TaskId, VolumeId};
 use tokio::sync::watch;
 use tonic::transport::Channel;
 
@@ -149,7 +149,36 @@ impl SchedulerClient {
         self.accept(offer_ids, vec![launch], filters).await
     }
 
-    /// Accepts offers with the given operations (`Launch`, `LaunchGroup`).
+    /// The operation that reserves `disk_mib` of the accepted offers' disk
+    /// as the persistent volume `id` on their agent; put it before the
+    /// `LaunchGroup` that mounts it (`PodVolume.persistent`) in one
+    /// [`accept`](Self::accept).
+    pub fn create_volume(id: &VolumeId, disk_mib: f64) -> pb::Operation {
+        pb::Operation {
+            operation: Some(pb::operation::Operation::CreateVolume(pb::CreateVolume {
+                volume_id: id.to_string(),
+                disk_mib,
+            })),
+        }
+    }
+
+    /// Deletes the persistent volume `id` and its data, and frees its disk.
+    /// Fails with `NOT_FOUND` for a volume the framework does not have and
+    /// `FAILED_PRECONDITION` while a live task mounts it.
+    pub async fn destroy_volume(&self, id: &VolumeId) -> Result<(), DriverError> {
+        let volume_id = id.to_string();
+        self.unary("destroy_volume", |mut grpc, header| async move {
+            grpc.destroy_volume(pb::DestroyVolumeRequest {
+                header: Some(header),
+                volume_id,
+            })
+            .await
+        })
+        .await
+    }
+
+    /// Accepts offers with the given operations (`Launch`, `LaunchGroup`,
+    /// `CreateVolume`), applied in order.
     pub async fn accept(
         &self,
         offer_ids: &[OfferId],

@@ -62,14 +62,14 @@ pub use async_trait::async_trait;
 pub use client::SchedulerClient;
 pub use constraint::Constraint;
 pub use corral_proto::{
-    AgentId, FrameworkId, OfferId, RangeSet, ResourceError, Resources, TaskId, pb,
+    AgentId, FrameworkId, OfferId, RangeSet, ResourceError, Resources, TaskId, VolumeId, pb,
 };
 pub use driver::{
     DEFAULT_MISSED_HEARTBEATS, DEFAULT_RECONNECT_BACKOFF_INITIAL, DEFAULT_RECONNECT_BACKOFF_MAX,
     Driver, DriverConfig,
 };
 pub use error::DriverError;
-pub use offer::OfferResources;
+pub use offer::{OfferResources, shortfall};
 pub use scheduler::Scheduler;
 pub use task::TaskBuilder;
 

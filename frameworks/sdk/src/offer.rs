@@ -87,3 +87,25 @@ impl OfferResources {
         Some(taken)
     }
 }
+
+/// Why `need` fits none of `offered`, one `needs NAME WANT, largest offer had
+/// HAVE` per scalar that no offer has enough of (empty: some offer has
+/// enough of each). For a framework's "why is this not placed" message.
+pub fn shortfall(need: &Resources, offered: &[Resources]) -> Vec<String> {
+    let mut short = Vec::new();
+    for (name, want) in need.scalars() {
+        let best = offered
+            .iter()
+            .filter_map(|r| r.scalar(name))
+            .max()
+            .unwrap_or_default();
+        if want > best {
+            short.push(format!(
+                "needs {name} {}, largest offer had {}",
+                want.as_f64(),
+                best.as_f64()
+            ));
+        }
+    }
+    short
+}

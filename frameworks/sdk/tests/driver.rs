@@ -685,6 +685,33 @@ async fn calls_carry_the_current_stream_header() {
         other => panic!("expected accept, got {}", other.name()),
     }
 
+    let volume = corral_sdk::VolumeId::parse("data-web-0", "volume").unwrap();
+    c.accept(
+        std::slice::from_ref(&offer),
+        vec![SchedulerClient::create_volume(&volume, 64.0)],
+        None,
+    )
+    .await
+    .expect("accept with a create");
+    match h.master.next_call().await {
+        Call::Accept(a) => {
+            let create = pb::operation::Operation::CreateVolume(pb::CreateVolume {
+                volume_id: "data-web-0".into(),
+                disk_mib: 64.0,
+            });
+            assert_eq!(
+                a.operations,
+                vec![pb::Operation {
+                    operation: Some(create)
+                }]
+            );
+        }
+        other => panic!("expected accept, got {}", other.name()),
+    }
+    c.destroy_volume(&volume).await.expect("destroy_volume");
+    assert!(matches!(h.master.next_call().await,
+        Call::DestroyVolume(d) if d.header == h1 && d.volume_id == "data-web-0"));
+
     c.decline(std::slice::from_ref(&offer), filters)
         .await
         .expect("decline");

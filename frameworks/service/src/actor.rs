@@ -5,10 +5,10 @@
 //! forwarded by [`Forwarder`], the SDK scheduler. The loop handles every
 //! command already queued, lets the core act on time, then makes the changes
 //! durable in **one** store commit, and only then acts: replies to API
-//! calls, launches, kills and acknowledgements of final status updates. So
-//! the store never knows less than the master (no launch it has not
-//! recorded, no acknowledged end of a task it could forget) and a burst of
-//! updates costs one fsync, not one each. While a commit runs, new commands
+//! calls, launches, kills, volume destroys and acknowledgements of final
+//! status updates. So the store never knows less than the master (no launch
+//! it has not recorded, no acknowledged end of a task it could forget) and a
+//! burst of updates costs one fsync, not one each. While a commit runs, new commands
 //! queue up and form the next group.
 
 use std::collections::{HashMap, HashSet};
@@ -16,11 +16,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use corral_proto::task::{is_terminal, now_seconds};
-use corral_proto::{AgentId, FrameworkId, OfferId, TaskId, pb};
+use corral_proto::{AgentId, FrameworkId, OfferId, TaskId, VolumeId, pb};
 use corral_sdk::{DriverError, Scheduler, SchedulerClient, async_trait};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::core::{Applied, Change, CoreError, Kill, Launch, ServiceStatus, Services};
+use crate::core::{Applied, Change, CoreError, Destroy, Kill, Launch, ServiceStatus, Services};
 use crate::metrics::{Metrics, RolloutOutcome};
 use crate::spec::Service;
 use crate::store::{Store, StoreError};
@@ -85,6 +85,13 @@ pub enum Command {
     LaunchDone {
         task_ids: Vec<String>,
         failure: Option<LaunchFailure>,
+    },
+    /// A persistent volume destroy returned: Ok when the volume is gone
+    /// (destroyed, or unknown to the master), else why it failed.
+    DestroyDone {
+        service: String,
+        volume_id: VolumeId,
+        result: Result<(), String>,
     },
 }
 
@@ -163,6 +170,7 @@ struct Outbox {
     launches: Vec<(OfferId, Launch)>,
     declines: Vec<OfferId>,
     kills: Vec<Kill>,
+    destroys: Vec<Destroy>,
     acks: Vec<pb::TaskStatus>,
     reconcile: Vec<Vec<(TaskId, Option<AgentId>)>>,
     save_framework_id: Option<FrameworkId>,
@@ -252,16 +260,36 @@ fn by_offer(launches: Vec<(OfferId, Launch)>) -> Vec<(OfferId, Vec<Launch>)> {
     grouped
 }
 
-/// LAUNCH for single tasks, LAUNCH_GROUP for a pod.
-fn operation(launch: Launch) -> pb::Operation {
-    let operation = match launch {
-        Launch::Tasks(tasks) => pb::operation::Operation::Launch(pb::Launch { tasks }),
-        Launch::Group(group) => pb::operation::Operation::LaunchGroup(pb::LaunchGroup {
-            task_group: Some(group),
-        }),
-    };
-    pb::Operation {
-        operation: Some(operation),
+/// LAUNCH for single tasks; for a pod, CREATE_VOLUME for each persistent
+/// volume to create, then LAUNCH_GROUP (the master creates before it
+/// launches).
+fn operations(launch: Launch) -> Vec<pb::Operation> {
+    match launch {
+        Launch::Tasks(tasks) => vec![pb::Operation {
+            operation: Some(pb::operation::Operation::Launch(pb::Launch { tasks })),
+        }],
+        Launch::Group { create, group } => {
+            let mut ops: Vec<pb::Operation> = create
+                .iter()
+                .map(|v| SchedulerClient::create_volume(&v.id, v.size.as_f64()))
+                .collect();
+            ops.push(pb::Operation {
+                operation: Some(pb::operation::Operation::LaunchGroup(pb::LaunchGroup {
+                    task_group: Some(group),
+                })),
+            });
+            ops
+        }
+    }
+}
+
+/// Done for a destroy: the master destroyed the volume, or has no such
+/// volume (destroyed before a crash made us forget that we asked).
+fn destroyed(result: Result<(), DriverError>) -> Result<(), String> {
+    match result {
+        Ok(()) => Ok(()),
+        Err(e) if e.code() == Some(tonic::Code::NotFound) => Ok(()),
+        Err(e) => Err(e.to_string()),
     }
 }
 
@@ -296,8 +324,11 @@ impl Actor {
                     }
                 }
             }
-            let kills = self.services.tick(now_seconds());
+            let now = now_seconds();
+            let kills = self.services.tick(now);
             self.outbox.kills.extend(kills);
+            let destroys = self.services.take_destroys(now);
+            self.outbox.destroys.extend(destroys);
             self.commit().await?;
             self.act();
         }
@@ -358,6 +389,12 @@ impl Actor {
             Command::Subscribed(id) => {
                 tracing::info!(framework_id = %id, "subscribed");
                 if self.framework_id.as_deref() != Some(id.as_str()) {
+                    if self.framework_id.is_some() {
+                        // Registered anew: the master removed the old
+                        // framework and destroyed its volumes with it.
+                        tracing::warn!(framework_id = %id, "registered as a new framework; the old one's persistent volumes are gone");
+                        self.services.forget_volumes();
+                    }
                     self.outbox.save_framework_id = Some(id);
                 }
                 // A new subscription starts unsuppressed; and the master may
@@ -384,7 +421,7 @@ impl Actor {
                     .iter()
                     .map(|(_, launch)| match launch {
                         Launch::Tasks(tasks) => tasks.len(),
-                        Launch::Group(_) => 1,
+                        Launch::Group { .. } => 1,
                     })
                     .sum();
                 for (service, why) in &plan.unplaceable {
@@ -421,6 +458,22 @@ impl Actor {
                     self.in_flight.remove(id);
                 }
                 self.launch_done(task_ids, failure, now);
+            }
+            Command::DestroyDone {
+                service,
+                volume_id,
+                result,
+            } => {
+                match &result {
+                    Ok(()) => {
+                        tracing::info!(%service, %volume_id, "persistent volume destroyed");
+                    }
+                    Err(e) => {
+                        tracing::warn!(%service, %volume_id, error = %e, "persistent volume not destroyed; retrying");
+                    }
+                }
+                self.services
+                    .destroy_done(&service, volume_id.as_str(), result, now);
             }
         }
     }
@@ -534,32 +587,31 @@ impl Actor {
             });
         }
         for (offer_id, launches) in by_offer(outbox.launches) {
-            let ids: Vec<String> = launches
-                .iter()
-                .flat_map(|launch| match launch {
-                    Launch::Tasks(tasks) => tasks.iter().map(|t| t.task_id.clone()).collect(),
-                    Launch::Group(group) => group
-                        .tasks
-                        .iter()
-                        .map(|t| t.task_id.clone())
-                        .collect::<Vec<_>>(),
-                })
-                .collect();
+            let ids: Vec<String> = launches.iter().flat_map(Launch::task_ids).collect();
             self.in_flight.extend(ids.iter().cloned());
-            let operations = launches.into_iter().map(operation).collect();
+            let operations = launches.into_iter().flat_map(operations).collect();
             let client = self.client.clone();
             let myself = self.myself.clone();
             tokio::spawn(async move {
                 // One ACCEPT per offer: the master consumes an offer with
                 // its first ACCEPT, so a second one would be refused.
                 let failure = client
-                    .accept(&[offer_id], operations, None)
+                    .accept(std::slice::from_ref(&offer_id), operations, None)
                     .await
                     .err()
                     .map(|e| LaunchFailure {
                         refused: refused(&e),
                         message: format!("launch not sent: {e}"),
                     });
+                if failure.as_ref().is_some_and(|f| f.refused) {
+                    // A refused ACCEPT (e.g. a volume create the master
+                    // would not do) leaves the offer outstanding: hand it
+                    // back rather than hold the agent's resources.
+                    let filters = pb::Filters {
+                        refuse_seconds: Some(BUSY_REFUSE_SECONDS),
+                    };
+                    let _ = client.decline(&[offer_id], Some(filters)).await;
+                }
                 if let Some(tx) = myself.upgrade() {
                     let _ = tx
                         .send(Command::LaunchDone {
@@ -590,6 +642,22 @@ impl Actor {
             tokio::spawn(async move {
                 if let Err(e) = client.kill(&task_id, agent_id.as_ref()).await {
                     tracing::warn!(%task_id, error = %e, "kill not sent");
+                }
+            });
+        }
+        for Destroy { service, volume_id } in outbox.destroys {
+            let client = self.client.clone();
+            let myself = self.myself.clone();
+            tokio::spawn(async move {
+                let result = destroyed(client.destroy_volume(&volume_id).await);
+                if let Some(tx) = myself.upgrade() {
+                    let _ = tx
+                        .send(Command::DestroyDone {
+                            service,
+                            volume_id,
+                            result,
+                        })
+                        .await;
                 }
             });
         }

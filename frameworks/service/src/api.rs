@@ -215,6 +215,7 @@ fn instance(i: &InstanceStatus) -> pb::ServiceInstance {
         available: i.available,
         pod_ip: i.pod_ip.clone(),
         restart_count: i.restart_count,
+        volumes: i.volumes.clone(),
     }
 }
 

@@ -26,16 +26,32 @@
 //!   `auto_rollback` the previous version becomes the target again (rolled
 //!   out the same way, its running instances kept), else the rollout stops
 //!   and keeps what runs.
+//! - Persistent volumes (Marathon's resident apps, a Kubernetes
+//!   StatefulSet's volume claims): a service whose pod has persistent
+//!   volumes keeps numbered *slots* (0, 1, ...), each one persistent volume
+//!   per claim, named `CLAIM-SERVICE-SLOT`, on one agent. Every instance of
+//!   it holds a slot. A new instance (first launch, replacement, rollout)
+//!   takes a *free* slot first (one no instance that has not ended holds),
+//!   and then runs only on that slot's agent, from an offer that lists the
+//!   slot's volumes; only when no slot is free and there are fewer slots
+//!   than wanted instances is a new slot made (constraints apply), its
+//!   volumes created in the same ACCEPT as the pod. A slot's agent is fixed:
+//!   while it does not offer, the instance waits and the status says for
+//!   which agent. Scaling down keeps slots and their data, scaling up reuses
+//!   them; deleting the service destroys the volumes once its instances
+//!   ended ([`Services::take_destroys`]), then forgets it. The volumes of a
+//!   service cannot change while it has slots (a StatefulSet's claims are
+//!   immutable too): delete it to start over.
 //! - Known limit: TASK_UNKNOWN relaunches are not capped (the batch core
 //!   caps free relaunches); each needs a reconciliation and an offer, so it
 //!   cannot spin hot.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use corral_proto::task::{is_terminal, reason_name};
-use corral_proto::{AgentId, OfferId, Resources, TaskId, pb};
+use corral_proto::{AgentId, Amount, OfferId, Resources, TaskId, VolumeId, pb};
 use corral_sdk::constraint::{Placement, all_admit};
-use corral_sdk::{OfferResources, TaskBuilder};
+use corral_sdk::{OfferResources, TaskBuilder, shortfall};
 use serde::{Deserialize, Serialize};
 
 use crate::spec::{
@@ -61,9 +77,12 @@ pub const LABEL_INSTANCE: &str = "corral.instance";
 pub const ENV_SERVICE: &str = "CORRAL_SERVICE";
 pub const ENV_VERSION: &str = "CORRAL_SERVICE_VERSION";
 pub const ENV_INSTANCE: &str = "CORRAL_INSTANCE";
-/// What `place` says of a pod with persistent volumes: agents cannot
-/// reserve them yet, and launching without would lose the data promise.
-pub const PERSISTENT_UNSUPPORTED: &str = "persistent volumes are not supported yet";
+/// First retry of a persistent volume destroy that failed, doubling up to
+/// [`DESTROY_BACKOFF_MAX_SECONDS`]: the usual causes (the master still
+/// counts a task as live, no subscription for a moment) clear within
+/// seconds, and a long master outage should not be polled hot.
+pub const DESTROY_BACKOFF_SECONDS: f64 = 1.0;
+pub const DESTROY_BACKOFF_MAX_SECONDS: f64 = 60.0;
 
 /// Why a call was refused; the API maps each to a gRPC code.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -103,11 +122,41 @@ pub struct Kill {
     pub agent_id: Option<AgentId>,
 }
 
-/// One launch operation: single tasks (LAUNCH) or a pod (LAUNCH_GROUP).
+/// One launch: single tasks (LAUNCH) or a pod (LAUNCH_GROUP), the latter
+/// after creating the persistent volumes in `create` (CREATE_VOLUME
+/// operations before it in the same ACCEPT, so the pod can mount them).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Launch {
     Tasks(Vec<pb::TaskInfo>),
-    Group(pb::TaskGroupInfo),
+    Group {
+        create: Vec<NewVolume>,
+        group: pb::TaskGroupInfo,
+    },
+}
+
+impl Launch {
+    pub fn task_ids(&self) -> Vec<String> {
+        match self {
+            Launch::Tasks(tasks) => tasks.iter().map(|t| t.task_id.clone()).collect(),
+            Launch::Group { group, .. } => group.tasks.iter().map(|t| t.task_id.clone()).collect(),
+        }
+    }
+}
+
+/// A persistent volume to create with a launch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewVolume {
+    pub id: VolumeId,
+    /// MiB.
+    pub size: Amount,
+}
+
+/// A persistent volume to destroy: its service is deleted and no instance
+/// of it is left.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Destroy {
+    pub service: String,
+    pub volume_id: VolumeId,
 }
 
 /// Launches planned for offers, the offers to decline, and why services
@@ -163,6 +212,10 @@ pub struct Instance {
     /// The framework killed it (or it failed and the rest of it is being
     /// killed): it no longer counts, and is forgotten once its tasks ended.
     pub killing: bool,
+    /// The slot (persistent volumes) it holds; None without persistent
+    /// volumes. Defaulted so records written before slots existed load.
+    #[serde(default)]
+    pub slot: Option<u32>,
 }
 
 impl Instance {
@@ -181,14 +234,86 @@ impl Instance {
     }
 
     fn placement_attributes(&self) -> Vec<pb::Attribute> {
-        self.attributes
+        text_attributes(&self.attributes)
+    }
+}
+
+fn text_attributes(attributes: &[(String, String)]) -> Vec<pb::Attribute> {
+    attributes
+        .iter()
+        .map(|(name, text)| pb::Attribute {
+            name: name.clone(),
+            value: Some(pb::attribute::Value::Text(text.clone())),
+        })
+        .collect()
+}
+
+fn attributes_of(offer: &pb::Offer) -> Vec<(String, String)> {
+    offer
+        .attributes
+        .iter()
+        .map(|a| (a.name.clone(), corral_proto::attributes::value_text(a)))
+        .collect()
+}
+
+/// One persistent volume of a slot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotVolume {
+    /// The spec's claim it is for.
+    pub claim: String,
+    /// `CLAIM-SERVICE-SLOT`: unique in the framework.
+    pub id: String,
+    /// MiB.
+    pub size: Amount,
+}
+
+impl SlotVolume {
+    fn new_volume(&self) -> Result<NewVolume, corral_proto::IdError> {
+        Ok(NewVolume {
+            id: VolumeId::parse(&self.id, "volume_id")?,
+            size: self.size,
+        })
+    }
+}
+
+/// A set of persistent volumes, one per claim of the service's pod, on one
+/// agent: where one instance of a persistent service runs. Stored one
+/// record each.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Slot {
+    pub number: u32,
+    pub agent_id: String,
+    pub hostname: String,
+    /// The agent's attributes as `(name, text)` when the slot was made:
+    /// where the data lives, for operators (constraints are checked then
+    /// and count the slot's instance afterwards).
+    pub attributes: Vec<(String, String)>,
+    pub volumes: Vec<SlotVolume>,
+    /// The volumes are known to exist (an offer listed them, or a pod on
+    /// them reached the agent). Until then a launch on the slot creates the
+    /// ones its offer does not list, and a launch the master refused takes
+    /// the slot with it.
+    pub created: bool,
+}
+
+impl Slot {
+    /// The slot's volumes `offer` does not list (as free volumes of the
+    /// framework on its agent).
+    fn unlisted(&self, offer: &pb::Offer) -> Vec<&SlotVolume> {
+        self.volumes
             .iter()
-            .map(|(name, text)| pb::Attribute {
-                name: name.clone(),
-                value: Some(pb::attribute::Value::Text(text.clone())),
-            })
+            .filter(|v| !offer.volumes.iter().any(|o| o.id == v.id))
             .collect()
     }
+}
+
+/// A failed volume destroy waiting for its retry (kept in memory only: after
+/// a restart every destroy is simply tried again).
+#[derive(Debug, Clone, Default)]
+struct Retry {
+    in_flight: bool,
+    failures: u32,
+    next_at: f64,
 }
 
 /// A rollout in progress (or stopped after failing, without rollback).
@@ -235,6 +360,7 @@ pub enum Change {
     Service(String, Option<ServiceMeta>),
     Version((String, u32), Option<Box<pb::ServiceSpec>>),
     Instance((String, u32), Option<Instance>),
+    Slot((String, u32), Option<Slot>),
 }
 
 /// What the store hands back to [`Services::restore`] for one service.
@@ -243,6 +369,7 @@ pub struct StoredService {
     pub meta: ServiceMeta,
     pub versions: Vec<(u32, pb::ServiceSpec)>,
     pub instances: Vec<Instance>,
+    pub slots: Vec<Slot>,
 }
 
 /// One instance, for the API.
@@ -262,6 +389,8 @@ pub struct InstanceStatus {
     pub available: bool,
     pub pod_ip: String,
     pub restart_count: u32,
+    /// The ids of the persistent volumes it mounts (its slot's).
+    pub volumes: Vec<String>,
 }
 
 /// A rollout's progress, for the API.
@@ -298,11 +427,55 @@ struct Entry {
     meta: ServiceMeta,
     versions: BTreeMap<u32, Service>,
     instances: BTreeMap<u32, Instance>,
+    slots: BTreeMap<u32, Slot>,
+    /// Volume destroys that failed, by volume id.
+    destroys: BTreeMap<String, Retry>,
     /// Why wanted instances were not placed in the last offer round.
     unplaced: Option<String>,
 }
 
 impl Entry {
+    fn new(meta: ServiceMeta, versions: BTreeMap<u32, Service>) -> Self {
+        Self {
+            meta,
+            versions,
+            instances: BTreeMap::new(),
+            slots: BTreeMap::new(),
+            destroys: BTreeMap::new(),
+            unplaced: None,
+        }
+    }
+
+    /// Slots no instance that has not ended holds, lowest first.
+    fn free_slots(&self) -> Vec<u32> {
+        let held: BTreeSet<u32> = self
+            .instances
+            .values()
+            .filter(|i| !i.all_ended())
+            .filter_map(|i| i.slot)
+            .collect();
+        self.slots
+            .keys()
+            .copied()
+            .filter(|k| !held.contains(k))
+            .collect()
+    }
+
+    /// Where the service's instances run: what `unique`/`max_per` count.
+    /// (Slots need not be added: a new slot is only made when none is
+    /// free, so every slot's agent is counted through its instance.)
+    fn placements(&self) -> Vec<(String, Vec<pb::Attribute>)> {
+        self.instances
+            .values()
+            .map(|i| (i.hostname.clone(), i.placement_attributes()))
+            .collect()
+    }
+
+    /// The service is deleted and no instance is left: its volumes go.
+    fn destroying(&self) -> bool {
+        self.meta.deleting && self.instances.is_empty()
+    }
+
     fn target(&self) -> &Service {
         &self.versions[&self.meta.target]
     }
@@ -435,6 +608,7 @@ impl Services {
                 kills,
             ));
         }
+        check_claims(entry, &service)?;
         let version = self.new_version(&name, service, now);
         Ok((Applied::Updated { version }, self.converge(&name, now)))
     }
@@ -462,8 +636,9 @@ impl Services {
         Ok((version, self.converge(name, now)))
     }
 
-    /// Kills every instance; the service is forgotten once all its tasks
-    /// ended (at once when none runs).
+    /// Kills every instance; once all its tasks ended its persistent
+    /// volumes are destroyed ([`Services::take_destroys`]), then the service
+    /// is forgotten (at once when nothing runs and it has no volumes).
     pub fn delete(&mut self, name: &str, now: f64) -> Result<Vec<Kill>, CoreError> {
         self.now = self.now.max(now);
         let entry = self
@@ -501,12 +676,7 @@ impl Services {
             (name.clone(), 1),
             Some(Box::new(service.spec.clone())),
         ));
-        let entry = Entry {
-            meta,
-            versions: BTreeMap::from([(1, service)]),
-            instances: BTreeMap::new(),
-            unplaced: None,
-        };
+        let entry = Entry::new(meta, BTreeMap::from([(1, service)]));
         self.entries.insert(name.clone(), entry);
         self.meta_changed(&name);
     }
@@ -574,6 +744,7 @@ impl Services {
                 }
             }
         }
+        self.note_listed_volumes(offers);
         let names: Vec<String> = self.entries.keys().cloned().collect();
         for name in names {
             let (want, _) = self.entries[&name].plan(now);
@@ -602,6 +773,36 @@ impl Services {
         plan
     }
 
+    /// Slots whose volumes an offer lists exist: remember it.
+    fn note_listed_volumes(&mut self, offers: &[pb::Offer]) {
+        let mut seen = Vec::new();
+        for (name, entry) in &self.entries {
+            for (k, slot) in &entry.slots {
+                let listed = || {
+                    offers
+                        .iter()
+                        .any(|o| o.agent_id == slot.agent_id && slot.unlisted(o).is_empty())
+                };
+                if !slot.created && listed() {
+                    seen.push((name.clone(), *k));
+                }
+            }
+        }
+        for (name, k) in seen {
+            self.slot_created(&name, k);
+        }
+    }
+
+    fn slot_created(&mut self, name: &str, k: u32) {
+        let Some(slot) = self.entries.get_mut(name).and_then(|e| e.slots.get_mut(&k)) else {
+            return;
+        };
+        if !slot.created {
+            slot.created = true;
+            self.slot_changed(name, k);
+        }
+    }
+
     /// Places up to `want` instances of `name`; the reason when some
     /// could not be.
     fn place_service(
@@ -614,13 +815,9 @@ impl Services {
         let entry = &self.entries[name];
         let service = entry.target().clone();
         let need = template_resources(&service.template);
-        if let Template::Pod(pod) = &service.template
-            && pod
-                .volumes
-                .iter()
-                .any(|v| matches!(v.source, VolumeSource::Persistent { .. }))
-        {
-            return Some(PERSISTENT_UNSUPPORTED.to_string());
+        let claims = claims(&service.template);
+        if !claims.is_empty() {
+            return self.place_persistent(name, want, &service, &claims, rooms, now);
         }
         let ports = match &service.template {
             Template::Task(t) => u64::from(t.ports),
@@ -628,11 +825,7 @@ impl Services {
         };
         let mut placed = 0;
         for _ in 0..want {
-            let placements: Vec<(String, Vec<pb::Attribute>)> = self.entries[name]
-                .instances
-                .values()
-                .map(|i| (i.hostname.clone(), i.placement_attributes()))
-                .collect();
+            let placements = self.entries[name].placements();
             let refs: Vec<Placement<'_>> = placements
                 .iter()
                 .map(|(h, a)| Placement::new(h, a))
@@ -650,66 +843,255 @@ impl Services {
             let mut left = room.left.clone();
             left.try_take(&need);
             let host_ports = left.take_ports(ports).unwrap_or_default();
-            match self.launch_instance(name, &service, room.offer, host_ports, now) {
+            let at = Placed {
+                offer: room.offer,
+                host_ports,
+                slot: None,
+                create: Vec::new(),
+            };
+            match self.launch_instance(name, &service, at, now) {
                 Ok(launch) => {
                     room.left = left;
                     room.launches.push(launch);
                     placed += 1;
                 }
-                Err(e) => return Some(format!("cannot build task ids: {e}")),
+                Err(e) => return Some(e.to_string()),
             }
         }
         (placed < want).then(|| {
             let offers: Vec<&pb::Offer> = rooms.iter().map(|r| r.offer).collect();
-            unplaced_reason(&self.entries[name], &service, &need, want - placed, &offers)
+            let placements = self.entries[name].placements();
+            format!(
+                "{} instance(s) not placed: {}",
+                want - placed,
+                unplaced_reason(&placements, &service, &need, &offers)
+            )
         })
     }
 
-    /// Records a new instance of the target version on `offer`'s agent and
-    /// builds its launch.
+    /// Places up to `want` instances of a service with persistent volumes,
+    /// each on a slot (see the module doc); the reason when some could not
+    /// be.
+    fn place_persistent(
+        &mut self,
+        name: &str,
+        want: u32,
+        service: &Service,
+        claims: &[(String, Amount)],
+        rooms: &mut [Room<'_>],
+        now: f64,
+    ) -> Option<String> {
+        let need = template_resources(&service.template);
+        for placed in 0..want {
+            let not_placed =
+                |why: String| Some(format!("{} instance(s) not placed: {why}", want - placed));
+            let choice = match self.pick_slot(name, service, &need, claims, rooms) {
+                Ok(choice) => choice,
+                Err(why) => return not_placed(why),
+            };
+            let room = &mut rooms[choice.room];
+            let at = Placed {
+                offer: room.offer,
+                host_ports: corral_proto::RangeSet::new(),
+                slot: Some(choice.slot),
+                create: choice.create,
+            };
+            match self.launch_instance(name, service, at, now) {
+                Ok(launch) => {
+                    room.left = choice.left;
+                    room.launches.push(launch);
+                }
+                Err(e) => return not_placed(e.to_string()),
+            }
+        }
+        None
+    }
+
+    /// The slot and offer for one more instance of a persistent service: a
+    /// free slot on its agent's offer, else a new slot where the
+    /// constraints admit it (recorded here). Why not, when neither.
+    fn pick_slot(
+        &mut self,
+        name: &str,
+        service: &Service,
+        need: &Resources,
+        claims: &[(String, Amount)],
+        rooms: &[Room<'_>],
+    ) -> Result<Choice, String> {
+        let entry = &self.entries[name];
+        let free = entry.free_slots();
+        if !free.is_empty() {
+            let mut why = None;
+            for k in free {
+                match slot_room(&entry.slots[&k], need, rooms) {
+                    Ok((room, create, left)) => {
+                        if create.is_empty() {
+                            self.slot_created(name, k);
+                        }
+                        return Ok(Choice {
+                            room,
+                            slot: k,
+                            create,
+                            left,
+                        });
+                    }
+                    Err(w) => {
+                        why.get_or_insert(w);
+                    }
+                }
+            }
+            return Err(why.unwrap_or_default());
+        }
+        if entry.slots.len() >= entry.meta.instances as usize {
+            return Err(
+                "waiting for instances being stopped to release their persistent volumes".into(),
+            );
+        }
+        // The lowest number not in use: a slot forgotten after a refused
+        // launch leaves a gap that the next new slot fills.
+        let count = u32::try_from(entry.slots.len()).unwrap_or(u32::MAX);
+        let number = (0..=count)
+            .find(|k| !entry.slots.contains_key(k))
+            .unwrap_or(count);
+        let volumes: Vec<SlotVolume> = claims
+            .iter()
+            .map(|(claim, size)| SlotVolume {
+                claim: claim.clone(),
+                id: format!("{claim}-{name}-{number}"),
+                size: *size,
+            })
+            .collect();
+        for v in &volumes {
+            VolumeId::parse(&v.id, "volume_id")
+                .map_err(|e| format!("cannot name persistent volume {}: {e}", v.id))?;
+            let taken = self.entries.iter().find(|(other, e)| {
+                other.as_str() != name
+                    && e.slots
+                        .values()
+                        .any(|s| s.volumes.iter().any(|o| o.id == v.id))
+            });
+            if let Some((other, _)) = taken {
+                return Err(format!(
+                    "persistent volume id {} is taken by service {other}; rename the claim or the service",
+                    v.id
+                ));
+            }
+        }
+        let placements = entry.placements();
+        let refs: Vec<Placement<'_>> = placements
+            .iter()
+            .map(|(h, a)| Placement::new(h, a))
+            .collect();
+        let probe = Slot {
+            number,
+            agent_id: String::new(),
+            hostname: String::new(),
+            attributes: Vec::new(),
+            volumes,
+            created: false,
+        };
+        // Among the offers that take it, the one already listing most of
+        // its volumes (left by a store that was lost, say): their data is
+        // found again instead of a create that the master would refuse.
+        let mut best: Option<(usize, Vec<NewVolume>, OfferResources)> = None;
+        for (i, r) in rooms.iter().enumerate() {
+            if !all_admit(&service.constraints, r.offer, &refs) {
+                continue;
+            }
+            let Ok(create) = creates(&probe.unlisted(r.offer)) else {
+                continue;
+            };
+            let mut left = r.left.clone();
+            if !left.try_take(&with_disk(need, &create)) {
+                continue;
+            }
+            if best.as_ref().is_none_or(|(_, c, _)| create.len() < c.len()) {
+                best = Some((i, create, left));
+            }
+        }
+        let Some((room, create, left)) = best else {
+            let total = with_disk(
+                need,
+                &probe
+                    .volumes
+                    .iter()
+                    .filter_map(|v| v.new_volume().ok())
+                    .collect::<Vec<_>>(),
+            );
+            let offers: Vec<&pb::Offer> = rooms.iter().map(|r| r.offer).collect();
+            return Err(unplaced_reason(&placements, service, &total, &offers));
+        };
+        let offer = rooms[room].offer;
+        let slot = Slot {
+            agent_id: offer.agent_id.clone(),
+            hostname: offer.hostname.clone(),
+            attributes: attributes_of(offer),
+            created: create.is_empty(),
+            ..probe
+        };
+        if let Some(e) = self.entries.get_mut(name) {
+            e.slots.insert(number, slot);
+        }
+        self.slot_changed(name, number);
+        Ok(Choice {
+            room,
+            slot: number,
+            create,
+            left,
+        })
+    }
+
+    /// Records a new instance of the target version on `at.offer`'s agent
+    /// (on `at.slot`, if any) and builds its launch.
     fn launch_instance(
         &mut self,
         name: &str,
         service: &Service,
-        offer: &pb::Offer,
-        host_ports: corral_proto::RangeSet,
+        at: Placed<'_>,
         now: f64,
-    ) -> Result<Launch, corral_proto::IdError> {
+    ) -> Result<Launch, LaunchError> {
         let Some(entry) = self.entries.get_mut(name) else {
             return Ok(Launch::Tasks(Vec::new()));
         };
         let number = entry.meta.next_instance;
         let version = entry.meta.target;
         let base = format!("{name}.{version}.{number}");
+        let offer = at.offer;
         let launch = match &service.template {
             Template::Task(t) => Launch::Tasks(vec![task_info(
                 TaskId::parse(&base, "task_id")?,
                 service,
                 (version, number),
                 t,
-                host_ports,
+                at.host_ports,
                 offer,
             )]),
             Template::Pod(p) => {
-                Launch::Group(group_info(&base, service, (version, number), p, offer)?)
+                let volumes: BTreeMap<&str, &str> = at
+                    .slot
+                    .and_then(|k| entry.slots.get(&k))
+                    .map(|slot| {
+                        slot.volumes
+                            .iter()
+                            .map(|v| (v.claim.as_str(), v.id.as_str()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                Launch::Group {
+                    group: group_info(&base, service, (version, number), p, offer, &volumes)?,
+                    create: at.create,
+                }
             }
         };
         entry.meta.next_instance += 1;
-        let ids: Vec<String> = match &launch {
-            Launch::Tasks(ts) => ts.iter().map(|t| t.task_id.clone()).collect(),
-            Launch::Group(g) => g.tasks.iter().map(|t| t.task_id.clone()).collect(),
-        };
         let instance = Instance {
             number,
             version,
             agent_id: offer.agent_id.clone(),
             hostname: offer.hostname.clone(),
-            attributes: offer
-                .attributes
-                .iter()
-                .map(|a| (a.name.clone(), corral_proto::attributes::value_text(a)))
-                .collect(),
-            tasks: ids
+            attributes: attributes_of(offer),
+            tasks: launch
+                .task_ids()
                 .into_iter()
                 .map(|id| TaskRecord {
                     id,
@@ -726,6 +1108,7 @@ impl Services {
             healthy_since: None,
             unreachable_since: None,
             killing: false,
+            slot: at.slot,
         };
         entry.instances.insert(number, instance);
         self.meta_changed(name);
@@ -757,6 +1140,14 @@ impl Services {
                     "launch of instance {name}.{}.{number} failed: {message}",
                     instance.version
                 );
+                // The master did nothing, so a slot never known to exist
+                // does not: let the next launch pick its agent afresh.
+                if let Some(k) = instance.slot
+                    && e.slots.get(&k).is_some_and(|slot| !slot.created)
+                {
+                    e.slots.remove(&k);
+                    self.changes.push(Change::Slot((name.clone(), k), None));
+                }
             }
             self.record_failure(&name, now);
         }
@@ -778,6 +1169,16 @@ impl Services {
         let Some((name, number, index)) = found else {
             return stray_kill(status, state);
         };
+        // The agent has the pod (it sent the update, or the task starts or
+        // runs), so the master created the volumes it mounts.
+        let reached_agent = !status.uuid.is_empty()
+            || matches!(
+                state,
+                pb::TaskState::TaskStarting | pb::TaskState::TaskRunning
+            );
+        if reached_agent && let Some(k) = self.entries[&name].instances[&number].slot {
+            self.slot_created(&name, k);
+        }
         let changed = self.record_status(&name, number, index, status, now);
         let mut kills = Vec::new();
         let killing = self.entries[&name].instances[&number].killing;
@@ -1032,6 +1433,14 @@ impl Services {
                     times.push(since + UNREACHABLE_GRACE_SECONDS);
                 }
             }
+            if e.destroying() {
+                times.extend(
+                    e.destroys
+                        .values()
+                        .filter(|r| !r.in_flight)
+                        .map(|r| r.next_at.max(self.now)),
+                );
+            }
         }
         times.into_iter().reduce(f64::min)
     }
@@ -1043,6 +1452,133 @@ impl Services {
         self.entries
             .values()
             .any(|e| self.now >= e.meta.backoff_until && e.plan(self.now).0 > 0)
+    }
+
+    // ---- persistent volumes --------------------------------------------------
+
+    /// The volumes of deleted services whose instances all ended that are
+    /// due for a destroy (not in flight, past their retry backoff); each is
+    /// in flight until [`Services::destroy_done`] reports it.
+    pub fn take_destroys(&mut self, now: f64) -> Vec<Destroy> {
+        self.now = self.now.max(now);
+        let mut out = Vec::new();
+        let mut never_made = Vec::new();
+        for (name, e) in &mut self.entries {
+            if !e.destroying() {
+                continue;
+            }
+            let ids: Vec<String> = e
+                .slots
+                .values()
+                .flat_map(|s| s.volumes.iter().map(|v| v.id.clone()))
+                .collect();
+            for id in ids {
+                let Ok(volume_id) = VolumeId::parse(&id, "volume_id") else {
+                    // The master refuses such an id: it never became a volume.
+                    never_made.push((name.clone(), id));
+                    continue;
+                };
+                let retry = e.destroys.entry(id).or_default();
+                if retry.in_flight || retry.next_at > now {
+                    continue;
+                }
+                retry.in_flight = true;
+                out.push(Destroy {
+                    service: name.clone(),
+                    volume_id,
+                });
+            }
+        }
+        for (name, id) in never_made {
+            self.destroy_done(&name, &id, Ok(()), now);
+        }
+        out
+    }
+
+    /// A destroy returned: done (the master had it destroyed, or had no such
+    /// volume) forgets the volume, its slot once empty, and the service once
+    /// nothing is left; a failure is retried after a backoff (1 s doubling
+    /// to a minute), the status saying why.
+    pub fn destroy_done(
+        &mut self,
+        service: &str,
+        volume_id: &str,
+        result: Result<(), String>,
+        now: f64,
+    ) {
+        self.now = self.now.max(now);
+        let Some(e) = self.entries.get_mut(service) else {
+            return;
+        };
+        match result {
+            Ok(()) => {
+                e.destroys.remove(volume_id);
+                let touched: Vec<u32> = e
+                    .slots
+                    .iter_mut()
+                    .filter(|(_, s)| s.volumes.iter().any(|v| v.id == volume_id))
+                    .map(|(k, s)| {
+                        s.volumes.retain(|v| v.id != volume_id);
+                        *k
+                    })
+                    .collect();
+                for k in touched {
+                    let left = e.slots.get(&k).filter(|s| !s.volumes.is_empty()).cloned();
+                    if left.is_none() {
+                        e.slots.remove(&k);
+                    }
+                    self.changes
+                        .push(Change::Slot((service.to_string(), k), left));
+                }
+                self.forget_if_drained(service);
+            }
+            Err(message) => {
+                let retry = e.destroys.entry(volume_id.to_string()).or_default();
+                retry.in_flight = false;
+                retry.failures = retry.failures.saturating_add(1);
+                let exponent = i32::try_from(retry.failures - 1)
+                    .unwrap_or(i32::MAX)
+                    .min(16);
+                let delay = (DESTROY_BACKOFF_SECONDS * 2f64.powi(exponent))
+                    .min(DESTROY_BACKOFF_MAX_SECONDS);
+                retry.next_at = now + delay;
+                e.meta.message = format!(
+                    "destroying persistent volume {volume_id} failed: {message}; retrying in {delay}s"
+                );
+                self.meta_changed(service);
+            }
+        }
+    }
+
+    /// The master removed the framework (it registered anew) and destroyed
+    /// its volumes with it: every slot is gone, so instances are placed
+    /// afresh and deleted services need destroy nothing more.
+    pub fn forget_volumes(&mut self) {
+        let names: Vec<String> = self.entries.keys().cloned().collect();
+        for name in names {
+            let Some(e) = self.entries.get_mut(&name) else {
+                continue;
+            };
+            let slots: Vec<u32> = e.slots.keys().copied().collect();
+            e.slots.clear();
+            e.destroys.clear();
+            let holders: Vec<u32> = e
+                .instances
+                .values_mut()
+                .filter(|i| i.slot.is_some())
+                .map(|i| {
+                    i.slot = None;
+                    i.number
+                })
+                .collect();
+            for k in slots {
+                self.changes.push(Change::Slot((name.clone(), k), None));
+            }
+            for number in holders {
+                self.instance_changed(&name, number);
+            }
+            self.forget_if_drained(&name);
+        }
     }
 
     /// Every task not known to have ended, for reconciliation.
@@ -1207,7 +1743,7 @@ impl Services {
         let drained = self
             .entries
             .get(name)
-            .is_some_and(|e| e.meta.deleting && e.instances.is_empty());
+            .is_some_and(|e| e.destroying() && e.slots.is_empty());
         if !drained {
             return;
         }
@@ -1239,6 +1775,13 @@ impl Services {
                 (name.to_string(), number),
                 Some(i.clone()),
             ));
+        }
+    }
+
+    fn slot_changed(&mut self, name: &str, k: u32) {
+        if let Some(slot) = self.entries.get(name).and_then(|e| e.slots.get(&k)) {
+            self.changes
+                .push(Change::Slot((name.to_string(), k), Some(slot.clone())));
         }
     }
 
@@ -1286,15 +1829,10 @@ impl Services {
                     (i.number, i)
                 })
                 .collect();
-            self.entries.insert(
-                name,
-                Entry {
-                    meta: record.meta,
-                    versions,
-                    instances,
-                    unplaced: None,
-                },
-            );
+            let mut entry = Entry::new(record.meta, versions);
+            entry.instances = instances;
+            entry.slots = record.slots.into_iter().map(|s| (s.number, s)).collect();
+            self.entries.insert(name, entry);
         }
         self.changes.clear();
         refused
@@ -1354,6 +1892,131 @@ struct Room<'a> {
     offer: &'a pb::Offer,
     left: OfferResources,
     launches: Vec<Launch>,
+}
+
+/// Where a new instance goes: the offer, its host ports, its slot and the
+/// slot's volumes to create with it.
+struct Placed<'a> {
+    offer: &'a pb::Offer,
+    host_ports: corral_proto::RangeSet,
+    slot: Option<u32>,
+    create: Vec<NewVolume>,
+}
+
+/// A slot chosen for an instance: the room (index), what to create, and
+/// what the room has left after it.
+struct Choice {
+    room: usize,
+    slot: u32,
+    create: Vec<NewVolume>,
+    left: OfferResources,
+}
+
+/// Why an instance's launch could not be built; reported as the service's
+/// unplaced reason rather than a panic.
+#[derive(Debug, thiserror::Error)]
+enum LaunchError {
+    #[error("cannot build task ids: {0}")]
+    Id(#[from] corral_proto::IdError),
+    #[error("pod volume {volume}: no persistent volume for claim '{claim}' in the instance's slot")]
+    NoVolume { volume: String, claim: String },
+}
+
+/// The persistent volumes a template's pod claims, `(claim, size)` in the
+/// spec's order; empty for a task or a pod without any.
+fn claims(template: &Template) -> Vec<(String, Amount)> {
+    let Template::Pod(pod) = template else {
+        return Vec::new();
+    };
+    pod.volumes
+        .iter()
+        .filter_map(|v| match &v.source {
+            VolumeSource::Persistent { claim, size } => Some((claim.clone(), *size)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A new version must claim the volumes the service's slots hold: the data
+/// lives in them, and a slot of other volumes would be a different service.
+fn check_claims(entry: &Entry, service: &Service) -> Result<(), CoreError> {
+    let Some(slot) = entry.slots.values().next() else {
+        return Ok(());
+    };
+    let mut have: Vec<(String, Amount)> = slot
+        .volumes
+        .iter()
+        .map(|v| (v.claim.clone(), v.size))
+        .collect();
+    let mut want = claims(&service.template);
+    have.sort();
+    want.sort();
+    if have == want {
+        return Ok(());
+    }
+    let text: Vec<String> = have
+        .iter()
+        .map(|(claim, size)| format!("{claim} ({size} MiB)"))
+        .collect();
+    Err(CoreError::Invalid(SpecError::new(
+        "service.pod.volumes",
+        format!(
+            "the persistent volumes cannot change while the service has them ({}): \
+             delete the service to drop them and their data",
+            text.join(", ")
+        ),
+    )))
+}
+
+/// `need` plus the disk of the volumes to create.
+fn with_disk(need: &Resources, create: &[NewVolume]) -> Resources {
+    let mut total = need.clone();
+    for v in create {
+        total.disk += v.size;
+    }
+    total
+}
+
+fn creates(volumes: &[&SlotVolume]) -> Result<Vec<NewVolume>, corral_proto::IdError> {
+    volumes.iter().map(|v| v.new_volume()).collect()
+}
+
+/// The first room on `slot`'s agent that takes an instance: the pod's
+/// resources fit, and its offer lists the slot's volumes (for a slot not
+/// known to exist, the ones it does not list are created: their disk must
+/// fit too). Else why not.
+fn slot_room(
+    slot: &Slot,
+    need: &Resources,
+    rooms: &[Room<'_>],
+) -> Result<(usize, Vec<NewVolume>, OfferResources), String> {
+    let agent = format!("agent {} ({})", slot.agent_id, slot.hostname);
+    let mut why = None;
+    for (i, room) in rooms.iter().enumerate() {
+        if room.offer.agent_id != slot.agent_id {
+            continue;
+        }
+        let unlisted = slot.unlisted(room.offer);
+        if slot.created && !unlisted.is_empty() {
+            let ids: Vec<&str> = unlisted.iter().map(|v| v.id.as_str()).collect();
+            why = Some(format!(
+                "{agent} offered without the persistent volumes {} (still in use?)",
+                ids.join(", ")
+            ));
+            continue;
+        }
+        let create = creates(&unlisted).map_err(|e| format!("slot {}: {e}", slot.number))?;
+        let total = with_disk(need, &create);
+        let mut left = room.left.clone();
+        if left.try_take(&total) {
+            return Ok((i, create, left));
+        }
+        why = Some(format!(
+            "{agent}, which holds its persistent volumes, offered too little: {}",
+            shortfall(&total, std::slice::from_ref(room.left.remaining())).join("; ")
+        ));
+    }
+    Err(why.unwrap_or_else(|| format!("waiting for {agent}, which holds its persistent volumes")))
 }
 
 /// The task is over, or never ran (UNKNOWN to the master after a
@@ -1539,7 +2202,8 @@ fn group_info(
     (version, number): (u32, u32),
     pod: &Pod,
     offer: &pb::Offer,
-) -> Result<pb::TaskGroupInfo, corral_proto::IdError> {
+    persistent: &BTreeMap<&str, &str>,
+) -> Result<pb::TaskGroupInfo, LaunchError> {
     let tasks = pod
         .containers
         .iter()
@@ -1551,19 +2215,27 @@ fn group_info(
     let volumes = pod
         .volumes
         .iter()
-        .filter_map(|v| {
+        .map(|v| {
             let source = match &v.source {
                 VolumeSource::EmptyDir => pb::pod_volume::Source::EmptyDir(pb::EmptyDirVolume {}),
                 VolumeSource::HostPath(p) => pb::pod_volume::Source::HostPath(p.clone()),
-                // `place` refuses such pods before building anything.
-                VolumeSource::Persistent { .. } => return None,
+                VolumeSource::Persistent { claim, .. } => {
+                    let id =
+                        persistent
+                            .get(claim.as_str())
+                            .ok_or_else(|| LaunchError::NoVolume {
+                                volume: v.name.clone(),
+                                claim: claim.clone(),
+                            })?;
+                    pb::pod_volume::Source::Persistent((*id).to_string())
+                }
             };
-            Some(pb::PodVolume {
+            Ok(pb::PodVolume {
                 name: v.name.clone(),
                 source: Some(source),
             })
         })
-        .collect();
+        .collect::<Result<Vec<_>, LaunchError>>()?;
     Ok(pb::TaskGroupInfo {
         tasks,
         volumes,
@@ -1602,20 +2274,14 @@ fn container_info(
     d.build(offer)
 }
 
-/// Why `missing` instances found no offer: constraints, or the largest
-/// matching offer's shortfall.
+/// Why an instance found no offer: constraints (given `placements`, where
+/// the service runs), or the largest matching offer's shortfall.
 fn unplaced_reason(
-    entry: &Entry,
+    placements: &[(String, Vec<pb::Attribute>)],
     service: &Service,
     need: &Resources,
-    missing: u32,
     offers: &[&pb::Offer],
 ) -> String {
-    let placements: Vec<(String, Vec<pb::Attribute>)> = entry
-        .instances
-        .values()
-        .map(|i| (i.hostname.clone(), i.placement_attributes()))
-        .collect();
     let refs: Vec<Placement<'_>> = placements
         .iter()
         .map(|(h, a)| Placement::new(h, a))
@@ -1625,7 +2291,6 @@ fn unplaced_reason(
         .filter(|o| all_admit(&service.constraints, o, &refs))
         .filter_map(|o| Resources::from_proto(&o.resources, "offer.resources").ok())
         .collect();
-    let prefix = format!("{missing} instance(s) not placed: ");
     if admitted.is_empty() {
         let constraints: Vec<String> = service
             .constraints
@@ -1633,29 +2298,15 @@ fn unplaced_reason(
             .map(ToString::to_string)
             .collect();
         return format!(
-            "{prefix}no offered agent satisfies the constraints ({}) given where the service's instances run",
+            "no offered agent satisfies the constraints ({}) given where the service's instances run",
             constraints.join(", ")
         );
     }
-    let mut short = Vec::new();
-    for (name, want) in need.scalars() {
-        let best = admitted
-            .iter()
-            .filter_map(|r| r.scalar(name))
-            .max()
-            .unwrap_or_default();
-        if want > best {
-            short.push(format!(
-                "needs {name} {}, largest offer had {}",
-                want.as_f64(),
-                best.as_f64()
-            ));
-        }
-    }
+    let short = shortfall(need, &admitted);
     if short.is_empty() {
-        format!("{prefix}the offers are used up (or lack ports)")
+        "the offers are used up (or lack ports)".to_string()
     } else {
-        format!("{prefix}{}", short.join("; "))
+        short.join("; ")
     }
 }
 
@@ -1704,6 +2355,11 @@ fn instance_status(name: &str, e: &Entry, i: &Instance, now: f64) -> InstanceSta
             .find(|ip| !ip.is_empty())
             .unwrap_or_default(),
         restart_count: i.tasks.iter().map(|t| t.restart_count).sum(),
+        volumes: i
+            .slot
+            .and_then(|k| e.slots.get(&k))
+            .map(|slot| slot.volumes.iter().map(|v| v.id.clone()).collect())
+            .unwrap_or_default(),
     }
 }
 

@@ -36,7 +36,9 @@
 //! request); a limit below the request is an error, as in Kubernetes.
 //!
 //! A persistentVolumeClaim becomes a persistent volume on the agent named
-//! after the claim. There is no claim object to read a size from, so the
+//! after the claim (`CLAIM-POD-0`, as a StatefulSet names its claims' volumes,
+//! since the pod is slot 0 of a one-instance service). There is no claim
+//! object to read a size from, so the
 //! size comes from the pod annotation `corral.dev/size` (all claims of the
 //! pod) or is [`DEFAULT_CLAIM_SIZE_MIB`].
 

@@ -14,8 +14,10 @@
 //! Modules:
 //! - [`core`]: services, versions and instances ([`core::Services`]):
 //!   placement on offers, replacement with restart backoff, scaling, rolling
-//!   updates with surge/unavailable limits, automatic rollback, records for
-//!   a store and restore. "Now" is always an argument.
+//!   updates with surge/unavailable limits, automatic rollback, persistent
+//!   volume slots (created with the launch, reused on their agent, destroyed
+//!   with the service), records for a store and restore. "Now" is always an
+//!   argument.
 //! - [`spec`]: the TOML service file ([`spec::parse_toml`]), validation of
 //!   the wire spec into a [`spec::Service`] with errors that name the field.
 //! - [`k8s`]: Kubernetes Pod manifests (`apiVersion: v1`, `kind: Pod`) into
@@ -23,11 +25,11 @@
 //!   fields are listed, never ignored.
 //! - [`quantity`]: Kubernetes resource quantities (`500m`, `128Mi`) as exact
 //!   amounts.
-//! - `store`: the redb store of services, versions, instances and the
-//!   framework id.
+//! - `store`: the redb store of services, versions, instances, persistent
+//!   volume slots and the framework id.
 //! - `actor`: owns the core and the store, talks to the master, commits in
-//!   groups and acts (launches, kills, acknowledgements) only once the
-//!   changes are durable.
+//!   groups and acts (launches, kills, volume destroys, acknowledgements)
+//!   only once the changes are durable.
 //! - `api`: the gRPC service; `metrics`: Prometheus names and rendering.
 
 mod actor;

@@ -303,8 +303,10 @@ pub enum VolumeSource {
     EmptyDir,
     /// An absolute directory of the agent host.
     HostPath(String),
-    /// Disk reserved on the agent that outlives the pod; `claim` is its
-    /// name there (the pod volume's name unless the spec says otherwise).
+    /// Disk reserved on the agent that outlives the pod; `claim` (the pod
+    /// volume's name unless the spec says otherwise) names it: each
+    /// instance slot has its own volume `CLAIM-SERVICE-SLOT` (see
+    /// [`crate::core`]).
     Persistent { claim: String, size: Amount },
 }
 

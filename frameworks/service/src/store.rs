@@ -1,10 +1,12 @@
 //! The service framework's durable state: one redb file in the work dir.
 //!
 //! Tables: `meta` (the framework id), `services` (name → [`ServiceMeta`],
-//! JSON), `versions` ((name, version) → the version's wire spec, protobuf)
-//! and `instances` ((name, number) → [`Instance`] with its tasks, JSON).
-//! Instances are separate records so a status update rewrites one small
-//! record, not the whole service. Every [`Store::apply`] is one durable
+//! JSON), `versions` ((name, version) → the version's wire spec, protobuf),
+//! `instances` ((name, number) → [`Instance`] with its tasks, JSON) and
+//! `slots` ((name, slot) → [`Slot`]: a persistent service's volumes on one
+//! agent, JSON). Instances are separate records so a status update rewrites
+//! one small record, not the whole service; slots are records of their own
+//! because they outlive instances (a scale down keeps them). Every [`Store::apply`] is one durable
 //! transaction (redb commits fsync by default); the actor groups all changes
 //! made while the previous commit ran into the next one — the batch
 //! framework's store, with the service core's records.
@@ -18,12 +20,13 @@ use corral_proto::pb;
 use prost::Message;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use crate::core::{Change, Instance, ServiceMeta, StoredService};
+use crate::core::{Change, Instance, ServiceMeta, Slot, StoredService};
 
 const META: TableDefinition<'_, &str, &str> = TableDefinition::new("meta");
 const SERVICES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("services");
 const VERSIONS: TableDefinition<'_, (&str, u32), &[u8]> = TableDefinition::new("versions");
 const INSTANCES: TableDefinition<'_, (&str, u32), &[u8]> = TableDefinition::new("instances");
+const SLOTS: TableDefinition<'_, (&str, u32), &[u8]> = TableDefinition::new("slots");
 
 const FRAMEWORK_ID: &str = "framework_id";
 /// The store's file in the work dir.
@@ -46,6 +49,7 @@ enum Write {
     Service(String, Option<Vec<u8>>),
     Version((String, u32), Option<Vec<u8>>),
     Instance((String, u32), Option<Vec<u8>>),
+    Slot((String, u32), Option<Vec<u8>>),
 }
 
 impl Store {
@@ -65,6 +69,7 @@ impl Store {
             txn.open_table(SERVICES)?;
             txn.open_table(VERSIONS)?;
             txn.open_table(INSTANCES)?;
+            txn.open_table(SLOTS)?;
             Ok(())
         })?;
         Ok(store)
@@ -104,7 +109,7 @@ impl Store {
         })
     }
 
-    /// Every stored service with its versions and instances. A record that
+    /// Every stored service with its versions, instances and slots. A record that
     /// does not decode is an error naming it: the store was written by
     /// something else, and guessing would lose (or duplicate) instances.
     pub fn load(&self) -> Result<Vec<StoredService>, StoreError> {
@@ -112,6 +117,7 @@ impl Store {
         let services = txn.open_table(SERVICES).map_err(|e| self.error(e))?;
         let versions = txn.open_table(VERSIONS).map_err(|e| self.error(e))?;
         let instances = txn.open_table(INSTANCES).map_err(|e| self.error(e))?;
+        let slots = txn.open_table(SLOTS).map_err(|e| self.error(e))?;
         let mut out = Vec::new();
         for item in services.iter().map_err(|e| self.error(e))? {
             let (name, bytes) = item.map_err(|e| self.error(e))?;
@@ -140,10 +146,22 @@ impl Store {
                     .map_err(|e| self.error(format!("instance {number} of service {name}: {e}")))?;
                 stored_instances.push(instance);
             }
+            let mut stored_slots = Vec::new();
+            let range = slots
+                .range((name.as_str(), 0)..=(name.as_str(), u32::MAX))
+                .map_err(|e| self.error(e))?;
+            for item in range {
+                let (key, value) = item.map_err(|e| self.error(e))?;
+                let (_, number) = key.value();
+                let slot: Slot = serde_json::from_slice(value.value())
+                    .map_err(|e| self.error(format!("slot {number} of service {name}: {e}")))?;
+                stored_slots.push(slot);
+            }
             out.push(StoredService {
                 meta,
                 versions: stored_versions,
                 instances: stored_instances,
+                slots: stored_slots,
             });
         }
         Ok(out)
@@ -158,6 +176,7 @@ impl Store {
         let mut seen_services = HashSet::new();
         let mut seen_versions = HashSet::new();
         let mut seen_instances = HashSet::new();
+        let mut seen_slots = HashSet::new();
         let mut writes = Vec::with_capacity(changes.len());
         for change in changes.into_iter().rev() {
             match change {
@@ -176,12 +195,18 @@ impl Store {
                         writes.push(Write::Instance(key, instance.map(|i| to_json(&i))));
                     }
                 }
+                Change::Slot(key, slot) => {
+                    if seen_slots.insert(key.clone()) {
+                        writes.push(Write::Slot(key, slot.map(|s| to_json(&s))));
+                    }
+                }
             }
         }
         self.write(|txn| {
             let mut services = txn.open_table(SERVICES)?;
             let mut versions = txn.open_table(VERSIONS)?;
             let mut instances = txn.open_table(INSTANCES)?;
+            let mut slots = txn.open_table(SLOTS)?;
             for write in &writes {
                 match write {
                     Write::Service(name, Some(v)) => {
@@ -200,6 +225,10 @@ impl Store {
                     Write::Instance((name, n), None) => {
                         drop(instances.remove((name.as_str(), *n))?);
                     }
+                    Write::Slot((name, n), Some(v)) => {
+                        drop(slots.insert((name.as_str(), *n), v.as_slice())?);
+                    }
+                    Write::Slot((name, n), None) => drop(slots.remove((name.as_str(), *n))?),
                 }
             }
             Ok(())
@@ -275,6 +304,118 @@ mem = 16
         services.delete("web", 2.0).unwrap();
         store.apply(services.take_changes()).unwrap();
         assert!(store.load().unwrap().is_empty());
+    }
+
+    const DB: &str = r#"
+name = "db"
+instances = 2
+constraints = ["hostname unique"]
+[pod]
+[[pod.containers]]
+name = "pg"
+command = ["serve"]
+volume_mounts = [{ name = "data", path = "/data" }]
+[[pod.volumes]]
+name = "data"
+persistent = { size = 512 }
+"#;
+
+    fn offer(id: &str, agent: &str) -> pb::Offer {
+        pb::Offer {
+            id: id.into(),
+            agent_id: agent.into(),
+            hostname: format!("{agent}.example"),
+            resources: corral_proto::Resources::parse("cpus:4;mem:4096;disk:4096")
+                .unwrap()
+                .to_proto(),
+            attributes: vec![
+                pb::Attribute {
+                    name: "rack".into(),
+                    value: Some(pb::attribute::Value::Text("r1".into())),
+                },
+                // Pods need containers.
+                pb::Attribute {
+                    name: "isolation".into(),
+                    value: Some(pb::attribute::Value::Text("container".into())),
+                },
+            ],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn slots_survive_a_reopen_with_the_instances_that_hold_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut services = Services::new();
+        services.apply(service(DB), 1.0).unwrap();
+        let plan = services.place(&[offer("o1", "a1"), offer("o2", "a2")], 1.0);
+        assert_eq!(plan.launches.len(), 2);
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store.apply(services.take_changes()).unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let stored = by_name(store.load().unwrap());
+        let db = &stored["db"];
+        let slots: Vec<(u32, &str, &str, Vec<&str>)> = db
+            .slots
+            .iter()
+            .map(|s| {
+                (
+                    s.number,
+                    s.agent_id.as_str(),
+                    s.hostname.as_str(),
+                    s.volumes.iter().map(|v| v.id.as_str()).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            slots,
+            vec![
+                (0, "a1", "a1.example", vec!["data-db-0"]),
+                (1, "a2", "a2.example", vec!["data-db-1"]),
+            ]
+        );
+        assert_eq!(db.slots[0].attributes[0], ("rack".into(), "r1".into()));
+        assert_eq!(
+            db.slots[0].volumes[0].size,
+            corral_proto::Amount::from_units(512)
+        );
+        assert!(!db.slots[0].created);
+        let held: Vec<Option<u32>> = db.instances.iter().map(|i| i.slot).collect();
+        assert_eq!(held, vec![Some(0), Some(1)]);
+        let mut restored = Services::new();
+        assert!(
+            restored
+                .restore(stored.into_values().collect(), 2.0)
+                .is_empty()
+        );
+        assert_eq!(restored.status("db", 2.0), services.status("db", 2.0));
+    }
+
+    #[test]
+    fn an_instance_record_from_before_slots_loads_without_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut services = Services::new();
+        services.apply(service(WEB), 1.0).unwrap();
+        services.place(&[offer("o1", "a1")], 1.0);
+        store.apply(services.take_changes()).unwrap();
+        // Rewrite instance 1 as the previous release did: no `slot` field.
+        let loaded = store.load().unwrap();
+        let mut json = serde_json::to_value(&loaded[0].instances[0]).unwrap();
+        json.as_object_mut().unwrap().remove("slot");
+        let bytes = serde_json::to_vec(&json).unwrap();
+        store
+            .write(|txn| {
+                txn.open_table(INSTANCES)?
+                    .insert(("web", 1), bytes.as_slice())?;
+                Ok(())
+            })
+            .unwrap();
+        let loaded = store.load().unwrap();
+        assert_eq!(loaded[0].instances[0].slot, None);
+        assert_eq!(loaded[0].instances.len(), 3);
     }
 
     #[test]

@@ -87,6 +87,7 @@ pub enum Call {
     Acknowledge(pb::AcknowledgeRequest),
     Reconcile(pb::ReconcileRequest),
     Teardown(pb::TeardownRequest),
+    DestroyVolume(pb::DestroyVolumeRequest),
 }
 
 impl Call {
@@ -101,6 +102,7 @@ impl Call {
             Call::Acknowledge(_) => "acknowledge",
             Call::Reconcile(_) => "reconcile",
             Call::Teardown(_) => "teardown",
+            Call::DestroyVolume(_) => "destroy_volume",
         }
     }
 }
@@ -250,6 +252,12 @@ impl SchedulerService for Service {
             }));
         }
         self.unary(Call::Teardown(r.into_inner()))
+    }
+    async fn destroy_volume(
+        &self,
+        r: Request<pb::DestroyVolumeRequest>,
+    ) -> Result<Response<pb::CallResponse>, Status> {
+        self.unary(Call::DestroyVolume(r.into_inner()))
     }
 }
 

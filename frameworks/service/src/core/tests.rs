@@ -46,25 +46,42 @@ fn unhealthy_failure(task_id: &str) -> pb::TaskStatus {
 fn task_ids(plan: &Plan) -> Vec<String> {
     plan.launches
         .iter()
-        .flat_map(|(_, l)| match l {
-            Launch::Tasks(ts) => ts.iter().map(|t| t.task_id.clone()).collect::<Vec<_>>(),
-            Launch::Group(g) => g.tasks.iter().map(|t| t.task_id.clone()).collect(),
-        })
+        .flat_map(|(_, l)| l.task_ids())
         .collect()
+}
+
+/// One launch the fake master took: its tasks, the agent, the volumes it
+/// created and the persistent volumes its pod mounts.
+#[derive(Debug, Clone)]
+struct Launched {
+    tasks: Vec<String>,
+    agent: String,
+    created: Vec<String>,
+    mounts: Vec<String>,
 }
 
 /// A fake cluster: `agents` agents with big offers every round, tasks that
 /// turn RUNNING (healthy unless `fails` says the version is broken) as soon
-/// as they launch, and kills that end tasks KILLED at once.
+/// as they launch, and kills that end tasks KILLED at once. Its master
+/// keeps persistent volumes as the real one does: created by a launch,
+/// offered on their agent while no running task mounts them, and a launch
+/// that creates a taken id or mounts a volume elsewhere or in use panics.
 struct Cluster {
     services: Services,
     now: f64,
     agents: Vec<String>,
+    /// Agents that send no offers (gone, or partitioned).
+    silent: BTreeSet<String>,
     round: u32,
     /// Task ids the fake agents run.
     running: BTreeSet<String>,
     /// Versions whose tasks fail their liveness check once RUNNING.
     broken: BTreeSet<u32>,
+    /// Persistent volume id → its agent.
+    volumes: BTreeMap<String, String>,
+    /// Persistent volume id → the task that mounted it last.
+    mounts: BTreeMap<String, String>,
+    launched: Vec<Launched>,
 }
 
 use std::collections::BTreeSet;
@@ -75,9 +92,13 @@ impl Cluster {
             services: Services::new(),
             now: T0,
             agents: (1..=agents).map(|i| format!("a{i}")).collect(),
+            silent: BTreeSet::new(),
             round: 0,
             running: BTreeSet::new(),
             broken: BTreeSet::new(),
+            volumes: BTreeMap::new(),
+            mounts: BTreeMap::new(),
+            launched: Vec::new(),
         }
     }
 
@@ -85,8 +106,73 @@ impl Cluster {
         self.round += 1;
         self.agents
             .iter()
-            .map(|a| offer(&format!("o{}-{a}", self.round), a, 4.0, 4096.0))
+            .filter(|a| !self.silent.contains(*a))
+            .map(|a| {
+                let mut o = offer(&format!("o{}-{a}", self.round), a, 4.0, 4096.0);
+                o.volumes = self
+                    .volumes
+                    .iter()
+                    .filter(|(id, agent)| {
+                        *agent == a
+                            && !self
+                                .mounts
+                                .get(*id)
+                                .is_some_and(|t| self.running.contains(t))
+                    })
+                    .map(|(id, agent)| pb::PersistentVolume {
+                        id: id.clone(),
+                        framework_id: "fw".into(),
+                        agent_id: agent.clone(),
+                        disk_mib: 1024.0,
+                    })
+                    .collect();
+                o
+            })
             .collect()
+    }
+
+    /// What the master does with a plan's launches (volumes first).
+    fn take(&mut self, offers: &[pb::Offer], plan: &Plan) {
+        for (offer_id, launch) in &plan.launches {
+            let agent = offers
+                .iter()
+                .find(|o| o.id == offer_id.as_str())
+                .map(|o| o.agent_id.clone())
+                .expect("a launch on an offer of this round");
+            let Launch::Group { create, group } = launch else {
+                continue;
+            };
+            let mut created = Vec::new();
+            for v in create {
+                let id = v.id.to_string();
+                assert!(!self.volumes.contains_key(&id), "{id} created twice");
+                self.volumes.insert(id.clone(), agent.clone());
+                created.push(id);
+            }
+            let mut mounts = Vec::new();
+            for v in &group.volumes {
+                let Some(pb::pod_volume::Source::Persistent(id)) = &v.source else {
+                    continue;
+                };
+                assert_eq!(self.volumes.get(id), Some(&agent), "{id} is elsewhere");
+                assert!(
+                    !self
+                        .mounts
+                        .get(id)
+                        .is_some_and(|t| self.running.contains(t)),
+                    "{id} is in use"
+                );
+                self.mounts
+                    .insert(id.clone(), group.tasks[0].task_id.clone());
+                mounts.push(id.clone());
+            }
+            self.launched.push(Launched {
+                tasks: launch.task_ids(),
+                agent,
+                created,
+                mounts,
+            });
+        }
     }
 
     fn apply(&mut self, s: Service) -> Applied {
@@ -117,6 +203,7 @@ impl Cluster {
     fn round(&mut self) -> Vec<String> {
         let offers = self.offers();
         let plan = self.services.place(&offers, self.now);
+        self.take(&offers, &plan);
         let ids = task_ids(&plan);
         for id in &ids {
             self.running.insert(id.clone());
@@ -175,7 +262,7 @@ impl Cluster {
 }
 
 fn offer(id: &str, agent: &str, cpus: f64, mem: f64) -> pb::Offer {
-    let mut resources = Resources::parse(&format!("cpus:{cpus};mem:{mem}"))
+    let mut resources = Resources::parse(&format!("cpus:{cpus};mem:{mem};disk:8192"))
         .unwrap()
         .to_proto();
     resources.push(corral_proto::RangeSet::from_ranges([(31000, 31099)]).to_resource("ports"));
@@ -289,7 +376,7 @@ fn hostname_unique_places_one_instance_per_agent_and_reports_the_rest() {
         .iter()
         .map(|(_, l)| match l {
             Launch::Tasks(t) => t[0].agent_id.clone(),
-            Launch::Group(_) => panic!("pod"),
+            Launch::Group { .. } => panic!("pod"),
         })
         .collect();
     assert_eq!(agents.len(), 2);
@@ -457,9 +544,10 @@ fn a_pod_launches_as_a_group_with_ids_volumes_and_restart_policy() {
     services.apply(s, T0).unwrap();
     let plan = services.place(&[offer("o1", "a1", 4.0, 4096.0)], T0);
     assert_eq!(plan.launches.len(), 1);
-    let Launch::Group(g) = &plan.launches[0].1 else {
+    let Launch::Group { group: g, create } = &plan.launches[0].1 else {
         panic!("not a group");
     };
+    assert!(create.is_empty());
     let ids: Vec<&str> = g.tasks.iter().map(|t| t.task_id.as_str()).collect();
     assert_eq!(ids, vec!["shop.1.1.web", "shop.1.1.sidecar"]);
     assert_eq!(g.restart_policy, pb::PodRestartPolicy::OnFailure as i32);
@@ -479,23 +567,6 @@ fn a_pod_launches_as_a_group_with_ids_volumes_and_restart_policy() {
     let kills = services.update(&status("shop.1.1.web", pb::TaskState::TaskFailed), T0);
     let killed: Vec<&str> = kills.iter().map(|k| k.task_id.as_str()).collect();
     assert_eq!(killed, vec!["shop.1.1.sidecar"]);
-}
-
-#[test]
-fn persistent_volumes_are_reported_unplaceable() {
-    let s = service(
-        "name = \"db\"\ninstances = 1\n[pod]\n[[pod.containers]]\nname = \"pg\"\nimage = \"postgres\"\n\
-         volume_mounts = [{ name = \"data\", path = \"/data\" }]\n\
-         [[pod.volumes]]\nname = \"data\"\npersistent = { size = 1024 }\n",
-    );
-    let mut services = Services::new();
-    services.apply(s, T0).unwrap();
-    let plan = services.place(&[offer("o1", "a1", 4.0, 4096.0)], T0);
-    assert!(plan.launches.is_empty());
-    assert_eq!(
-        plan.unplaceable,
-        vec![("db".to_string(), PERSISTENT_UNSUPPORTED.to_string())]
-    );
 }
 
 #[test]
@@ -566,15 +637,14 @@ fn an_unreachable_instance_is_replaced_after_the_grace() {
     assert_eq!(kills.len(), 1);
 }
 
-#[test]
-fn restore_keeps_running_instances_without_kills_or_launches() {
-    let mut c = settled(2, web(3, "serve", ""));
-    c.apply(web(3, "serve", "")); // unchanged
+/// What a store holds after `changes`, as `Store::load` hands it back.
+fn stored(changes: Vec<Change>) -> Vec<StoredService> {
     let mut store: BTreeMap<String, StoredService> = BTreeMap::new();
     let mut versions: BTreeMap<(String, u32), pb::ServiceSpec> = BTreeMap::new();
     let mut instances: BTreeMap<(String, u32), Instance> = BTreeMap::new();
+    let mut slots: BTreeMap<(String, u32), Slot> = BTreeMap::new();
     let mut metas: BTreeMap<String, ServiceMeta> = BTreeMap::new();
-    for change in c.services.take_changes() {
+    for change in changes {
         match change {
             Change::Service(n, m) => match m {
                 Some(m) => {
@@ -600,6 +670,14 @@ fn restore_keeps_running_instances_without_kills_or_launches() {
                     instances.remove(&k);
                 }
             },
+            Change::Slot(k, slot) => match slot {
+                Some(slot) => {
+                    slots.insert(k, slot);
+                }
+                None => {
+                    slots.remove(&k);
+                }
+            },
         }
     }
     for (name, meta) in metas {
@@ -617,11 +695,24 @@ fn restore_keeps_running_instances_without_kills_or_launches() {
                     .filter(|((n, _), _)| *n == name)
                     .map(|(_, i)| i.clone())
                     .collect(),
+                slots: slots
+                    .iter()
+                    .filter(|((n, _), _)| *n == name)
+                    .map(|(_, slot)| slot.clone())
+                    .collect(),
             },
         );
     }
+    store.into_values().collect()
+}
+
+#[test]
+fn restore_keeps_running_instances_without_kills_or_launches() {
+    let mut c = settled(2, web(3, "serve", ""));
+    c.apply(web(3, "serve", "")); // unchanged
+    let store = stored(c.services.take_changes());
     let mut restored = Services::new();
-    let refused = restored.restore(store.into_values().collect(), c.now);
+    let refused = restored.restore(store, c.now);
     assert!(refused.is_empty());
     assert_eq!(restored.launched().len(), 3);
     // Reconciliation answers RUNNING + healthy for each.
@@ -671,4 +762,531 @@ fn task_ids_parse_back() {
     );
     assert_eq!(parse_task_id("web.x.7"), None);
     assert_eq!(parse_task_id("web.1.2.c.d"), None);
+}
+
+// ---- persistent volumes -------------------------------------------------------
+
+/// A pod service `web` whose container mounts the persistent volume
+/// `data` (claim `data`, 1024 MiB); `extra` are more top-level lines,
+/// `command` makes the version.
+fn stateful(instances: u32, command: &str, extra: &str) -> Service {
+    stateful_sized(instances, command, extra, 1024)
+}
+
+fn stateful_sized(instances: u32, command: &str, extra: &str, size: u32) -> Service {
+    service(&format!(
+        "name = \"web\"\ninstances = {instances}\n{extra}\n\
+         [update]\nmin_healthy_time = \"10s\"\n\
+         [pod]\n[[pod.containers]]\nname = \"db\"\ncommand = [\"{command}\"]\ncpus = 0.1\nmem = 32\n\
+         volume_mounts = [{{ name = \"data\", path = \"/data\" }}]\n\
+         [[pod.volumes]]\nname = \"data\"\npersistent = {{ size = {size} }}\n"
+    ))
+}
+
+/// The instance's volumes and agent, by instance number.
+fn volumes_by_instance(c: &Cluster) -> BTreeMap<u32, (Vec<String>, String)> {
+    c.status()
+        .instances
+        .iter()
+        .filter(|i| i.state != pb::TaskState::TaskKilling)
+        .map(|i| (i.number, (i.volumes.clone(), i.agent_id.clone())))
+        .collect()
+}
+
+fn slots_of(changes: &[Change]) -> BTreeMap<u32, Option<Slot>> {
+    changes
+        .iter()
+        .filter_map(|ch| match ch {
+            Change::Slot((_, k), slot) => Some((*k, slot.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn the_first_placement_creates_the_volumes_then_launches_in_one_accept() {
+    let mut services = Services::new();
+    services.apply(stateful(1, "serve", ""), T0).unwrap();
+    let offers = [offer("o1", "a1", 4.0, 4096.0)];
+    let plan = services.place(&offers, T0);
+    assert_eq!(plan.launches.len(), 1, "{:?}", plan.unplaceable);
+    let (offer_id, launch) = &plan.launches[0];
+    assert_eq!(offer_id.as_str(), "o1");
+    let Launch::Group { create, group } = launch else {
+        panic!("not a group: {launch:?}");
+    };
+    assert_eq!(
+        create,
+        &vec![NewVolume {
+            id: VolumeId::parse("data-web-0", "id").unwrap(),
+            size: Amount::from_units(1024),
+        }]
+    );
+    assert_eq!(
+        group.volumes,
+        vec![pb::PodVolume {
+            name: "data".into(),
+            source: Some(pb::pod_volume::Source::Persistent("data-web-0".into())),
+        }]
+    );
+    let web = services.status("web", T0).unwrap();
+    assert_eq!(web.instances[0].volumes, vec!["data-web-0"]);
+    assert!(web.unplaced.is_none());
+    let slots = slots_of(&services.take_changes());
+    let slot = slots[&0].clone().expect("slot 0 recorded");
+    assert_eq!(slot.agent_id, "a1");
+    assert_eq!(slot.hostname, "a1.example");
+    assert!(!slot.created, "not known to exist until the agent has it");
+    // The agent reports the pod: the volumes exist.
+    services.update(
+        &pb::TaskStatus {
+            uuid: vec![1],
+            ..status("web.1.1.db", pb::TaskState::TaskRunning)
+        },
+        T0,
+    );
+    assert!(
+        slots_of(&services.take_changes())[&0]
+            .as_ref()
+            .unwrap()
+            .created
+    );
+}
+
+#[test]
+fn a_new_slot_needs_the_volumes_disk_on_top_of_the_pod() {
+    let mut services = Services::new();
+    services.apply(stateful(1, "serve", ""), T0).unwrap();
+    let mut small = offer("o1", "a1", 4.0, 4096.0);
+    small.resources = Resources::parse("cpus:4;mem:4096;disk:512")
+        .unwrap()
+        .to_proto();
+    let plan = services.place(&[small], T0);
+    assert!(plan.launches.is_empty());
+    assert_eq!(
+        plan.unplaceable,
+        vec![(
+            "web".to_string(),
+            "1 instance(s) not placed: needs disk 1024, largest offer had 512".to_string()
+        )]
+    );
+}
+
+#[test]
+fn a_failed_instance_is_replaced_on_its_agent_with_its_volumes_and_no_create() {
+    let mut c = Cluster::new(3);
+    c.apply(stateful(1, "serve", ""));
+    c.round();
+    let first = c.launched[0].clone();
+    assert_eq!(first.created, vec!["data-web-0"]);
+    assert_eq!(first.mounts, vec!["data-web-0"]);
+    // Its agent offers last, so "first offer that fits" would pick another.
+    c.agents.sort_by_key(|a| *a == first.agent);
+    c.services
+        .update(&status(&first.tasks[0], pb::TaskState::TaskFailed), c.now);
+    c.running.remove(&first.tasks[0]);
+    c.advance(1.0);
+    let ids = c.round();
+    assert_eq!(ids.len(), 1);
+    let second = c.launched[1].clone();
+    assert_eq!(second.agent, first.agent, "the slot's agent");
+    assert!(second.created.is_empty(), "{second:?}");
+    assert_eq!(second.mounts, vec!["data-web-0"]);
+    assert_eq!(
+        volumes_by_instance(&c)[&2],
+        (vec!["data-web-0".to_string()], first.agent.clone())
+    );
+}
+
+#[test]
+fn an_offer_from_another_agent_is_not_used_and_the_status_says_which_agent_is_awaited() {
+    let mut c = Cluster::new(2);
+    c.apply(stateful(1, "serve", ""));
+    c.round();
+    let first = c.launched[0].clone();
+    let other = c
+        .agents
+        .iter()
+        .find(|a| **a != first.agent)
+        .unwrap()
+        .clone();
+    c.services
+        .update(&status(&first.tasks[0], pb::TaskState::TaskFailed), c.now);
+    c.running.remove(&first.tasks[0]);
+    c.advance(1.0);
+    c.silent.insert(first.agent.clone());
+    let offers = c.offers();
+    let plan = c.services.place(&offers, c.now);
+    assert!(plan.launches.is_empty(), "{:?}", plan.launches);
+    assert_eq!(plan.declines.len(), 1);
+    let why = format!(
+        "1 instance(s) not placed: waiting for agent {0} ({0}.example), which holds its persistent volumes",
+        first.agent
+    );
+    assert_eq!(plan.unplaceable, vec![("web".to_string(), why.clone())]);
+    assert_eq!(c.status().unplaced.as_deref(), Some(why.as_str()));
+    assert!(c.services.wants_offers(), "still wants its agent's offer");
+    // Many rounds without the agent: no slot appears elsewhere.
+    for _ in 0..5 {
+        assert!(c.round().is_empty());
+        c.advance(1.0);
+    }
+    assert!(c.launched.iter().all(|l| l.agent != other));
+    // The agent is back.
+    c.silent.clear();
+    assert_eq!(c.round().len(), 1);
+    assert_eq!(c.launched.last().unwrap().agent, first.agent);
+    assert!(c.status().unplaced.is_none());
+}
+
+#[test]
+fn an_offer_of_the_slots_agent_without_its_volumes_is_not_used() {
+    let mut c = Cluster::new(1);
+    c.apply(stateful(1, "serve", ""));
+    c.round();
+    let first = c.launched[0].clone();
+    // The agent reported the pod: the slot is known to exist.
+    c.services.update(
+        &pb::TaskStatus {
+            uuid: vec![1],
+            ..status(&first.tasks[0], pb::TaskState::TaskFailed)
+        },
+        c.now,
+    );
+    c.advance(1.0);
+    // The master still counts the volume as in use (its task has not
+    // ended there yet): the offer does not list it.
+    let mut offers = c.offers();
+    offers[0].volumes.clear();
+    let plan = c.services.place(&offers, c.now);
+    assert!(plan.launches.is_empty());
+    assert!(
+        plan.unplaceable[0]
+            .1
+            .contains("offered without the persistent volumes data-web-0"),
+        "{:?}",
+        plan.unplaceable
+    );
+}
+
+#[test]
+fn a_rollout_reuses_the_slots_on_their_agents() {
+    let mut c = Cluster::new(3);
+    c.apply(stateful(2, "serve", ""));
+    c.run_until(|c| c.available() == 2, |_| {});
+    let before: BTreeSet<(Vec<String>, String)> = volumes_by_instance(&c).into_values().collect();
+    assert_eq!(before.len(), 2);
+    let launched = c.launched.len();
+    assert_eq!(
+        c.apply(stateful(2, "serve --v2", "")),
+        Applied::Updated { version: 2 }
+    );
+    c.run_until(
+        |c| c.status().deployment.is_none() && c.versions() == vec![2, 2],
+        |c| {
+            assert!(
+                c.status().instances.len() <= 2,
+                "no surge: {:#?}",
+                c.status()
+            )
+        },
+    );
+    let after: BTreeSet<(Vec<String>, String)> = volumes_by_instance(&c).into_values().collect();
+    assert_eq!(after, before, "same volumes on the same agents");
+    let new = &c.launched[launched..];
+    assert_eq!(new.len(), 2);
+    assert!(new.iter().all(|l| l.created.is_empty()), "{new:?}");
+}
+
+#[test]
+fn scale_down_keeps_the_slots_and_scale_up_reuses_them() {
+    let mut c = Cluster::new(3);
+    c.apply(stateful(3, "serve", ""));
+    c.run_until(|c| c.available() == 3, |_| {});
+    let all: BTreeSet<String> = c.volumes.keys().cloned().collect();
+    assert_eq!(
+        all,
+        BTreeSet::from([
+            "data-web-0".into(),
+            "data-web-1".into(),
+            "data-web-2".into()
+        ])
+    );
+    c.services.take_changes();
+    let kills = c.services.scale("web", 1, c.now).unwrap();
+    assert_eq!(kills.len(), 2);
+    c.kill(kills);
+    assert_eq!(c.status().instances.len(), 1);
+    assert!(
+        slots_of(&c.services.take_changes())
+            .values()
+            .all(Option::is_some),
+        "no slot forgotten"
+    );
+    let launched = c.launched.len();
+    c.services.scale("web", 3, c.now).unwrap();
+    c.run_until(|c| c.available() == 3, |_| {});
+    let new = &c.launched[launched..];
+    assert_eq!(new.len(), 2);
+    assert!(new.iter().all(|l| l.created.is_empty()), "{new:?}");
+    let used: BTreeSet<String> = volumes_by_instance(&c)
+        .into_values()
+        .flat_map(|(v, _)| v)
+        .collect();
+    assert_eq!(used, all, "the kept slots, no new ones");
+    assert_eq!(c.volumes.len(), 3);
+}
+
+#[test]
+fn delete_destroys_the_volumes_with_retries_then_forgets_the_service() {
+    let mut c = Cluster::new(2);
+    c.apply(stateful(2, "serve", ""));
+    c.run_until(|c| c.available() == 2, |_| {});
+    let kills = c.services.delete("web", c.now).unwrap();
+    assert!(
+        c.services.take_destroys(c.now).is_empty(),
+        "nothing is destroyed while instances run"
+    );
+    c.kill(kills);
+    let s = c.status();
+    assert!(s.deleting && s.instances.is_empty());
+    let destroys = c.services.take_destroys(c.now);
+    let ids: Vec<&str> = destroys.iter().map(|d| d.volume_id.as_str()).collect();
+    assert_eq!(ids, vec!["data-web-0", "data-web-1"]);
+    assert!(destroys.iter().all(|d| d.service == "web"));
+    assert!(
+        c.services.take_destroys(c.now).is_empty(),
+        "in flight: not asked twice"
+    );
+    c.services.take_changes();
+    c.services.destroy_done("web", "data-web-0", Ok(()), c.now);
+    c.services.destroy_done(
+        "web",
+        "data-web-1",
+        Err("master answered FailedPrecondition: in use".into()),
+        c.now,
+    );
+    assert_eq!(slots_of(&c.services.take_changes()).get(&0), Some(&None));
+    let s = c.status();
+    assert!(
+        s.message.starts_with(
+            "destroying persistent volume data-web-1 failed: master answered FailedPrecondition"
+        ),
+        "{}",
+        s.message
+    );
+    assert_eq!(c.services.next_wakeup(), Some(c.now + 1.0));
+    assert!(c.services.take_destroys(c.now + 0.5).is_empty(), "backoff");
+    let retry = c.services.take_destroys(c.now + 1.0);
+    assert_eq!(retry.len(), 1);
+    assert_eq!(retry[0].volume_id.as_str(), "data-web-1");
+    c.services
+        .destroy_done("web", "data-web-1", Ok(()), c.now + 1.0);
+    assert!(c.services.status("web", c.now).is_none(), "forgotten");
+    let changes = c.services.take_changes();
+    assert_eq!(slots_of(&changes).get(&1), Some(&None));
+    assert!(
+        changes
+            .iter()
+            .any(|ch| matches!(ch, Change::Service(n, None) if n == "web"))
+    );
+}
+
+#[test]
+fn a_new_slot_respects_hostname_unique() {
+    let mut c = Cluster::new(1);
+    c.apply(stateful(2, "serve", "constraints = [\"hostname unique\"]"));
+    c.round();
+    assert_eq!(c.launched.len(), 1);
+    assert!(
+        c.status()
+            .unplaced
+            .is_some_and(|u| u.contains("hostname unique")),
+        "{:?}",
+        c.status().unplaced
+    );
+    c.agents.push("a2".into());
+    c.round();
+    assert_eq!(c.launched.len(), 2);
+    assert_eq!(c.launched[1].agent, "a2");
+    assert_eq!(c.launched[1].created, vec!["data-web-1"]);
+}
+
+#[test]
+fn scaling_up_waits_for_a_free_slots_agent_rather_than_making_a_new_slot() {
+    let mut c = Cluster::new(2);
+    c.apply(stateful(2, "serve", ""));
+    c.run_until(|c| c.available() == 2, |_| {});
+    let kills = c.services.scale("web", 1, c.now).unwrap();
+    c.kill(kills);
+    let kept = volumes_by_instance(&c);
+    let freed = c
+        .launched
+        .iter()
+        .find(|l| !kept.values().any(|(v, _)| *v == l.mounts))
+        .unwrap()
+        .clone();
+    // The freed slot's agent is away; the other one has room to spare.
+    c.silent.insert(freed.agent.clone());
+    c.services.scale("web", 2, c.now).unwrap();
+    for _ in 0..3 {
+        assert!(c.round().is_empty());
+        c.advance(1.0);
+    }
+    assert!(
+        c.status()
+            .unplaced
+            .is_some_and(|u| u.contains(&format!("waiting for agent {}", freed.agent))),
+        "{:?}",
+        c.status().unplaced
+    );
+    assert_eq!(c.volumes.len(), 2, "no third slot");
+    c.silent.clear();
+    assert_eq!(c.round().len(), 1);
+    let last = c.launched.last().unwrap();
+    assert_eq!((&last.agent, &last.mounts), (&freed.agent, &freed.mounts));
+}
+
+#[test]
+fn a_refused_launch_forgets_a_slot_never_created() {
+    let mut services = Services::new();
+    services.apply(stateful(1, "serve", ""), T0).unwrap();
+    let plan = services.place(&[offer("o1", "a1", 4.0, 4096.0)], T0);
+    let ids = task_ids(&plan);
+    services.take_changes();
+    services.launch_failed(&ids, "master answered InvalidArgument", T0);
+    assert_eq!(slots_of(&services.take_changes()).get(&0), Some(&None));
+    // After the backoff the next try may go to another agent.
+    let plan = services.place(&[offer("o2", "a2", 4.0, 4096.0)], T0 + 1.0);
+    let Launch::Group { create, .. } = &plan.launches[0].1 else {
+        panic!("not a group");
+    };
+    assert_eq!(create[0].id.as_str(), "data-web-0");
+}
+
+#[test]
+fn a_slot_not_known_created_adopts_volumes_its_offer_lists() {
+    let mut services = Services::new();
+    services.apply(stateful(1, "serve", ""), T0).unwrap();
+    let plan = services.place(&[offer("o1", "a1", 4.0, 4096.0)], T0);
+    let ids = task_ids(&plan);
+    // The master dropped the launch (its offer was gone); the volume may or
+    // may not exist: the offer tells.
+    services.update(&status(&ids[0], pb::TaskState::TaskDropped), T0);
+    let mut again = offer("o2", "a1", 4.0, 4096.0);
+    again.volumes = vec![pb::PersistentVolume {
+        id: "data-web-0".into(),
+        agent_id: "a1".into(),
+        disk_mib: 1024.0,
+        ..Default::default()
+    }];
+    let plan = services.place(&[again], T0 + 1.0);
+    let Launch::Group { create, .. } = &plan.launches[0].1 else {
+        panic!("not a group");
+    };
+    assert!(create.is_empty(), "listed, so it exists: {create:?}");
+    // Not listed: created (again) with the launch.
+    let ids = task_ids(&plan);
+    services.update(&status(&ids[0], pb::TaskState::TaskDropped), T0 + 1.0);
+    services.take_changes();
+    let plan = services.place(&[offer("o3", "a1", 4.0, 4096.0)], T0 + 3.0);
+    assert!(
+        plan.launches.is_empty(),
+        "a listed volume made the slot known"
+    );
+    assert!(
+        plan.unplaceable[0].1.contains("offered without"),
+        "{:?}",
+        plan.unplaceable
+    );
+}
+
+#[test]
+fn the_claimed_volumes_cannot_change_while_the_service_has_slots() {
+    let mut c = Cluster::new(1);
+    c.apply(stateful(1, "serve", ""));
+    c.round();
+    let bigger = stateful_sized(1, "serve", "", 2048);
+    let e = c.services.apply(bigger, c.now).unwrap_err();
+    assert!(
+        e.to_string().starts_with(
+            "service.pod.volumes: the persistent volumes cannot change while the service has them (data (1024 MiB))"
+        ),
+        "{e}"
+    );
+    // A new version with the same volumes is fine.
+    assert_eq!(
+        c.apply(stateful(1, "serve --v2", "")),
+        Applied::Updated { version: 2 }
+    );
+}
+
+#[test]
+fn volume_ids_another_service_holds_are_not_created_twice() {
+    let mut services = Services::new();
+    // `data-web` of service `x` and `data` of service `web-x` are both
+    // `data-web-x-0`.
+    let first = service(
+        "name = \"x\"\n[pod]\n[[pod.containers]]\nname = \"db\"\ncommand = [\"serve\"]\n\
+         volume_mounts = [{ name = \"data-web\", path = \"/data\" }]\n\
+         [[pod.volumes]]\nname = \"data-web\"\npersistent = { size = 10 }\n",
+    );
+    let second = service(
+        "name = \"web-x\"\n[pod]\n[[pod.containers]]\nname = \"db\"\ncommand = [\"serve\"]\n\
+         volume_mounts = [{ name = \"data\", path = \"/data\" }]\n\
+         [[pod.volumes]]\nname = \"data\"\npersistent = { size = 10 }\n",
+    );
+    services.apply(first, T0).unwrap();
+    services.apply(second, T0).unwrap();
+    let plan = services.place(&[offer("o1", "a1", 4.0, 4096.0)], T0);
+    assert_eq!(plan.launches.len(), 1);
+    assert_eq!(
+        plan.unplaceable,
+        vec![(
+            "x".to_string(),
+            "1 instance(s) not placed: persistent volume id data-web-x-0 is taken by service web-x; rename the claim or the service".to_string()
+        )]
+    );
+}
+
+#[test]
+fn a_restored_framework_keeps_its_slots() {
+    let mut c = Cluster::new(2);
+    c.apply(stateful(2, "serve", ""));
+    c.run_until(|c| c.available() == 2, |_| {});
+    let before = volumes_by_instance(&c);
+    let mut restored = Services::new();
+    assert!(
+        restored
+            .restore(stored(c.services.take_changes()), c.now)
+            .is_empty()
+    );
+    c.services = restored;
+    assert_eq!(volumes_by_instance(&c), before);
+    // An instance fails after the restart: its slot is reused.
+    let (number, (volumes, agent)) = before.iter().next().unwrap();
+    let task = format!("web.1.{number}.db");
+    c.services
+        .update(&status(&task, pb::TaskState::TaskFailed), c.now);
+    c.running.remove(&task);
+    c.advance(1.0);
+    let launched = c.launched.len();
+    c.round();
+    let new = &c.launched[launched..];
+    assert_eq!(new.len(), 1);
+    assert_eq!(&new[0].mounts, volumes);
+    assert_eq!(&new[0].agent, agent);
+    assert!(new[0].created.is_empty());
+}
+
+#[test]
+fn a_framework_registered_anew_forgets_its_slots() {
+    let mut c = Cluster::new(1);
+    c.apply(stateful(1, "serve", ""));
+    c.round();
+    c.services.take_changes();
+    c.services.forget_volumes();
+    let changes = c.services.take_changes();
+    assert_eq!(slots_of(&changes).get(&0), Some(&None));
+    assert!(c.status().instances[0].volumes.is_empty());
 }
