@@ -1,7 +1,7 @@
 //! The batch framework's actor: the one owner of the jobs and the store.
 //!
 //! Everything arrives as a [`Command`] — API calls, and the master's events
-//! forwarded by [`Forwarder`], the SDK scheduler. The loop handles every
+//! forwarded by the SDK's [`corral_sdk::runtime::Forwarder`]. The loop handles every
 //! command already queued, then makes the changes durable in **one** store
 //! commit, and only then acts: replies to submissions, launches, kills and
 //! acknowledgements of status updates. So the store never knows less than the
@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 
 use corral_proto::task::now_seconds;
 use corral_proto::{AgentId, FrameworkId, OfferId, TaskId, pb};
-use corral_sdk::{DriverError, Scheduler, SchedulerClient, async_trait};
+use corral_sdk::SchedulerClient;
+use corral_sdk::runtime::SchedulerEvent;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::jobs::{Effect, Jobs, JobsError};
@@ -65,10 +66,8 @@ pub enum Command {
     /// The client of a new driver (at start, and after the master removed
     /// the framework and it registered anew).
     UseClient(SchedulerClient),
-    Subscribed(FrameworkId),
-    Disconnected,
-    Offers(Vec<pb::Offer>),
-    Update(pb::TaskStatus),
+    /// From the driver ([`corral_sdk::runtime::Forwarder`]).
+    Event(SchedulerEvent),
     /// A launch call returned. On failure, `refused`: the master certainly
     /// did not take the tasks (never sent, or answered with an error);
     /// otherwise (e.g. a timeout) it may have, and reconciliation tells.
@@ -81,22 +80,6 @@ pub enum Command {
 pub struct LaunchFailure {
     refused: bool,
     message: String,
-}
-
-/// True when a failed call certainly had no effect on the master.
-fn refused(error: &DriverError) -> bool {
-    matches!(
-        error,
-        DriverError::NotSubscribed | DriverError::InvalidArgument(_)
-    ) || error.code().is_some_and(|c| {
-        !matches!(
-            c,
-            tonic::Code::Unavailable
-                | tonic::Code::Unknown
-                | tonic::Code::Cancelled
-                | tonic::Code::DeadlineExceeded
-        )
-    })
 }
 
 /// A cloneable handle to the actor.
@@ -121,28 +104,16 @@ impl Handle {
     pub async fn use_client(&self, client: SchedulerClient) {
         self.send(Command::UseClient(client)).await;
     }
+
+    /// Where scheduler events go ([`corral_sdk::runtime::drive`]).
+    pub fn sender(&self) -> mpsc::Sender<Command> {
+        self.tx.clone()
+    }
 }
 
-/// The SDK scheduler: forwards every event to the actor and returns, so the
-/// driver is never blocked on a store commit.
-pub struct Forwarder(pub Handle);
-
-#[async_trait]
-impl Scheduler for Forwarder {
-    async fn subscribed(&mut self, _client: &SchedulerClient, framework_id: &FrameworkId) {
-        self.0.send(Command::Subscribed(framework_id.clone())).await;
-    }
-
-    async fn offers(&mut self, _client: &SchedulerClient, offers: Vec<pb::Offer>) {
-        self.0.send(Command::Offers(offers)).await;
-    }
-
-    async fn status_update(&mut self, _client: &SchedulerClient, status: &pb::TaskStatus) {
-        self.0.send(Command::Update(status.clone())).await;
-    }
-
-    async fn disconnected(&mut self, _client: &SchedulerClient) {
-        self.0.send(Command::Disconnected).await;
+impl From<SchedulerEvent> for Command {
+    fn from(event: SchedulerEvent) -> Self {
+        Command::Event(event)
     }
 }
 
@@ -302,7 +273,7 @@ impl Actor {
                 self.client = client;
                 self.suppressed = None;
             }
-            Command::Subscribed(id) => {
+            Command::Event(SchedulerEvent::Subscribed(id)) => {
                 tracing::info!(framework_id = %id, "subscribed");
                 if self.framework_id.as_deref() != Some(id.as_str()) {
                     self.outbox.save_framework_id = Some(id);
@@ -321,10 +292,10 @@ impl Actor {
                     .collect();
                 self.outbox.reconcile.push(tasks);
             }
-            Command::Disconnected => {
+            Command::Event(SchedulerEvent::Disconnected) => {
                 tracing::warn!("disconnected from the master; the driver re-subscribes");
             }
-            Command::Offers(offers) => {
+            Command::Event(SchedulerEvent::Offers(offers)) => {
                 let plan = self.jobs.place(&offers, now);
                 let tasks: usize = plan.launches.iter().map(|(_, t)| t.len()).sum();
                 self.metrics.launched(tasks);
@@ -333,7 +304,7 @@ impl Actor {
                 self.outbox.launches.extend(plan.launches);
                 self.outbox.declines.extend(plan.declines);
             }
-            Command::Update(status) => {
+            Command::Event(SchedulerEvent::Update(status)) => {
                 let kills = self.jobs.update(&status, now);
                 self.outbox.kills.extend(kills);
                 for state in self.jobs.take_ended() {
@@ -452,7 +423,7 @@ impl Actor {
                     .await
                     .err()
                     .map(|e| LaunchFailure {
-                        refused: refused(&e),
+                        refused: e.certainly_refused(),
                         message: format!("launch not sent: {e}"),
                     });
                 if let Some(tx) = myself.upgrade() {

@@ -32,6 +32,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use corral_proto::pb;
+use corral_sdk::runtime::{self, AbortOnDrop, FrameworkIdentity};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::Routes;
@@ -64,6 +65,16 @@ impl BatchConfig {
             name: "corral-batch".to_string(),
             role: "*".to_string(),
             failover_timeout: DEFAULT_FAILOVER_TIMEOUT,
+        }
+    }
+
+    /// Who the framework subscribes as.
+    pub fn identity(&self) -> FrameworkIdentity {
+        FrameworkIdentity {
+            master: self.master.clone(),
+            name: self.name.clone(),
+            role: self.role.clone(),
+            failover_timeout: self.failover_timeout,
         }
     }
 }
@@ -111,7 +122,8 @@ pub async fn run(
         "batch framework starting"
     );
     let metrics = Arc::new(metrics::Metrics::new());
-    let (driver, client) = new_driver(&config, framework_id.as_deref());
+    let identity = config.identity();
+    let (driver, client) = identity.driver(framework_id.as_deref());
     let (handle, actor) = actor::spawn(jobs, Arc::new(store), framework_id, client, metrics);
     let api = pb::batch_server::BatchServer::new(api::BatchApi {
         actor: handle.clone(),
@@ -128,7 +140,15 @@ pub async fn run(
     // Dropping `run` (e.g. an aborted test) must stop these too. Leaving
     // without a teardown is deliberate: the master keeps the tasks for the
     // failover timeout, for the next instance.
-    let mut driver = AbortOnDrop(tokio::spawn(drive(config, driver, handle)));
+    let events = handle.sender();
+    let mut driver = AbortOnDrop(tokio::spawn(async move {
+        runtime::drive(&identity, driver, events, |client| {
+            let handle = handle.clone();
+            async move { handle.use_client(client).await }
+        })
+        .await
+        .map_err(BatchError::Driver)
+    }));
     let mut actor = AbortOnDrop(actor);
     tokio::select! {
         served = server => served.map_err(BatchError::from),
@@ -142,68 +162,4 @@ pub async fn run(
             Err(e) => Err(BatchError::Internal(e.to_string())),
         },
     }
-}
-
-/// Runs the SDK driver with the stored framework id. If the master has
-/// removed the framework (its failover timeout passed while it was down, so
-/// its tasks were killed), registers anew: reconciliation then reports the
-/// old attempts unknown and they run again. Any other driver error ends the
-/// framework.
-async fn drive(
-    config: BatchConfig,
-    mut driver: corral_sdk::Driver,
-    handle: actor::Handle,
-) -> Result<(), BatchError> {
-    loop {
-        match driver.run(actor::Forwarder(handle.clone())).await {
-            Err(corral_sdk::DriverError::FrameworkRemoved {
-                framework_id,
-                message,
-            }) => {
-                tracing::error!(
-                    %framework_id,
-                    %message,
-                    "the master removed this framework (its tasks were killed); registering as a new framework, unfinished tasks run again"
-                );
-                let (next, client) = new_driver(&config, None);
-                handle.use_client(client).await;
-                driver = next;
-            }
-            Err(e) => return Err(BatchError::Driver(e)),
-            Ok(()) => return Ok(()),
-        }
-    }
-}
-
-/// A driver subscribing as `framework_id` (None: a new framework).
-fn new_driver(
-    config: &BatchConfig,
-    framework_id: Option<&str>,
-) -> (corral_sdk::Driver, corral_sdk::SchedulerClient) {
-    let framework = pb::FrameworkInfo {
-        id: framework_id.unwrap_or_default().to_string(),
-        name: config.name.clone(),
-        role: config.role.clone(),
-        failover_timeout_seconds: config.failover_timeout.as_secs_f64(),
-        hostname: hostname(),
-        ..Default::default()
-    };
-    let mut driver_config = corral_sdk::DriverConfig::new(config.master.clone(), framework);
-    // The actor acknowledges each update once its store commit holds it.
-    driver_config.implicit_acknowledgements = false;
-    corral_sdk::Driver::new(driver_config)
-}
-
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_default()
 }

@@ -45,6 +45,9 @@
 //! - `offer`: [`OfferResources`], carving tasks out of one offer.
 //! - [`constraint`]: placement constraints on agent attributes.
 //! - [`spec`]: what the frameworks' specs share: durations and names.
+//! - [`runtime`]: what a long-lived framework process needs around its
+//!   actor: a driver with explicit acknowledgements, an event forwarder, and
+//!   re-registration after the master removed the framework.
 //! - `backoff`, `recent`: reconnect backoff and the duplicate-update memory.
 
 mod backoff;
@@ -54,6 +57,7 @@ mod driver;
 mod error;
 mod offer;
 mod recent;
+pub mod runtime;
 mod scheduler;
 pub mod spec;
 mod task;

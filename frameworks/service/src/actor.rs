@@ -2,7 +2,7 @@
 //! store (the batch framework's actor, around the service core).
 //!
 //! Everything arrives as a [`Command`] — API calls, and the master's events
-//! forwarded by [`Forwarder`], the SDK scheduler. The loop handles every
+//! forwarded by the SDK's [`corral_sdk::runtime::Forwarder`]. The loop handles every
 //! command already queued, lets the core act on time, then makes the changes
 //! durable in **one** store commit, and only then acts: replies to API
 //! calls, launches, kills, volume destroys and acknowledgements of final
@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 
 use corral_proto::task::{is_terminal, now_seconds};
 use corral_proto::{AgentId, FrameworkId, OfferId, TaskId, VolumeId, pb};
-use corral_sdk::{DriverError, Scheduler, SchedulerClient, async_trait};
+use corral_sdk::runtime::SchedulerEvent;
+use corral_sdk::{DriverError, SchedulerClient};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::core::{Applied, Change, CoreError, Destroy, Kill, Launch, ServiceStatus, Services};
@@ -75,10 +76,8 @@ pub enum Command {
     /// The client of a new driver (at start, and after the master removed
     /// the framework and it registered anew).
     UseClient(SchedulerClient),
-    Subscribed(FrameworkId),
-    Disconnected,
-    Offers(Vec<pb::Offer>),
-    Update(pb::TaskStatus),
+    /// From the driver ([`corral_sdk::runtime::Forwarder`]).
+    Event(SchedulerEvent),
     /// A launch call returned. On failure, `refused`: the master certainly
     /// did not take the tasks (never sent, or answered with an error);
     /// otherwise (e.g. a timeout) it may have, and reconciliation tells.
@@ -98,22 +97,6 @@ pub enum Command {
 pub struct LaunchFailure {
     refused: bool,
     message: String,
-}
-
-/// True when a failed call certainly had no effect on the master.
-fn refused(error: &DriverError) -> bool {
-    matches!(
-        error,
-        DriverError::NotSubscribed | DriverError::InvalidArgument(_)
-    ) || error.code().is_some_and(|c| {
-        !matches!(
-            c,
-            tonic::Code::Unavailable
-                | tonic::Code::Unknown
-                | tonic::Code::Cancelled
-                | tonic::Code::DeadlineExceeded
-        )
-    })
 }
 
 /// A cloneable handle to the actor.
@@ -138,28 +121,16 @@ impl Handle {
     pub async fn use_client(&self, client: SchedulerClient) {
         self.send(Command::UseClient(client)).await;
     }
+
+    /// Where scheduler events go ([`corral_sdk::runtime::drive`]).
+    pub fn sender(&self) -> mpsc::Sender<Command> {
+        self.tx.clone()
+    }
 }
 
-/// The SDK scheduler: forwards every event to the actor and returns, so the
-/// driver is never blocked on a store commit.
-pub struct Forwarder(pub Handle);
-
-#[async_trait]
-impl Scheduler for Forwarder {
-    async fn subscribed(&mut self, _client: &SchedulerClient, framework_id: &FrameworkId) {
-        self.0.send(Command::Subscribed(framework_id.clone())).await;
-    }
-
-    async fn offers(&mut self, _client: &SchedulerClient, offers: Vec<pb::Offer>) {
-        self.0.send(Command::Offers(offers)).await;
-    }
-
-    async fn status_update(&mut self, _client: &SchedulerClient, status: &pb::TaskStatus) {
-        self.0.send(Command::Update(status.clone())).await;
-    }
-
-    async fn disconnected(&mut self, _client: &SchedulerClient) {
-        self.0.send(Command::Disconnected).await;
+impl From<SchedulerEvent> for Command {
+    fn from(event: SchedulerEvent) -> Self {
+        Command::Event(event)
     }
 }
 
@@ -386,7 +357,7 @@ impl Actor {
                 self.client = client;
                 self.suppressed = None;
             }
-            Command::Subscribed(id) => {
+            Command::Event(SchedulerEvent::Subscribed(id)) => {
                 tracing::info!(framework_id = %id, "subscribed");
                 if self.framework_id.as_deref() != Some(id.as_str()) {
                     if self.framework_id.is_some() {
@@ -411,10 +382,10 @@ impl Actor {
                     .collect();
                 self.outbox.reconcile.push(tasks);
             }
-            Command::Disconnected => {
+            Command::Event(SchedulerEvent::Disconnected) => {
                 tracing::warn!("disconnected from the master; the driver re-subscribes");
             }
-            Command::Offers(offers) => {
+            Command::Event(SchedulerEvent::Offers(offers)) => {
                 let plan = self.services.place(&offers, now);
                 let instances: usize = plan
                     .launches
@@ -433,7 +404,7 @@ impl Actor {
                 self.outbox.launches.extend(plan.launches);
                 self.outbox.declines.extend(plan.declines);
             }
-            Command::Update(status) => {
+            Command::Event(SchedulerEvent::Update(status)) => {
                 let state = status.state();
                 let kills = self.services.update(&status, now);
                 self.outbox.kills.extend(kills);
@@ -600,7 +571,7 @@ impl Actor {
                     .await
                     .err()
                     .map(|e| LaunchFailure {
-                        refused: refused(&e),
+                        refused: e.certainly_refused(),
                         message: format!("launch not sent: {e}"),
                     });
                 if failure.as_ref().is_some_and(|f| f.refused) {

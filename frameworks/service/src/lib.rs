@@ -50,6 +50,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use corral_proto::pb;
+use corral_sdk::runtime::{self, AbortOnDrop, FrameworkIdentity};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::Routes;
@@ -85,6 +86,16 @@ impl ServiceConfig {
             name: "corral-service".to_string(),
             role: "*".to_string(),
             failover_timeout: DEFAULT_FAILOVER_TIMEOUT,
+        }
+    }
+
+    /// Who the framework subscribes as.
+    pub fn identity(&self) -> FrameworkIdentity {
+        FrameworkIdentity {
+            master: self.master.clone(),
+            name: self.name.clone(),
+            role: self.role.clone(),
+            failover_timeout: self.failover_timeout,
         }
     }
 }
@@ -131,7 +142,8 @@ pub async fn run(
         "service framework starting"
     );
     let metrics = Arc::new(metrics::Metrics::new());
-    let (driver, client) = new_driver(&config, framework_id.as_deref());
+    let identity = config.identity();
+    let (driver, client) = identity.driver(framework_id.as_deref());
     let (handle, actor) = actor::spawn(services, Arc::new(store), framework_id, client, metrics);
     let api = pb::services_server::ServicesServer::new(api::ServicesApi {
         actor: handle.clone(),
@@ -148,7 +160,15 @@ pub async fn run(
     // Dropping `run` (e.g. an aborted test) must stop these too. Leaving
     // without a teardown is deliberate: the master keeps the instances for
     // the failover timeout, for the next framework process.
-    let mut driver = AbortOnDrop(tokio::spawn(drive(config, driver, handle)));
+    let events = handle.sender();
+    let mut driver = AbortOnDrop(tokio::spawn(async move {
+        runtime::drive(&identity, driver, events, |client| {
+            let handle = handle.clone();
+            async move { handle.use_client(client).await }
+        })
+        .await
+        .map_err(ServiceError::Driver)
+    }));
     let mut actor = AbortOnDrop(actor);
     tokio::select! {
         served = server => served.map_err(ServiceError::from),
@@ -162,68 +182,4 @@ pub async fn run(
             Err(e) => Err(ServiceError::Internal(e.to_string())),
         },
     }
-}
-
-/// Runs the SDK driver with the stored framework id. If the master has
-/// removed the framework (its failover timeout passed while it was down, so
-/// its instances were killed), registers anew: reconciliation then reports
-/// the old tasks unknown and the instances are replaced. Any other driver
-/// error ends the framework.
-async fn drive(
-    config: ServiceConfig,
-    mut driver: corral_sdk::Driver,
-    handle: actor::Handle,
-) -> Result<(), ServiceError> {
-    loop {
-        match driver.run(actor::Forwarder(handle.clone())).await {
-            Err(corral_sdk::DriverError::FrameworkRemoved {
-                framework_id,
-                message,
-            }) => {
-                tracing::error!(
-                    %framework_id,
-                    %message,
-                    "the master removed this framework (its instances were killed); registering as a new framework, instances are replaced"
-                );
-                let (next, client) = new_driver(&config, None);
-                handle.use_client(client).await;
-                driver = next;
-            }
-            Err(e) => return Err(ServiceError::Driver(e)),
-            Ok(()) => return Ok(()),
-        }
-    }
-}
-
-/// A driver subscribing as `framework_id` (None: a new framework).
-fn new_driver(
-    config: &ServiceConfig,
-    framework_id: Option<&str>,
-) -> (corral_sdk::Driver, corral_sdk::SchedulerClient) {
-    let framework = pb::FrameworkInfo {
-        id: framework_id.unwrap_or_default().to_string(),
-        name: config.name.clone(),
-        role: config.role.clone(),
-        failover_timeout_seconds: config.failover_timeout.as_secs_f64(),
-        hostname: hostname(),
-        ..Default::default()
-    };
-    let mut driver_config = corral_sdk::DriverConfig::new(config.master.clone(), framework);
-    // The actor acknowledges final updates once its store commit holds them.
-    driver_config.implicit_acknowledgements = false;
-    corral_sdk::Driver::new(driver_config)
-}
-
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_default()
 }
