@@ -30,6 +30,11 @@
 //! part of the summary, it separates the runtime's cost from the disk's
 //! metadata latency (mkdir, overlay's work dir checks, rm).
 //!
+//! `CONTAINER_START_BENCH_OUTPUT=sandbox` runs ours the way the agent
+//! does: the init pumps the output into a sandbox dir and records the exit
+//! status in a state dir (both made and removed inside the timed region);
+//! by default stdout/stderr are /dev/null fds.
+//!
 //! Prints a table, then the medians as the last line:
 //! `container_start_median_ms=X crun_median_ms=Y runc_median_ms=Z ratio_vs_crun=R`.
 
@@ -38,7 +43,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use corral_agent::containerizer::{ContainerSpec, Containerizer, IsolationConfig, RootFs};
+use corral_agent::containerizer::{ContainerSpec, Containerizer, IsolationConfig, Output, RootFs};
 
 const WARMUP: usize = 10;
 const CGROUP_ROOT: &str = "corral-bench";
@@ -106,6 +111,7 @@ fn run() -> Result<()> {
     if std::fs::create_dir_all(&shm).is_ok() {
         ours_dirs.push(("  same, upper on tmpfs", shm.clone()));
     }
+    let sandbox_output = std::env::var("CONTAINER_START_BENCH_OUTPUT").as_deref() == Ok("sandbox");
     let slots = ours_dirs.len() + runtimes.len();
     let mut samples: Vec<Vec<Duration>> = vec![Vec::with_capacity(n); slots];
     let mut phases: Vec<Vec<[Duration; 5]>> = vec![Vec::with_capacity(n); ours_dirs.len()];
@@ -115,7 +121,15 @@ fn run() -> Result<()> {
         for k in 0..slots {
             let which = (k + i) % slots;
             let result = match ours_dirs.get(which) {
-                Some((_, dir)) => run_ours(&cz, &rt, &rootfs, dir, i, &mut phases[which]),
+                Some((_, dir)) => run_ours(
+                    &cz,
+                    &rt,
+                    &rootfs,
+                    dir,
+                    i,
+                    sandbox_output,
+                    &mut phases[which],
+                ),
                 None => run_oci(runtimes[which - ours_dirs.len()], &bundle, i),
             };
             match result {
@@ -185,17 +199,24 @@ fn run_ours(
     rootfs: &Path,
     work: &Path,
     i: usize,
+    sandbox_output: bool,
     phases: &mut Vec<[Duration; 5]>,
 ) -> Result<Duration> {
-    // The three dirs an overlay container needs, nothing more.
-    let [upper, workdir, merged] =
-        ["upper", "work", "merged"].map(|d| work.join(format!("{d}-{i}")));
+    // The three dirs an overlay container needs (and, as the agent runs
+    // it, a sandbox and a state dir).
+    let [upper, workdir, merged, sandbox, state] =
+        ["upper", "work", "merged", "sandbox", "state"].map(|d| work.join(format!("{d}-{i}")));
+    let dirs: &[&PathBuf] = if sandbox_output {
+        &[&upper, &workdir, &merged, &sandbox, &state]
+    } else {
+        &[&upper, &workdir, &merged]
+    };
     let null = || -> Result<std::os::fd::OwnedFd> {
         Ok(File::create("/dev/null").map_err(|e| e.to_string())?.into())
     };
     let (stdout, stderr) = (null()?, null()?);
     let start = Instant::now();
-    for d in [&upper, &workdir, &merged] {
+    for d in dirs {
         std::fs::create_dir(d).map_err(|e| e.to_string())?;
     }
     let spec = ContainerSpec {
@@ -214,8 +235,15 @@ fn run_ours(
         user: None,
         cpus_milli: 1000,
         mem_bytes: MEM_BYTES,
-        stdout,
-        stderr,
+        output: if sandbox_output {
+            Output::Sandbox {
+                dir: sandbox.clone(),
+                logs: corral_agent::logs::LogConfig::default(),
+            }
+        } else {
+            Output::Fds { stdout, stderr }
+        },
+        state_dir: sandbox_output.then(|| state.clone()),
         netns: None,
     };
     let t_launch = Instant::now();
@@ -225,7 +253,7 @@ fn run_ours(
     let t_destroy = Instant::now();
     c.destroy().map_err(|e| e.to_string())?;
     let t_rm = Instant::now();
-    for d in [&upper, &workdir, &merged] {
+    for d in dirs {
         std::fs::remove_dir_all(d).map_err(|e| e.to_string())?;
     }
     let elapsed = start.elapsed();

@@ -17,10 +17,13 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use crate::checkpoint::Checkpointer;
 use crate::containerizer::{Container, Usage};
 use crate::error::AgentError;
 use crate::health::{self, Monitor, ProbeTarget};
-use crate::launch::{Ended, LaunchRequest, Launcher, PodLaunch, Running};
+use crate::launch::{
+    Ended, LaunchCheckpoint, LaunchRequest, Launcher, PodLaunch, RecoveredTask, Running,
+};
 use crate::metrics::AgentMetrics;
 use crate::pod;
 use crate::state::{StateView, TaskView, UsageView};
@@ -40,6 +43,11 @@ const MAX_KILL_GRACE: Duration = Duration::from_secs(24 * 60 * 60);
 /// Longest max completion time honoured (the master allows up to a year);
 /// keeps `Instant + max` from overflowing on absurd values.
 const MAX_COMPLETION_TIME: Duration = Duration::from_secs(366 * 24 * 60 * 60);
+
+/// How often the gauges are refreshed while updates wait for
+/// acknowledgement, so the oldest one's age keeps growing on `/metrics`
+/// while nothing else happens.
+const PENDING_METRICS_REFRESH: Duration = Duration::from_secs(1);
 
 /// The version reported in `Register`.
 const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -102,8 +110,31 @@ pub(crate) enum Command {
         task_id: TaskId,
         reply: oneshot::Sender<Option<FileTarget>>,
     },
+    /// Checkpoint writes up to `seq` are durable (sent by the writer).
+    Checkpointed { seq: u64 },
+    /// The launcher re-adopted (or could not re-adopt) the container of a
+    /// task recovered from the checkpoint.
+    Readopted { key: StreamKey, result: Readopted },
     /// `run`'s shutdown future resolved: kill everything and stop.
     Shutdown,
+}
+
+/// How re-adopting a recovered task's container went: `Err` says why it
+/// is gone.
+pub(crate) struct Readopted(pub(crate) Result<RecoveredTask, String>);
+
+impl std::fmt::Debug for Readopted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Ok(t) => write!(
+                f,
+                "Readopted(pid {}, ended_while_down {})",
+                t.running.pid(),
+                t.ended_while_down
+            ),
+            Err(e) => write!(f, "Readopted(gone: {e})"),
+        }
+    }
 }
 
 /// A task's sandbox and a flag that turns true once it is terminal.
@@ -121,6 +152,8 @@ pub(crate) struct Identity {
     pub(crate) resources: Resources,
     pub(crate) attributes: Vec<pb::Attribute>,
     pub(crate) work_dir: PathBuf,
+    /// This boot's id, checkpointed with the agent id.
+    pub(crate) boot_id: String,
 }
 
 /// Aborts a spawned tokio task when dropped.
@@ -196,6 +229,11 @@ struct Task {
     /// Why the container being started again ended (for the update that
     /// says it restarted).
     restarting: Option<String>,
+    /// The running process or container, as checkpointed.
+    container: Option<pb::ContainerCheckpoint>,
+    /// The exit of a re-adopted container that came in before the news that
+    /// it was re-adopted (they come from different tasks of the launcher).
+    early_exit: Option<(u32, Ended)>,
 }
 
 impl Task {
@@ -233,7 +271,27 @@ impl Task {
             restarts,
             restart_at: None,
             restarting: None,
+            container: None,
+            early_exit: None,
         }
+    }
+
+    /// A task read back from the checkpoint: nothing of it runs under this
+    /// agent (yet); its pod, if it had one, is not re-adopted.
+    fn recovered(
+        work_dir: &Path,
+        framework_id: FrameworkId,
+        task_id: TaskId,
+        info: pb::TaskInfo,
+        state: TaskState,
+    ) -> Task {
+        let mut task = Task::staging(work_dir, framework_id, task_id, info, None);
+        task.launching = false;
+        task.state = state;
+        if is_terminal(state) {
+            task.done.send_replace(true);
+        }
+        task
     }
 }
 
@@ -278,6 +336,8 @@ pub(crate) struct Actor {
     launcher: Launcher,
     usage_interval: Duration,
     next_usage: Instant,
+    /// When the gauges are refreshed next while updates are pending.
+    next_metrics: Instant,
     /// Latest container usage, by task: read by `/metrics` and `/state`.
     usage: std::sync::Arc<dashmap::DashMap<StreamKey, Usage>>,
     /// Sandboxes of finished tasks, until they are removed.
@@ -288,6 +348,11 @@ pub(crate) struct Actor {
     health: HashMap<StreamKey, Monitor>,
     /// The persistent volumes on this agent's disk (their own thread).
     volumes: Volumes,
+    /// Writes the checkpoint (its own thread).
+    checkpoint: Checkpointer,
+    /// The agent this one replaces (the checkpoint was of another boot or
+    /// format), until the master has registered us.
+    replaces_agent_id: Option<String>,
 }
 
 /// The status a task's end maps to: `(state, reason, message)`; the
@@ -421,6 +486,9 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
 }
 
 impl Actor {
+    // Each argument is a handle `run` made for the actor alone; a struct
+    // around them would only rename them.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         identity: Identity,
         config: &crate::AgentConfig,
@@ -429,6 +497,7 @@ impl Actor {
         launcher: Launcher,
         usage: std::sync::Arc<dashmap::DashMap<StreamKey, Usage>>,
         volumes: Volumes,
+        checkpoint: Checkpointer,
     ) -> Self {
         Self {
             identity,
@@ -447,12 +516,193 @@ impl Actor {
             launcher,
             usage_interval: config.usage_interval.max(Duration::from_millis(100)),
             next_usage: Instant::now() + config.usage_interval,
+            next_metrics: Instant::now() + PENDING_METRICS_REFRESH,
             usage,
             gc: crate::gc::SandboxGc::new(config.sandbox_gc_delay, config.sandbox_gc_max),
             pods: HashMap::new(),
             health: HashMap::new(),
             volumes,
+            checkpoint,
+            replaces_agent_id: None,
         }
+    }
+
+    /// Takes over what the checkpoint says: the agent id to come back as
+    /// (or the one this agent replaces), and the tasks with their
+    /// unacknowledged updates, restored in order with their uuids. Nothing
+    /// of a recovered task runs under this agent: a task that had not ended
+    /// is reported ended now (behind its restored updates); its container,
+    /// if any survived, was destroyed with the orphans at start.
+    pub(crate) fn recover(
+        &mut self,
+        agent_id: Option<AgentId>,
+        replaces_agent_id: Option<String>,
+        tasks: Vec<pb::TaskCheckpoint>,
+    ) {
+        self.agent_id = agent_id;
+        self.replaces_agent_id = replaces_agent_id;
+        let now = Instant::now().into_std();
+        let wall = now_seconds();
+        let mut to_end = Vec::new();
+        for record in tasks {
+            let (Some(framework), Some(info)) = (record.framework, record.task) else {
+                continue;
+            };
+            let ids =
+                FrameworkId::parse(&framework.id, "task_checkpoint.framework.id").and_then(|f| {
+                    TaskId::parse(&info.task_id, "task_checkpoint.task.task_id").map(|t| (f, t))
+                });
+            let Ok((framework_id, task_id)) = ids else {
+                continue;
+            };
+            let key = (framework_id.to_string(), task_id.to_string());
+            let state = TaskState::try_from(record.state).unwrap_or(TaskState::TaskStaging);
+            if is_terminal(state) && record.updates.is_empty() {
+                // Its end was acknowledged; only the file's removal was lost.
+                self.checkpoint.remove_task(&key.0, &key.1);
+                continue;
+            }
+            for update in record.updates {
+                let made = update.status.as_ref().map_or(wall, |s| s.timestamp);
+                let age = Duration::from_secs_f64(
+                    (wall - made).clamp(0.0, MAX_COMPLETION_TIME.as_secs_f64()),
+                );
+                self.updates.restore(update, age, now);
+            }
+            info!(framework_id = %key.0, task_id = %key.1, state = state_name(state),
+                  "task recovered from the checkpoint");
+            self.metrics.tasks_recovered.increment(1);
+            self.frameworks.insert(framework_id.to_string(), framework);
+            let mut task =
+                Task::recovered(&self.identity.work_dir, framework_id, task_id, info, state);
+            if !is_terminal(state) {
+                match readoptable(
+                    &record.pod_id,
+                    record.container.as_ref(),
+                    self.launcher.containerizer.is_some(),
+                ) {
+                    Some(checkpoint) => {
+                        // Like a launch: kills wait until it is back.
+                        task.launching = true;
+                        task.container = record.container.clone();
+                        self.readopt(&key, task.task_id.clone(), checkpoint);
+                    }
+                    None => to_end.push((key.clone(), record.container)),
+                }
+            }
+            self.tasks.insert(key, task);
+        }
+        for (key, container) in to_end {
+            let message = match container {
+                None => "the agent restarted before the task started".to_string(),
+                Some(c) if c.container_id.is_empty() => {
+                    "the agent restarted; plain processes cannot be re-adopted, so the task's process was killed".to_string()
+                }
+                Some(_) => {
+                    "the agent restarted and could not re-adopt the task's container; it was destroyed".to_string()
+                }
+            };
+            self.end_task(
+                &key,
+                TaskState::TaskFailed,
+                Reason::AgentRestarted,
+                message,
+                None,
+                None,
+            );
+        }
+    }
+
+    /// Asks the launcher to re-adopt a recovered task's container (off the
+    /// loop); the outcome comes back as `Command::Readopted`, then the task
+    /// goes on as if this agent had launched it.
+    fn readopt(&mut self, key: &StreamKey, task_id: TaskId, checkpoint: LaunchCheckpoint) {
+        let launcher = self.launcher.clone();
+        let tx = self.cmd_tx.clone();
+        let key = key.clone();
+        tokio::spawn(async move {
+            let result = launcher
+                .recover(key.clone(), task_id, checkpoint, tx.clone())
+                .await;
+            let _ = tx
+                .send(Command::Readopted {
+                    key,
+                    result: Readopted(result),
+                })
+                .await;
+        });
+    }
+
+    /// A recovered task's container is back (or gone for good).
+    fn readopted(&mut self, key: StreamKey, result: Readopted) {
+        let stopping = self.stopping.is_some();
+        let Some(task) = self.tasks.get_mut(&key) else {
+            if let Ok(t) = result.0 {
+                let _ = t.running.kill();
+            }
+            return;
+        };
+        task.launching = false;
+        let recovered = match result.0 {
+            Ok(recovered) => recovered,
+            Err(why) => {
+                warn!(framework_id = %key.0, task_id = %key.1, reason = %why,
+                      "cannot re-adopt a recovered task's container");
+                let message =
+                    format!("the agent restarted and the task's container is gone: {why}");
+                self.end_task(
+                    &key,
+                    TaskState::TaskFailed,
+                    Reason::AgentRestarted,
+                    message,
+                    None,
+                    None,
+                );
+                return;
+            }
+        };
+        info!(framework_id = %key.0, task_id = %key.1, pid = recovered.running.pid(),
+              ended_while_down = recovered.ended_while_down, "re-adopted a recovered task's container");
+        task.pid = Some(recovered.running.pid());
+        task.running = Some(recovered.running.clone());
+        // Its max completion time restarts with the agent: the checkpoint
+        // does not say how long it had run.
+        if !recovered.ended_while_down
+            && let Some(max) = task
+                .info
+                .max_completion_time_seconds
+                .and_then(completion_time_from_seconds)
+        {
+            task.completion_deadline = Some((Instant::now() + max, max));
+        }
+        if let Some((pid, ended)) = task.early_exit.take() {
+            self.exited(key, pid, ended);
+            return;
+        }
+        let pending_kill = task.pending_kill.take();
+        let cause = task.kill_cause.unwrap_or(KillCause::Requested);
+        let killing = task.state == TaskState::TaskKilling;
+        if !recovered.ended_while_down {
+            self.start_health(&key, &recovered.running, recovered.probes);
+        }
+        if stopping {
+            if let Some(task) = self.tasks.get_mut(&key) {
+                hard_kill(task);
+            }
+        } else if let Some(grace) = pending_kill {
+            self.start_kill(&key, grace, cause);
+        } else if killing {
+            // It was being killed when the agent stopped: finish the job.
+            if let Some(task) = self.tasks.get_mut(&key) {
+                task.state = TaskState::TaskRunning;
+            }
+            self.start_kill(&key, None, KillCause::Requested);
+        }
+    }
+
+    /// The sandboxes of the tasks the agent holds (recovered ones included).
+    pub(crate) fn live_sandboxes(&self) -> Vec<PathBuf> {
+        self.tasks.values().map(|t| t.sandbox.clone()).collect()
     }
 
     /// Sandboxes left by an earlier run of the agent, found at start.
@@ -572,6 +822,11 @@ impl Actor {
                 });
                 let _ = reply.send(target);
             }
+            Command::Readopted { key, result } => self.readopted(key, result),
+            Command::Checkpointed { seq } => {
+                self.updates.mark_durable(seq);
+                self.flush_updates();
+            }
             Command::Shutdown => self.begin_stop(Stop::Requested),
         }
     }
@@ -680,6 +935,7 @@ impl Actor {
             version: AGENT_VERSION.to_string(),
             // Filled in from the volume thread (`Command::Attaching`).
             volumes: Vec::new(),
+            replaces_agent_id: self.replaces_agent_id.clone().unwrap_or_default(),
         }
     }
 
@@ -692,6 +948,13 @@ impl Actor {
             Some(_) => info!(agent_id = %agent_id, "re-registered with the master"),
             None => info!(agent_id = %agent_id, "registered with the master"),
         }
+        // Lazily durable: a crash before it is written comes back as the
+        // agent of the previous checkpoint, which the master sorts out.
+        self.checkpoint.put_agent(&pb::AgentCheckpoint {
+            agent_id: agent_id.to_string(),
+            boot_id: self.identity.boot_id.clone(),
+        });
+        self.replaces_agent_id = None;
         self.agent_id = Some(agent_id);
         self.outbound = Some(outbound);
         self.metrics.master_connections.increment(1);
@@ -736,6 +999,9 @@ impl Actor {
 
         let task = Task::staging(&self.identity.work_dir, framework_id, task_id, info, None);
         self.tasks.insert(key.clone(), task);
+        // Not waited for: it only makes a restart report the task ended
+        // instead of not knowing it.
+        self.checkpoint_task(&key, None);
         self.launch(&key, None);
     }
 
@@ -899,6 +1165,7 @@ impl Actor {
                 Some(pod_id.clone()),
             );
             self.tasks.insert(key.clone(), task);
+            self.checkpoint_task(&key, None);
             keys.push(key);
         }
         info!(framework_id = %framework.id, pod_id = %pod_id, tasks = keys.len(), "launching pod");
@@ -1075,6 +1342,24 @@ impl Actor {
         };
         task.launching = false;
         task.pid = Some(running.pid());
+        let pid = running.pid();
+        task.container = Some(match running.checkpoint() {
+            // A plain process: only to kill what a crash of the agent left.
+            None => pb::ContainerCheckpoint {
+                pid,
+                start_ticks: crate::task::process_start_ticks(pid).unwrap_or(0),
+                ..Default::default()
+            },
+            Some(checkpoint) => pb::ContainerCheckpoint {
+                container_id: checkpoint.container.id.clone(),
+                pid,
+                start_ticks: checkpoint.container.start_time,
+                launcher_data: serde_json::to_vec(checkpoint).unwrap_or_else(|e| {
+                    warn!(error = %e, "cannot encode the container's checkpoint; it will not be re-adopted");
+                    Vec::new()
+                }),
+            },
+        });
         task.running = Some(running);
         task.state = TaskState::TaskRunning;
         let restarted = task.restarting.take();
@@ -1369,6 +1654,12 @@ impl Actor {
             warn!(framework_id = %key.0, task_id = %key.1, "exit of an unknown task");
             return;
         };
+        if task.pid.is_none() && task.launching && task.container.is_some() {
+            // A recovered container that ended while no agent ran: its
+            // exit can beat `Readopted`, which handles it.
+            task.early_exit = Some((pid, ended));
+            return;
+        }
         if task.pid != Some(pid) {
             warn!(framework_id = %key.0, task_id = %key.1, pid, "exit of a stale process");
             return;
@@ -1389,6 +1680,7 @@ impl Actor {
             task.kill_cause.is_some_and(|c| c != KillCause::Unhealthy) || self.stopping.is_some();
         task.pid = None;
         task.running = None;
+        task.container = None;
         self.usage.remove(&key);
         if let Some(monitor) = self.health.get_mut(&key) {
             monitor.stop();
@@ -1449,12 +1741,17 @@ impl Actor {
                 if task_done && self.tasks.get(&key).is_some_and(|t| is_terminal(t.state)) {
                     if let Some(task) = self.tasks.remove(&key) {
                         self.gc.finished(task.sandbox, Instant::now());
+                        self.checkpoint.remove_task(&key.0, &key.1);
                     }
                     if !self.tasks.keys().any(|k| k.0 == key.0) {
                         self.frameworks.remove(&key.0);
                     }
                     info!(framework_id = %key.0, task_id = %key.1,
                           "terminal update acknowledged; task forgotten");
+                } else if self.tasks.contains_key(&key) {
+                    // Not waited for: a crash before it is written resends
+                    // the acknowledged update, with its uuid.
+                    self.checkpoint_task(&key, None);
                 }
                 self.flush_updates();
             }
@@ -1500,11 +1797,42 @@ impl Actor {
             .as_ref()
             .map(ToString::to_string)
             .unwrap_or_default();
+        let key = (framework_id.to_string(), status.task_id.clone());
         let update = new_update(&agent_id, framework_id, status, now_seconds());
-        if let Some(notice) = self.updates.push(update) {
+        // Durable before it is sent: the writer's report releases it.
+        let seq = self.checkpoint_task(&key, Some(&update));
+        if let Some(notice) = self.updates.push(update, seq, Instant::now().into_std()) {
             self.send_to_master(pb::agent_message::Message::TaskEnded(notice));
         }
         self.flush_updates();
+    }
+
+    /// Queues a write of the task's checkpoint (with `extra`, an update not
+    /// queued yet, behind its unacknowledged ones); returns the write's
+    /// sequence number, 0 when there is nothing to write (an update about a
+    /// task the agent does not hold, e.g. `TASK_LOST` for an unknown one:
+    /// the master reconciles those).
+    fn checkpoint_task(&mut self, key: &StreamKey, extra: Option<&pb::StatusUpdate>) -> u64 {
+        let Some(task) = self.tasks.get(key) else {
+            return 0;
+        };
+        let framework = self
+            .frameworks
+            .get(&key.0)
+            .cloned()
+            .unwrap_or_else(|| pb::FrameworkInfo {
+                id: key.0.clone(),
+                ..Default::default()
+            });
+        let record = pb::TaskCheckpoint {
+            framework: Some(framework),
+            task: Some(task.info.clone()),
+            state: task.state as i32,
+            pod_id: task.pod.clone().unwrap_or_default(),
+            container: task.container.clone(),
+            updates: self.updates.queued(key).chain(extra).cloned().collect(),
+        };
+        self.checkpoint.put_task(&key.0, &key.1, &record)
     }
 
     /// Sends a message that needs no retry: it is best effort, or restated
@@ -1574,6 +1902,7 @@ impl Actor {
             .as_ref()
             .map(|_| self.next_usage);
         let gc = self.gc.next_deadline(Instant::now());
+        let metrics = (self.updates.pending() > 0).then_some(self.next_metrics);
         let restarts = self
             .tasks
             .values()
@@ -1584,6 +1913,7 @@ impl Actor {
             .chain(retry)
             .chain(usage)
             .chain(gc)
+            .chain(metrics)
             .min()
     }
 
@@ -1649,6 +1979,10 @@ impl Actor {
             if let Err(e) = running.kill() {
                 warn!(task_id = %task.task_id, pid, error = %e, "cannot send SIGKILL");
             }
+        }
+        if now >= self.next_metrics {
+            // `step` refreshes the gauges after this.
+            self.next_metrics = now + PENDING_METRICS_REFRESH;
         }
         if now >= self.next_usage {
             self.next_usage = now + self.usage_interval;
@@ -1723,6 +2057,10 @@ impl Actor {
         self.metrics
             .status_updates_pending
             .set(self.updates.pending() as f64);
+        let oldest = self.updates.oldest_pending(Instant::now().into_std());
+        self.metrics
+            .oldest_pending
+            .set(oldest.map_or(0.0, |d| d.as_secs_f64()));
         self.metrics
             .sandboxes_retained
             .set(self.gc.retained() as f64);
@@ -1787,6 +2125,45 @@ impl Actor {
                 .collect(),
         }
     }
+}
+
+/// What the launcher needs to re-adopt a recovered task's container, if it
+/// can: a container (not a plain process), not part of a pod (pod networks
+/// are not recovered yet), with the launcher's record intact.
+fn readoptable(
+    pod_id: &str,
+    container: Option<&pb::ContainerCheckpoint>,
+    have_containerizer: bool,
+) -> Option<LaunchCheckpoint> {
+    let c = container?;
+    if !pod_id.is_empty() || c.container_id.is_empty() || !have_containerizer {
+        return None;
+    }
+    match serde_json::from_slice::<LaunchCheckpoint>(&c.launcher_data) {
+        Ok(checkpoint) if checkpoint.container.id == c.container_id => Some(checkpoint),
+        Ok(_) => {
+            warn!(container_id = %c.container_id, "the launcher's record names another container");
+            None
+        }
+        Err(e) => {
+            warn!(container_id = %c.container_id, error = %e, "unreadable launcher record");
+            None
+        }
+    }
+}
+
+/// The containers the recovered tasks name that the agent will try to
+/// re-adopt: the orphan sweep at start leaves them alone.
+pub(crate) fn readoptable_containers(
+    tasks: &[pb::TaskCheckpoint],
+    have_containerizer: bool,
+) -> std::collections::HashSet<String> {
+    tasks
+        .iter()
+        .filter(|t| !is_terminal(t.state()))
+        .filter_map(|t| readoptable(&t.pod_id, t.container.as_ref(), have_containerizer))
+        .map(|c| c.container.id)
+        .collect()
 }
 
 /// SIGKILL now (agent stopping): everything the task started; a task still
@@ -1983,6 +2360,7 @@ mod tests {
                 resources: resources.clone(),
                 attributes: Vec::new(),
                 work_dir: dir.clone(),
+                boot_id: "test-boot".into(),
             };
             let (cmd_tx, rx) = mpsc::channel(COMMAND_CHANNEL_CAPACITY);
             let metrics = AgentMetrics::new(&resources);
@@ -1998,6 +2376,7 @@ mod tests {
                 launcher,
                 Default::default(),
                 volumes,
+                Checkpointer::disabled(),
             );
             let (outbound, to_master) = mpsc::channel(64);
             actor.handle(Command::Registered {

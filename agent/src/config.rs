@@ -49,6 +49,10 @@ pub const DEFAULT_SANDBOX_GC_DELAY: Duration = Duration::from_secs(24 * 3600);
 /// allocations; sandboxes are small, and logs of recent failures matter).
 pub const DEFAULT_SANDBOX_GC_MAX: usize = 10_000;
 
+/// Where Linux says which boot this is; another id than the checkpoint's
+/// means the machine rebooted and the agent's containers are gone.
+pub const DEFAULT_BOOT_ID_PATH: &str = "/proc/sys/kernel/random/boot_id";
+
 /// How the agent runs tasks (`--isolation`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Isolation {
@@ -120,6 +124,12 @@ pub struct AgentConfig {
     pub pod_cidr: PodCidr,
     /// The agent's Linux bridge for pods (`--pod-bridge`).
     pub pod_bridge: String,
+    /// `--strict`: an unreadable checkpoint file stops the agent (naming
+    /// the file); `false` skips it and recovers the rest.
+    pub strict: bool,
+    /// The file holding the boot id ([`DEFAULT_BOOT_ID_PATH`]); tests point
+    /// it elsewhere to play a reboot.
+    pub boot_id_path: PathBuf,
 }
 
 impl AgentConfig {
@@ -153,6 +163,8 @@ impl AgentConfig {
             sandbox_gc_max: DEFAULT_SANDBOX_GC_MAX,
             pod_cidr: PodCidr::DEFAULT,
             pod_bridge: DEFAULT_POD_BRIDGE.to_string(),
+            strict: true,
+            boot_id_path: PathBuf::from(DEFAULT_BOOT_ID_PATH),
         }
     }
 }

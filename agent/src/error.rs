@@ -38,6 +38,10 @@ pub enum AgentError {
     Images(#[from] crate::images::ImageError),
     #[error("persistent volumes: {0}")]
     Volumes(#[from] crate::volumes::VolumeError),
+    /// The checkpoint cannot be read (the error names the file) or the
+    /// work dir is another agent's.
+    #[error("agent recovery: {0}")]
+    Checkpoint(#[from] crate::checkpoint::CheckpointError),
     /// Containers are impossible here (no root, no cgroups): the message
     /// says why and suggests `--isolation=none`.
     #[error("{0}")]

@@ -5,6 +5,16 @@
 //!
 //! The spec is built by pure functions (command, environment, user,
 //! volumes) that are unit-tested without root.
+//!
+//! Containers outlive the agent: their init writes the output into the
+//! sandbox and records the exit status in `<work_dir>/containers/<id>/exit`
+//! (see `containerizer`). For a restarted agent, each started container
+//! comes with a [`LaunchCheckpoint`] ([`Running::checkpoint`], in
+//! `Command::Started`) to persist, [`Launcher::recover`] re-adopts one
+//! and runs the rest of its task's life, and [`orphans`] /
+//! [`destroy_orphans`] remove what no checkpoint names. Plain processes
+//! (`--isolation=none`) are not recoverable: their output goes through
+//! the agent.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -19,7 +29,10 @@ use tracing::{debug, warn};
 
 use crate::actor::{Command, StreamKey};
 use crate::config::Isolation;
-use crate::containerizer::{BindMount, Container, ContainerSpec, Containerizer, RootFs};
+use crate::containerizer::{
+    BindMount, Container, ContainerCheckpoint, ContainerSpec, Containerizer, Output, Recovered,
+    RootFs,
+};
 use crate::health::{self, ContainerEntry, ExecTarget, ProbeTarget};
 use crate::images::{ImageConfig, ImageStore};
 use crate::logs::{self, LogConfig, RotatingFile};
@@ -77,6 +90,170 @@ pub(crate) struct PodLaunch {
     pub(crate) volumes: HashMap<String, PathBuf>,
 }
 
+/// A pod's [`PodLaunch`] as persisted: the namespace is pinned at
+/// `<netns_dir>/<pod_id>` by the pod network, so it is reopened from
+/// there ([`recover_pod`]), not stored.
+// The actor persists and recovers pods with these once pod recovery is
+// part of its startup (the pod network's sweep keeps recovered pods then).
+#[allow(dead_code)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct PodCheckpoint {
+    pub(crate) pod_id: String,
+    pub(crate) ip: String,
+    pub(crate) volumes: HashMap<String, PathBuf>,
+}
+
+#[allow(dead_code)]
+impl PodLaunch {
+    /// What to persist for the pod `pod_id` to rebuild this after a restart.
+    pub(crate) fn checkpoint(&self, pod_id: &str) -> PodCheckpoint {
+        PodCheckpoint {
+            pod_id: pod_id.to_string(),
+            ip: self.ip.clone(),
+            volumes: self.volumes.clone(),
+        }
+    }
+}
+
+/// The pod's [`PodLaunch`] again, after an agent restart: its namespace
+/// reopened from the network's pin (the sweep of old pod networks at start
+/// must then keep the pods being recovered).
+#[allow(dead_code)]
+pub(crate) fn recover_pod(
+    network: Option<&PodNetwork>,
+    checkpoint: &PodCheckpoint,
+) -> Result<PodLaunch, String> {
+    let network = network.ok_or("this agent has no pod network")?;
+    crate::network::validate_pod_id(&checkpoint.pod_id)
+        .map_err(|e| format!("pod checkpoint pod_id: {e}"))?;
+    let pin = network.config().netns_dir.join(&checkpoint.pod_id);
+    let netns = std::fs::File::open(&pin).map_err(|e| {
+        format!(
+            "pod {}: cannot open its netns {}: {e}",
+            checkpoint.pod_id,
+            pin.display()
+        )
+    })?;
+    Ok(PodLaunch {
+        ip: checkpoint.ip.clone(),
+        netns: Arc::new(OwnedFd::from(netns)),
+        volumes: checkpoint.volumes.clone(),
+    })
+}
+
+/// How command probes enter a container (its command's cwd, environment
+/// and user), kept so probes work on a recovered container too.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct ExecCheckpoint {
+    pub(crate) cwd: PathBuf,
+    pub(crate) env: Vec<(String, String)>,
+    pub(crate) user: Option<(u32, u32)>,
+}
+
+/// What the agent persists for each started container task so that a
+/// restarted agent can re-adopt it with [`Launcher::recover`]. Plain data
+/// (serde); take it from [`Running::checkpoint`] when `Command::Started`
+/// arrives.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct LaunchCheckpoint {
+    pub(crate) container: ContainerCheckpoint,
+    /// Image layers the container's root filesystem uses (kept from the
+    /// image GC while it runs).
+    pub(crate) layers: Vec<String>,
+    /// The task has health checks: probes are rebuilt on recovery.
+    pub(crate) checked: bool,
+    /// Where HTTP and TCP probes go: the pod's IP, else loopback.
+    pub(crate) probe_host: IpAddr,
+    /// Set when the task has command probes.
+    pub(crate) exec: Option<ExecCheckpoint>,
+}
+
+/// A task re-adopted by [`Launcher::recover`].
+pub(crate) struct RecoveredTask {
+    /// What the actor holds, as for a launched task.
+    pub(crate) running: Running,
+    /// The probe target, when the task has health checks.
+    pub(crate) probes: Option<Arc<ProbeTarget>>,
+    /// The command had ended while no agent ran (its recorded status
+    /// arrives as `Command::Exited` at once).
+    pub(crate) ended_while_down: bool,
+}
+
+/// Container dirs and cgroups that no checkpoint names ([`orphans`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Orphans {
+    /// Container ids with a cgroup in the agent's subtree.
+    pub(crate) cgroups: Vec<String>,
+    /// Dirs under `<work_dir>/containers`.
+    pub(crate) dirs: Vec<PathBuf>,
+}
+
+/// What an earlier agent left that `known` (the ids of the containers
+/// recovered from checkpoints) does not name. Blocking (directory reads).
+pub(crate) fn orphans(
+    containerizer: Option<&Containerizer>,
+    work_dir: &Path,
+    known: &std::collections::HashSet<String>,
+) -> Result<Orphans, String> {
+    let cgroups = match containerizer {
+        Some(c) => c.orphans(known).map_err(|e| e.to_string())?,
+        None => Vec::new(),
+    };
+    let root = work_dir.join("containers");
+    let mut dirs = Vec::new();
+    match std::fs::read_dir(&root) {
+        Ok(entries) => {
+            for entry in entries {
+                let entry = entry.map_err(|e| format!("cannot list {}: {e}", root.display()))?;
+                let name = entry.file_name();
+                if !name.to_str().is_some_and(|n| known.contains(n)) {
+                    dirs.push(entry.path());
+                }
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("cannot list {}: {e}", root.display())),
+    }
+    dirs.sort();
+    Ok(Orphans { cgroups, dirs })
+}
+
+/// Kills and removes every orphan ([`orphans`]): the cgroups' processes
+/// and cgroups, then the dirs. Blocking; failures are logged and the rest
+/// still removed. Returns what was removed.
+pub(crate) fn destroy_orphans(
+    containerizer: Option<&Containerizer>,
+    work_dir: &Path,
+    known: &std::collections::HashSet<String>,
+) -> Orphans {
+    let found = match orphans(containerizer, work_dir, known) {
+        Ok(found) => found,
+        Err(e) => {
+            warn!(error = %e, "cannot list orphan containers");
+            return Orphans::default();
+        }
+    };
+    let mut removed = Orphans::default();
+    if let Some(c) = containerizer {
+        for id in found.cgroups {
+            warn!(container_id = %id, "destroying an orphan container");
+            match c.destroy(&id) {
+                Ok(()) => removed.cgroups.push(id),
+                Err(e) => warn!(container_id = %id, error = %e, "cannot destroy orphan container"),
+            }
+        }
+    }
+    for dir in found.dirs {
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => removed.dirs.push(dir),
+            Err(e) => {
+                warn!(path = %dir.display(), error = %e, "cannot remove an orphan container dir")
+            }
+        }
+    }
+    removed
+}
+
 /// A started task, as the actor holds it.
 #[derive(Debug, Clone)]
 pub(crate) enum Running {
@@ -88,6 +265,8 @@ pub(crate) enum Running {
     Container {
         pid: u32,
         container: std::sync::Weak<Container>,
+        /// To persist, so a restarted agent can re-adopt the container.
+        checkpoint: Arc<LaunchCheckpoint>,
     },
 }
 
@@ -96,6 +275,15 @@ impl Running {
         match self {
             Running::Process { pgid } => *pgid,
             Running::Container { pid, .. } => *pid,
+        }
+    }
+
+    /// What to persist to re-adopt the task after an agent restart; `None`
+    /// for a plain process, which cannot be re-adopted.
+    pub(crate) fn checkpoint(&self) -> Option<&LaunchCheckpoint> {
+        match self {
+            Running::Process { .. } => None,
+            Running::Container { checkpoint, .. } => Some(checkpoint),
         }
     }
 
@@ -197,9 +385,27 @@ impl Launcher {
                 }),
             })
             .await;
+        self.finish(key, pid, handle, pumps, container_id, task_id, tx)
+            .await;
+    }
+
+    /// The rest of a started task's life: wait for it, drain its log pumps,
+    /// free its container's dir and layers, tell the actor it `Exited`.
+    #[allow(clippy::too_many_arguments)]
+    async fn finish(
+        &self,
+        key: StreamKey,
+        pid: u32,
+        handle: Handle,
+        pumps: Pumps,
+        container_id: Option<String>,
+        task_id: TaskId,
+        tx: mpsc::Sender<Command>,
+    ) {
         let ended = Box::pin(self.wait(handle)).await;
         // The task is gone; what it wrote is drained before anyone is told,
-        // so the sandbox has all of it when the final update goes out.
+        // so the sandbox has all of it when the final update goes out. (A
+        // container's init drains its pipes itself before it exits.)
         for pump in pumps {
             match tokio::time::timeout(LOG_DRAIN_TIMEOUT, pump).await {
                 Ok(Ok(Ok(_))) => {}
@@ -222,6 +428,104 @@ impl Launcher {
 
     fn container_dir(&self, id: &str) -> PathBuf {
         self.work_dir.join("containers").join(id)
+    }
+
+    /// Re-adopts the container of a task launched by an earlier agent
+    /// process, from its [`LaunchCheckpoint`]. `Ok`: adopted; the task's
+    /// life goes on as after a launch (a spawned task waits for it and
+    /// sends `Command::Exited` for `key` when it ends — at once, with the
+    /// recorded status, if it ended while no agent ran). `Err`: the
+    /// container is gone (no status recorded, pid reused, host rebooted,
+    /// or this agent has no containerizer); whatever was left of it (cgroup,
+    /// dir) has been removed, and the reason says why.
+    pub(crate) async fn recover(
+        &self,
+        key: StreamKey,
+        task_id: TaskId,
+        checkpoint: LaunchCheckpoint,
+        tx: mpsc::Sender<Command>,
+    ) -> Result<RecoveredTask, String> {
+        let containerizer = self
+            .containerizer
+            .clone()
+            .ok_or("this agent runs without container isolation")?;
+        let id = checkpoint.container.id.clone();
+        let cz = containerizer.clone();
+        let cp = checkpoint.container.clone();
+        let recovered = tokio::task::spawn_blocking(move || cz.recover(&cp))
+            .await
+            .map_err(|e| format!("container recovery panicked: {e}"))?;
+        let (container, ended_while_down) = match recovered {
+            Ok(Recovered::Running(c)) => (c, false),
+            Ok(Recovered::Exited { container, .. }) => (container, true),
+            Ok(Recovered::Gone { reason }) => {
+                self.remove_leftovers(containerizer, &id).await;
+                return Err(format!("container {id}: {reason}"));
+            }
+            Err(e) => {
+                self.remove_leftovers(containerizer, &id).await;
+                return Err(e.to_string());
+            }
+        };
+        self.layers_in_use
+            .insert(id.clone(), checkpoint.layers.clone());
+        let pid = container.pid;
+        let probes = (checkpoint.checked && !ended_while_down).then(|| {
+            let exec = checkpoint.exec.as_ref().map(|e| {
+                match ContainerEntry::new(pid, e.cwd.clone(), e.env.clone(), e.user) {
+                    Ok(entry) => ExecTarget::Container(entry),
+                    Err(err) => {
+                        ExecTarget::Unavailable(format!("cannot watch the container's init: {err}"))
+                    }
+                }
+            });
+            Arc::new(ProbeTarget {
+                host: checkpoint.probe_host,
+                exec,
+                main: health::pidfd_open(pid).ok(),
+            })
+        });
+        let container = Arc::new(container);
+        let running = Running::Container {
+            pid,
+            container: Arc::downgrade(&container),
+            checkpoint: Arc::new(checkpoint),
+        };
+        let launcher = self.clone();
+        tokio::spawn(async move {
+            launcher
+                .finish(
+                    key,
+                    pid,
+                    Handle::Container(container),
+                    Vec::new(),
+                    Some(id),
+                    task_id,
+                    tx,
+                )
+                .await;
+        });
+        Ok(RecoveredTask {
+            running,
+            probes,
+            ended_while_down,
+        })
+    }
+
+    /// What a gone container may have left: its cgroup and its dir.
+    async fn remove_leftovers(&self, containerizer: Arc<Containerizer>, id: &str) {
+        let cg_id = id.to_string();
+        match tokio::task::spawn_blocking(move || containerizer.destroy(&cg_id)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(container_id = %id, error = %e, "cannot destroy a gone container"),
+            Err(e) => warn!(container_id = %id, error = %e, "container destroy panicked"),
+        }
+        let dir = self.container_dir(id);
+        if let Err(e) = tokio::fs::remove_dir_all(&dir).await
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            warn!(container_id = %id, error = %e, "cannot remove container dir");
+        }
     }
 
     /// Waits for the task to end and makes sure nothing of it is left.
@@ -280,6 +584,11 @@ impl Launcher {
                 &e,
             )
         })?;
+        if let (Isolation::Container, Some(c)) = (self.isolation, &self.containerizer) {
+            // The container's init writes the sandbox's stdout/stderr.
+            let (running, handle, id, exec) = self.start_container(req, c.clone()).await?;
+            return Ok((running, handle, Vec::new(), id, exec));
+        }
         let (out_r, out_w) = logs::pipe().map_err(|e| fail("cannot create the stdout pipe", &e))?;
         let (err_r, err_w) = logs::pipe().map_err(|e| fail("cannot create the stderr pipe", &e))?;
         let out = RotatingFile::create(req.sandbox.join("stdout"), self.log)
@@ -291,13 +600,7 @@ impl Launcher {
             tokio::spawn(logs::pump(err_r, err)),
         ];
 
-        let result = match (self.isolation, &self.containerizer) {
-            (Isolation::Container, Some(c)) => {
-                self.start_container(req, c.clone(), out_w, err_w).await
-            }
-            _ => start_process(req, out_w, err_w),
-        };
-        match result {
+        match start_process(req, out_w, err_w) {
             Ok((running, handle, id, exec)) => Ok((running, handle, pumps, id, exec)),
             Err(e) => {
                 // The write ends are gone with the failed launch: the pumps end.
@@ -313,11 +616,34 @@ impl Launcher {
         &self,
         req: &LaunchRequest,
         containerizer: Arc<Containerizer>,
-        stdout: OwnedFd,
-        stderr: OwnedFd,
     ) -> Result<Launched, LaunchFailure> {
         let container = req.info.container.clone().unwrap_or_default();
         let id = uuid::Uuid::new_v4().simple().to_string();
+        // The container's own dir: its exit record (and, with an image, its
+        // root filesystem's upper/work/mount point).
+        let state_dir = self.container_dir(&id);
+        tokio::fs::create_dir_all(&state_dir)
+            .await
+            .map_err(|e| LaunchFailure(format!("cannot create {}: {e}", state_dir.display())))?;
+        let result = self
+            .start_in(req, containerizer, container, &id, state_dir)
+            .await;
+        if result.is_err() {
+            self.layers_in_use.remove(&id);
+            let _ = tokio::fs::remove_dir_all(self.container_dir(&id)).await;
+        }
+        result
+    }
+
+    async fn start_in(
+        &self,
+        req: &LaunchRequest,
+        containerizer: Arc<Containerizer>,
+        container: pb::ContainerInfo,
+        id: &str,
+        state_dir: PathBuf,
+    ) -> Result<Launched, LaunchFailure> {
+        let id = id.to_string();
         let image = if container.image.is_empty() {
             None
         } else {
@@ -427,6 +753,20 @@ impl Launcher {
         // directory and user.
         let probe_exec = health::has_command_probe(&req.info.health_checks)
             .then(|| (cwd.clone(), env.clone(), user));
+        let exec_checkpoint = probe_exec.as_ref().map(|(cwd, env, user)| ExecCheckpoint {
+            cwd: cwd.clone(),
+            env: env.clone(),
+            user: *user,
+        });
+        let layers = image
+            .as_ref()
+            .map(|i| i.layer_ids.clone())
+            .unwrap_or_default();
+        let probe_host = req
+            .pod
+            .as_ref()
+            .and_then(|p| p.ip.parse().ok())
+            .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
         let spec =
             ContainerSpec {
                 id: id.clone(),
@@ -439,8 +779,11 @@ impl Launcher {
                 user,
                 cpus_milli: resources.cpus.milli(),
                 mem_bytes: (resources.mem.milli() * 1024 * 1024) / 1000,
-                stdout,
-                stderr,
+                output: Output::Sandbox {
+                    dir: req.sandbox.clone(),
+                    logs: self.log,
+                },
+                state_dir: Some(state_dir),
                 netns: match &req.pod {
                     Some(pod) => Some(pod.netns.try_clone().map_err(|e| {
                         LaunchFailure(format!("cannot share the pod's network: {e}"))
@@ -473,22 +816,26 @@ impl Launcher {
                         )),
                     }
                 });
+                let checkpoint = Arc::new(LaunchCheckpoint {
+                    container: c.checkpoint().clone(),
+                    layers,
+                    checked: !req.info.health_checks.is_empty(),
+                    probe_host,
+                    exec: exec_checkpoint,
+                });
                 let c = Arc::new(c);
                 Ok((
                     Running::Container {
                         pid: c.pid,
                         container: Arc::downgrade(&c),
+                        checkpoint,
                     },
                     Handle::Container(c),
                     Some(id),
                     exec,
                 ))
             }
-            Err(e) => {
-                self.layers_in_use.remove(&id);
-                let _ = tokio::fs::remove_dir_all(self.container_dir(&id)).await;
-                Err(LaunchFailure(e.to_string()))
-            }
+            Err(e) => Err(LaunchFailure(e.to_string())),
         }
     }
 
@@ -940,6 +1287,68 @@ mod tests {
             "a symlink out is refused"
         );
         assert!(allowed_volume(&allowed.join("data"), &[]).is_err());
+    }
+
+    #[test]
+    fn orphan_dirs_are_the_container_dirs_no_checkpoint_names() {
+        let work = tempfile::tempdir().unwrap();
+        let none = orphans(None, work.path(), &Default::default()).unwrap();
+        assert_eq!(none, Orphans::default(), "no containers dir yet");
+        for id in ["kept", "old-a", "old-b"] {
+            std::fs::create_dir_all(work.path().join("containers").join(id).join("upper")).unwrap();
+        }
+        let known = ["kept".to_string()].into();
+        let found = orphans(None, work.path(), &known).unwrap();
+        let containers = work.path().join("containers");
+        assert_eq!(
+            found.dirs,
+            [containers.join("old-a"), containers.join("old-b")]
+        );
+        assert!(found.cgroups.is_empty());
+        let removed = destroy_orphans(None, work.path(), &known);
+        assert_eq!(removed.dirs, found.dirs);
+        assert!(containers.join("kept").is_dir());
+        assert!(!containers.join("old-a").exists());
+    }
+
+    #[test]
+    fn launch_and_pod_checkpoints_survive_a_json_round_trip() {
+        let launch = LaunchCheckpoint {
+            container: ContainerCheckpoint {
+                id: "c1".into(),
+                pid: 42,
+                start_time: 7,
+                boot_id: "b".into(),
+                cgroup_root: "corral".into(),
+                cgroups: vec![],
+                state_dir: Some("/w/containers/c1".into()),
+                sandbox: Some("/w/sandboxes/f/t".into()),
+                cpus_milli: 100,
+                mem_bytes: 1 << 20,
+            },
+            layers: vec!["sha256:ab".into()],
+            checked: true,
+            probe_host: IpAddr::V4(Ipv4Addr::new(10, 88, 0, 2)),
+            exec: Some(ExecCheckpoint {
+                cwd: "/".into(),
+                env: vec![("A".into(), "1".into())],
+                user: Some((1000, 1000)),
+            }),
+        };
+        let text = serde_json::to_vec(&launch).unwrap();
+        assert_eq!(
+            serde_json::from_slice::<LaunchCheckpoint>(&text).unwrap(),
+            launch
+        );
+        let pod = PodCheckpoint {
+            pod_id: "p1".into(),
+            ip: "10.88.0.2".into(),
+            volumes: [("www".to_string(), PathBuf::from("/w/pods/p1/www"))].into(),
+        };
+        let text = serde_json::to_vec(&pod).unwrap();
+        assert_eq!(serde_json::from_slice::<PodCheckpoint>(&text).unwrap(), pod);
+        let err = recover_pod(None, &pod).unwrap_err();
+        assert!(err.contains("no pod network"), "{err}");
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //! tasks the master sends it.
 //!
 //! Every task runs as a container (`containerizer`: cgroups, namespaces, a
-//! root filesystem from an image or the host's) with its own sandbox;
-//! checkpointing and recovery come with issue 6.
+//! root filesystem from an image or the host's) with its own sandbox. The
+//! agent checkpoints its id, its tasks and their unacknowledged status
+//! updates, and a restarted agent comes back as the same agent.
 //!
 //! Entry points: [`run`] (serve until a shutdown future resolves, mini-redis
 //! style, so tests run agents in-process on `127.0.0.1:0`),
@@ -18,7 +19,10 @@
 //! - `master_link`: dial, register, heartbeat, reconnect with backoff.
 //! - `task`: sandbox, launch, process-group signals, waiting.
 //! - `status_updates`: the pure status update manager (per-task FIFO,
-//!   retries with capped backoff, acknowledgements).
+//!   sent once checkpointed, retries with capped backoff,
+//!   acknowledgements).
+//! - `checkpoint`: the checkpoint under `<work_dir>/meta/` (atomic files,
+//!   written in batches on their own thread) and recovery from it.
 //! - `api`: the `Agent` gRPC service (`ReadFile`) plus `GET /metrics` and
 //!   `GET /state`, all on the agent's one port.
 //! - `metrics`: metric names and a per-agent Prometheus recorder.
@@ -35,6 +39,7 @@
 
 mod actor;
 mod api;
+mod checkpoint;
 mod config;
 pub mod containerizer;
 mod error;
@@ -61,8 +66,9 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{Instrument, info, warn};
 
+pub use checkpoint::CheckpointError;
 pub use config::{
-    AgentConfig, DEFAULT_CGROUP_ROOT, DEFAULT_KILL_GRACE, DEFAULT_PIDS_LIMIT,
+    AgentConfig, DEFAULT_BOOT_ID_PATH, DEFAULT_CGROUP_ROOT, DEFAULT_KILL_GRACE, DEFAULT_PIDS_LIMIT,
     DEFAULT_RECONNECT_BACKOFF_MAX, DEFAULT_SANDBOX_GC_DELAY, DEFAULT_SANDBOX_GC_MAX,
     DEFAULT_STATUS_UPDATE_RETRY_INITIAL, DEFAULT_STATUS_UPDATE_RETRY_MAX, DEFAULT_USAGE_INTERVAL,
     Isolation, RECONNECT_BACKOFF_INITIAL,
@@ -83,13 +89,25 @@ const SERVER_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// finds them done.
 const VOLUMES_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long the checkpoint writer may take to write what the agent queued
+/// before it stopped (the final updates of the tasks it killed), so the
+/// next start finds them.
+const CHECKPOINT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Runs an agent: serves its API on `listener`, registers with the master
 /// and runs tasks until `shutdown` resolves. Then every task's process
 /// group is SIGKILLed and waited for, and `run` returns `Ok`.
 ///
+/// At start it recovers its checkpoint (`<work_dir>/meta/`): the same boot
+/// and checkpoint format bring it back under its old agent id with its
+/// tasks and their unacknowledged updates; otherwise it registers as a new
+/// agent that replaces the old one.
+///
 /// Returns an error when the agent cannot start (work dir, detection,
-/// master address), when its API server fails, or when the master sends
-/// `Shutdown` ([`AgentError::RemovedByMaster`], after all tasks are killed).
+/// master address, an unreadable checkpoint file with `strict`), when its
+/// API server fails, or when the master sends `Shutdown`
+/// ([`AgentError::RemovedByMaster`], after all tasks are killed; the
+/// checkpoint is removed, so the next start is a new agent).
 /// Dropping the future also kills every task.
 pub async fn run(
     config: AgentConfig,
@@ -120,6 +138,30 @@ pub async fn run(
     info!(parent: &span, master = %config.master, resources = %resources,
           work_dir = %config.work_dir.display(), "agent starting");
 
+    // First: it takes the work dir's lock, so no other agent runs on it.
+    let layout = checkpoint::Layout::new(&config.work_dir);
+    let recovered = {
+        let (layout, boot_id_path, strict) =
+            (layout.clone(), config.boot_id_path.clone(), config.strict);
+        tokio::task::spawn_blocking(move || {
+            let recovered = checkpoint::recover(&layout, &boot_id_path, strict)?;
+            kill_leftover_processes(&recovered.tasks);
+            Ok::<_, CheckpointError>(recovered)
+        })
+        .await
+        .map_err(|e| AgentError::Internal {
+            what: "checkpoint recovery",
+            reason: e.to_string(),
+        })??
+    };
+    match (&recovered.agent_id, &recovered.replaces_agent_id) {
+        (Some(id), _) => info!(parent: &span, agent_id = %id, tasks = recovered.tasks.len(),
+                               skipped = recovered.skipped.len(), "recovering as the checkpointed agent"),
+        (None, Some(old)) => info!(parent: &span, replaces_agent_id = %old,
+                                   "registering as a new agent that replaces the checkpointed one"),
+        (None, None) => {}
+    }
+
     // Before any sweep below: none of them touches `volumes/` or
     // `volume-meta/`, and the store's own repair needs no running task.
     let volumes_dir = config.work_dir.clone();
@@ -146,7 +188,12 @@ pub async fn run(
 
     let containerizer = match config.isolation {
         Isolation::None => None,
-        Isolation::Container => Some(std::sync::Arc::new(start_containerizer(&config)?)),
+        Isolation::Container => {
+            let known = actor::readoptable_containers(&recovered.tasks, true);
+            Some(std::sync::Arc::new(
+                start_containerizer(&config, known).await?,
+            ))
+        }
     };
     // Pods need a bridge (CAP_NET_ADMIN, the bridge and veth drivers); an
     // agent that cannot make one still runs tasks, and refuses pods saying
@@ -194,13 +241,24 @@ pub async fn run(
     };
 
     let metrics = metrics::AgentMetrics::new(&resources);
+    let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_CHANNEL_CAPACITY);
+    let durable_tx = cmd_tx.clone();
+    let (checkpointer, writer_stopped) = checkpoint::Checkpointer::start(
+        layout.clone(),
+        recovered.lock,
+        metrics.checkpoint_writer(),
+        // The writer is a plain thread: blocking_send never runs on the
+        // runtime, and fails at once once the actor is gone.
+        move |seq| {
+            let _ = durable_tx.blocking_send(Command::Checkpointed { seq });
+        },
+    )?;
     let (volumes, volumes_stopped) = volumes::Volumes::start(
         volume_store,
         volume_trash,
         metrics.volume_gauges(),
         span.clone(),
     )?;
-    let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_CHANNEL_CAPACITY);
     let api = api::Api {
         cmd_tx: cmd_tx.clone(),
         work_dir: config.work_dir.clone(),
@@ -213,6 +271,7 @@ pub async fn run(
         resources,
         attributes,
         work_dir: config.work_dir.clone(),
+        boot_id: recovered.boot_id,
     };
     let mut actor = Actor::new(
         identity,
@@ -222,13 +281,22 @@ pub async fn run(
         launcher,
         usage,
         volumes,
+        checkpointer,
     );
-    // Tasks of an earlier run are gone (orphans were swept): their
-    // sandboxes wait out the rest of their delay.
+    actor.recover(
+        recovered.agent_id,
+        recovered.replaces_agent_id,
+        recovered.tasks,
+    );
+    // Other tasks of an earlier run are gone (orphans were swept): their
+    // sandboxes wait out the rest of their delay. Recovered tasks keep
+    // theirs until their end is acknowledged.
     let work_dir = config.work_dir.clone();
-    let found = tokio::task::spawn_blocking(move || gc::find_sandboxes(&work_dir))
+    let live = actor.live_sandboxes();
+    let mut found = tokio::task::spawn_blocking(move || gc::find_sandboxes(&work_dir))
         .await
         .unwrap_or_default();
+    found.retain(|(path, _)| !live.contains(path));
     actor.adopt_sandboxes(found);
 
     let mut actor_task = tokio::spawn(actor.run(cmd_rx).instrument(span.clone()));
@@ -278,6 +346,16 @@ pub async fn run(
     // calls) is gone: the volume thread finishes what it was sent.
     if !volumes_stopped.wait(VOLUMES_DRAIN_TIMEOUT).await {
         warn!(parent: &span, "persistent volume operations still running");
+    }
+    // The actor is gone: the writer writes what it queued and lets go of
+    // the work dir.
+    if !writer_stopped.wait(CHECKPOINT_DRAIN_TIMEOUT).await {
+        warn!(parent: &span, "checkpoint writes still running");
+    }
+    if let Err(AgentError::RemovedByMaster { .. }) = &result
+        && let Err(e) = checkpoint::forget(&layout)
+    {
+        warn!(parent: &span, error = %e, "cannot remove the checkpoint");
     }
     // Every container is gone: leave no empty cgroup subtree behind either.
     if let Some(c) = cgroups
@@ -330,34 +408,60 @@ async fn start_pod_network(config: &AgentConfig) -> Result<network::PodNetwork, 
 }
 
 /// The containerizer, after sweeping orphans: containers in our cgroup
-/// subtree that this agent has no record of (all of them, until agent
-/// recovery re-adopts known ones) are killed and removed, and so are the
-/// leftover root filesystem dirs.
-fn start_containerizer(config: &AgentConfig) -> Result<containerizer::Containerizer, AgentError> {
-    let c = containerizer::Containerizer::new(containerizer::IsolationConfig {
+/// subtree and container dirs that no recovered task names (`known`, the
+/// ones the actor re-adopts) are killed and removed.
+async fn start_containerizer(
+    config: &AgentConfig,
+    known: std::collections::HashSet<String>,
+) -> Result<containerizer::Containerizer, AgentError> {
+    let isolation = containerizer::IsolationConfig {
         cgroup_root: config.cgroup_root.clone(),
         cpu_hard_limit: config.cpu_hard_limit,
         pids_limit: config.pids_limit,
-    })
-    .map_err(|e| AgentError::Isolation(e.to_string()))?;
-    match c.list() {
-        Ok(orphans) => {
-            for id in orphans {
-                warn!(container_id = %id, "destroying an orphan container");
-                if let Err(e) = c.destroy(&id) {
-                    warn!(container_id = %id, error = %e, "cannot destroy orphan container");
-                }
-            }
+    };
+    let work_dir = config.work_dir.clone();
+    tokio::task::spawn_blocking(move || {
+        let c = containerizer::Containerizer::new(isolation)
+            .map_err(|e| AgentError::Isolation(e.to_string()))?;
+        let removed = launch::destroy_orphans(Some(&c), &work_dir, &known);
+        if !removed.cgroups.is_empty() || !removed.dirs.is_empty() {
+            warn!(
+                containers = removed.cgroups.len(),
+                dirs = removed.dirs.len(),
+                "removed containers of an earlier run that no checkpoint names"
+            );
         }
-        Err(e) => warn!(error = %e, "cannot list containers to sweep orphans"),
+        Ok(c)
+    })
+    .await
+    .map_err(|e| AgentError::Internal {
+        what: "containerizer start",
+        reason: e.to_string(),
+    })?
+}
+
+/// Plain-process tasks of an earlier run that had not ended: their
+/// processes outlive a `kill -9` of the agent but cannot be waited for by
+/// this one, so they end (their containers, if any, go with the orphan
+/// sweep). Never two copies of a task: the agent reports them ended.
+fn kill_leftover_processes(tasks: &[corral_proto::pb::TaskCheckpoint]) {
+    for t in tasks {
+        if corral_proto::task::is_terminal(t.state()) {
+            continue;
+        }
+        if let Some(c) = &t.container
+            && c.container_id.is_empty()
+            && c.pid > 0
+            && task::kill_leftover_group(c.pid, c.start_ticks)
+        {
+            let task_id = t.task.as_ref().map_or("", |i| i.task_id.as_str());
+            warn!(
+                task_id,
+                pgid = c.pid,
+                "killed a task's process left by an earlier run"
+            );
+        }
     }
-    let leftovers = config.work_dir.join("containers");
-    if leftovers.exists()
-        && let Err(e) = std::fs::remove_dir_all(&leftovers)
-    {
-        warn!(path = %leftovers.display(), error = %e, "cannot remove old container dirs");
-    }
-    Ok(c)
 }
 
 /// Limits glibc's malloc to two arenas. By default glibc gives up to eight

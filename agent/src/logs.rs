@@ -4,6 +4,11 @@
 //! past `--log-max-size` (the oldest beyond `--log-max-files` is deleted),
 //! like Mesos' logrotate container logger.
 //!
+//! The pumps here serve plain processes (`--isolation=none`). A container's
+//! output is pumped by its own init with the same rotation and file names
+//! (`containerizer::Output::Sandbox`), so it is captured while no agent
+//! runs; `LogConfig` configures both.
+//!
 //! Internal API, public for the agent's tests.
 //!
 //! Memory matters (an agent holds thousands of containers): a pump holds no

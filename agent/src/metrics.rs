@@ -25,6 +25,17 @@ pub const STATUS_UPDATES_PENDING: &str = "corral_agent_status_updates_pending";
 pub const STATUS_UPDATES_SENT_TOTAL: &str = "corral_agent_status_updates_sent_total";
 /// Counter: acknowledgements that matched no pending update.
 pub const STATUS_UPDATE_ACKS_IGNORED_TOTAL: &str = "corral_agent_status_update_acks_ignored_total";
+/// Gauge: seconds the oldest unacknowledged status update has waited (0
+/// when none waits).
+pub const STATUS_UPDATE_OLDEST_PENDING_SECONDS: &str =
+    "corral_agent_status_update_oldest_pending_seconds";
+/// Histogram: how long one batch of checkpoint writes took (temp files,
+/// fdatasync, renames, directory fsyncs).
+pub const CHECKPOINT_BATCH_DURATION: &str = "corral_agent_checkpoint_batch_duration_seconds";
+/// Counter: checkpoint files that could not be written or removed.
+pub const CHECKPOINT_ERRORS_TOTAL: &str = "corral_agent_checkpoint_errors_total";
+/// Counter: tasks read back from the checkpoint when the agent started.
+pub const TASKS_RECOVERED_TOTAL: &str = "corral_agent_tasks_recovered_total";
 /// Counter: successful registrations with the master (first and re-).
 pub const MASTER_CONNECTIONS_TOTAL: &str = "corral_agent_master_connections_total";
 /// Gauge: sandboxes of finished tasks waiting for the garbage collector.
@@ -56,6 +67,11 @@ pub(crate) const HEALTH_CHECK_RESULTS: [&str; 3] = ["success", "failure", "timeo
 const HEALTH_CHECK_BUCKETS: [f64; 12] = [
     0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0,
 ];
+/// A batch is one fdatasync per file and one fsync per directory: from
+/// 100 µs (page cache, idle disk) to seconds (a saturated disk).
+const CHECKPOINT_BUCKETS: [f64; 12] = [
+    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.5,
+];
 
 /// The states a task can be in while the agent runs it; one `TASKS` series
 /// each, so a state that drops to zero shows 0 instead of vanishing.
@@ -76,6 +92,10 @@ pub(crate) struct AgentMetrics {
     pub(crate) status_updates_pending: Gauge,
     pub(crate) status_updates_sent: Counter,
     pub(crate) acks_ignored: Counter,
+    pub(crate) oldest_pending: Gauge,
+    checkpoint_batch_duration: Histogram,
+    checkpoint_errors: Counter,
+    pub(crate) tasks_recovered: Counter,
     pub(crate) master_connections: Counter,
     pub(crate) sandboxes_removed: Counter,
     pub(crate) sandboxes_retained: Gauge,
@@ -96,6 +116,12 @@ impl AgentMetrics {
                 Matcher::Full(HEALTH_CHECK_DURATION.into()),
                 &HEALTH_CHECK_BUCKETS,
             )
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full(CHECKPOINT_BATCH_DURATION.into()),
+                    &CHECKPOINT_BUCKETS,
+                )
+            })
             .map_or_else(
                 |_| PrometheusBuilder::new().build_recorder(),
                 PrometheusBuilder::build_recorder,
@@ -138,6 +164,11 @@ impl AgentMetrics {
             status_updates_pending,
             status_updates_sent: counter(STATUS_UPDATES_SENT_TOTAL),
             acks_ignored: counter(STATUS_UPDATE_ACKS_IGNORED_TOTAL),
+            oldest_pending: gauge(STATUS_UPDATE_OLDEST_PENDING_SECONDS, Vec::new()),
+            checkpoint_batch_duration: recorder
+                .register_histogram(&Key::from_static_name(CHECKPOINT_BATCH_DURATION), &METADATA),
+            checkpoint_errors: counter(CHECKPOINT_ERRORS_TOTAL),
+            tasks_recovered: counter(TASKS_RECOVERED_TOTAL),
             master_connections: counter(MASTER_CONNECTIONS_TOTAL),
             sandboxes_removed: counter(SANDBOXES_REMOVED_TOTAL),
             sandboxes_retained: gauge(SANDBOXES_RETAINED, Vec::new()),
@@ -156,6 +187,9 @@ impl AgentMetrics {
         // Counters only appear in the output once touched; show them at 0.
         metrics.status_updates_sent.increment(0);
         metrics.acks_ignored.increment(0);
+        metrics.oldest_pending.set(0.0);
+        metrics.checkpoint_errors.increment(0);
+        metrics.tasks_recovered.increment(0);
         metrics.master_connections.increment(0);
         metrics.sandboxes_removed.increment(0);
         metrics
@@ -187,6 +221,14 @@ impl AgentMetrics {
         }
     }
 
+    /// The checkpoint writer's handles (it runs on its own thread).
+    pub(crate) fn checkpoint_writer(&self) -> crate::checkpoint::WriterMetrics {
+        crate::checkpoint::WriterMetrics {
+            batch_duration: self.checkpoint_batch_duration.clone(),
+            errors: self.checkpoint_errors.clone(),
+        }
+    }
+
     /// Sets the per-state task gauges from the actor's counts.
     pub(crate) fn set_task_counts(&self, counts: &HashMap<TaskState, usize>) {
         for (state, gauge) in &self.tasks {
@@ -205,6 +247,10 @@ fn describe(recorder: &PrometheusRecorder) {
         (
             STATUS_UPDATES_PENDING,
             "Task status updates waiting for acknowledgement.",
+        ),
+        (
+            STATUS_UPDATE_OLDEST_PENDING_SECONDS,
+            "Seconds the oldest unacknowledged task status update has waited (0 when none waits).",
         ),
         (
             SANDBOXES_RETAINED,
@@ -240,6 +286,14 @@ fn describe(recorder: &PrometheusRecorder) {
             "Successful (re)registrations with the master.",
         ),
         (
+            CHECKPOINT_ERRORS_TOTAL,
+            "Checkpoint files that could not be written or removed.",
+        ),
+        (
+            TASKS_RECOVERED_TOTAL,
+            "Tasks read back from the checkpoint when the agent started.",
+        ),
+        (
             SANDBOXES_REMOVED_TOTAL,
             "Sandboxes of finished tasks removed after --sandbox-gc-delay or beyond --sandbox-gc-max.",
         ),
@@ -255,6 +309,11 @@ fn describe(recorder: &PrometheusRecorder) {
     for (name, help) in counters {
         recorder.describe_counter(name.into(), None, help.into());
     }
+    recorder.describe_histogram(
+        CHECKPOINT_BATCH_DURATION.into(),
+        Some(metrics::Unit::Seconds),
+        "How long one batch of checkpoint writes took (temp files, fdatasync, renames, directory fsyncs).".into(),
+    );
     recorder.describe_histogram(
         HEALTH_CHECK_DURATION.into(),
         Some(metrics::Unit::Seconds),
@@ -353,6 +412,9 @@ mod tests {
             STATUS_UPDATES_SENT_TOTAL,
             STATUS_UPDATE_ACKS_IGNORED_TOTAL,
             MASTER_CONNECTIONS_TOTAL,
+            STATUS_UPDATE_OLDEST_PENDING_SECONDS,
+            CHECKPOINT_ERRORS_TOTAL,
+            TASKS_RECOVERED_TOTAL,
             PERSISTENT_VOLUMES,
             PERSISTENT_VOLUME_DISK_MIB,
         ] {

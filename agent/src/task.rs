@@ -174,3 +174,58 @@ pub(crate) async fn wait(mut child: Child, pgid: u32) -> Termination {
 pub(crate) fn signal_name(sig: i32) -> &'static str {
     Signal::try_from(sig).map_or("unknown signal", Signal::as_str)
 }
+
+/// The start time of process `pid` in clock ticks since boot
+/// (`/proc/<pid>/stat` field 22, proc(5)): with the pid, it names one
+/// process for the whole boot, even after the pid is reused.
+pub(crate) fn process_start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count
+    // from the last ')'. Field 3 is the first after it, so 22 is the 20th.
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// SIGKILLs the process group of a plain-process task that an earlier run
+/// of the agent started, if its leader is still that process (same start
+/// time). Such processes outlive a `kill -9` of the agent; the agent cannot
+/// wait for them (they are not its children any more), so it ends them
+/// rather than leave a second copy of a task it reports ended. True if it
+/// signalled the group.
+pub(crate) fn kill_leftover_group(pgid: u32, start_ticks: u64) -> bool {
+    if start_ticks == 0 || process_start_ticks(pgid) != Some(start_ticks) {
+        return false;
+    }
+    match signal_group(pgid, Signal::SIGKILL) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(pgid, error = %e, "cannot kill a task's leftover process group");
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::CommandExt;
+
+    #[test]
+    fn a_leftover_group_is_killed_only_when_its_leader_is_the_same_process() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("60")
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let ticks = process_start_ticks(pid).expect("start time of a live process");
+        // Another start time: a reused pid, not the task's process.
+        assert!(!kill_leftover_group(pid, ticks + 1));
+        assert!(!kill_leftover_group(pid, 0));
+        assert!(child.try_wait().unwrap().is_none(), "left alone");
+        assert!(kill_leftover_group(pid, ticks));
+        let status = child.wait().unwrap();
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
+        assert_eq!(process_start_ticks(pid), None);
+    }
+}

@@ -481,7 +481,10 @@ async fn a_persistent_volume_survives_an_agent_restart_and_its_cleanups() {
 
     let (agent, mut conn) = start_agent(&mut master, &cleanup).await;
     assert_eq!(ids(&conn.register), vec![(FW.into(), "keep".into(), 64.0)]);
-    // The start's sandbox collection has run.
+    // The restarted agent recovered that final update from its checkpoint
+    // and resends it; acknowledged, the sandbox goes (no gc delay here).
+    conn.expect_and_ack(FW, "running", TaskState::TaskKilled)
+        .await;
     eventually("the earlier run's sandbox removed", || async {
         (!sandbox.exists()).then_some(())
     })

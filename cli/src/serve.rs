@@ -22,6 +22,14 @@ pub struct MasterArgs {
     /// Address to serve gRPC and HTTP (/metrics, /state) on.
     #[arg(long, default_value = "0.0.0.0:5050", env = "CORRAL_MASTER_LISTEN")]
     listen: SocketAddr,
+    /// The master's registry (agents, frameworks, tasks) lives here, so a
+    /// restarted master recovers them.
+    #[arg(
+        long,
+        default_value = "/var/lib/corral/master",
+        env = "CORRAL_MASTER_WORK_DIR"
+    )]
+    work_dir: PathBuf,
     #[command(flatten)]
     tuning: MasterTuning,
 }
@@ -46,10 +54,30 @@ struct MasterTuning {
     /// Role weights for fair sharing, e.g. "analytics=2,batch=0.5".
     #[arg(long, default_value = "", env = "CORRAL_WEIGHTS")]
     weights: String,
+    /// After a master restart, how long known agents have to re-register
+    /// before they are unreachable (default 10m, as in Mesos).
+    #[arg(long, value_parser = parse_duration, env = "CORRAL_AGENT_REREGISTER_TIMEOUT")]
+    agent_reregister_timeout: Option<Duration>,
+    /// How long an agent stays unreachable before it is removed and its
+    /// tasks become TASK_GONE (default 15m).
+    #[arg(long, value_parser = parse_duration, env = "CORRAL_AGENT_REMOVAL_TIMEOUT")]
+    agent_removal_timeout: Option<Duration>,
+    /// Where the master's registry lives: `embedded` (a file in the work
+    /// dir; the default) or `in-memory` (nothing survives a restart).
+    #[arg(long, default_value = "embedded", env = "CORRAL_MASTER_REGISTRY")]
+    registry: String,
+    /// At most this many removals per duration, e.g. "1/10s" (the default).
+    #[arg(long, env = "CORRAL_AGENT_REMOVAL_RATE")]
+    agent_removal_rate: Option<String>,
+    /// No agent is removed while more than this percentage of agents is
+    /// unreachable at once (default 50).
+    #[arg(long, env = "CORRAL_MAX_UNREACHABLE_PERCENT")]
+    max_unreachable_percent: Option<u8>,
 }
 
 impl MasterTuning {
-    fn apply(&self, mut config: MasterConfig) -> Result<MasterConfig> {
+    /// `work_dir`: where the embedded registry lives.
+    fn apply(&self, mut config: MasterConfig, work_dir: &std::path::Path) -> Result<MasterConfig> {
         if let Some(d) = self.allocation_interval {
             if d.is_zero() {
                 bail!("--allocation-interval: must be > 0");
@@ -76,6 +104,36 @@ impl MasterTuning {
             config.framework_heartbeat_interval = d;
         }
         config.weights = MasterConfig::parse_weights(&self.weights).map_err(anyhow::Error::msg)?;
+        config.work_dir = match self.registry.as_str() {
+            "embedded" => Some(work_dir.to_path_buf()),
+            "in-memory" => None,
+            other => bail!("--registry: '{other}' is not one of embedded, in-memory"),
+        };
+        if let Some(d) = self.agent_reregister_timeout {
+            if d.is_zero() {
+                bail!("--agent-reregister-timeout: must be > 0");
+            }
+            config.agent_reregister_timeout = d;
+        }
+        if let Some(d) = self.agent_removal_timeout {
+            if d.is_zero() {
+                bail!("--agent-removal-timeout: must be > 0");
+            }
+            config.agent_removal_timeout = d;
+        }
+        if let Some(rate) = &self.agent_removal_rate {
+            config.agent_removal_rate =
+                corral_master::config::RemovalRate::parse(rate, parse_duration).map_err(|e| {
+                    let detail = e.strip_prefix("agent_removal_rate: ").unwrap_or(&e);
+                    anyhow::anyhow!("--agent-removal-rate: {detail}")
+                })?;
+        }
+        if let Some(p) = self.max_unreachable_percent {
+            if p > 100 {
+                bail!("--max-unreachable-percent: must be at most 100");
+            }
+            config.max_unreachable_percent = p;
+        }
         Ok(config)
     }
 }
@@ -157,6 +215,10 @@ struct NodeArgs {
     /// Linux bridge the agent attaches pods to (created if missing).
     #[arg(long, default_value = corral_agent::network::DEFAULT_POD_BRIDGE, env = "CORRAL_POD_BRIDGE")]
     pod_bridge: String,
+    /// Refuse to start when a checkpoint file (under WORK_DIR/meta) cannot
+    /// be read, naming it; `--strict=false` skips it and recovers the rest.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "CORRAL_STRICT")]
+    strict: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -228,6 +290,7 @@ impl NodeArgs {
         corral_agent::network::validate_link_name(&self.pod_bridge)
             .map_err(|e| anyhow::anyhow!("--pod-bridge: {e}"))?;
         config.pod_bridge = self.pod_bridge.clone();
+        config.strict = self.strict;
         Ok(config)
     }
 }
@@ -365,7 +428,7 @@ async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener> {
 }
 
 pub async fn master(args: MasterArgs) -> Result<()> {
-    let config = args.tuning.apply(MasterConfig::default())?;
+    let config = args.tuning.apply(MasterConfig::default(), &args.work_dir)?;
     let listener = bind(args.listen, "master").await?;
     tracing::info!(address = %args.listen, "master listening");
     corral_master::run(config, listener, crate::shutdown_signal()).await?;
@@ -420,7 +483,9 @@ pub async fn dev(args: DevArgs) -> Result<()> {
     let agent_addr = SocketAddr::from(([127, 0, 0, 1], args.agent_port));
     let batch_addr = SocketAddr::from(([127, 0, 0, 1], args.batch_port));
     let service_addr = SocketAddr::from(([127, 0, 0, 1], args.service_port));
-    let config = args.tuning.apply(MasterConfig::dev())?;
+    let config = args
+        .tuning
+        .apply(MasterConfig::dev(), &work_dir.join("master"))?;
     let master_listener = bind(master_addr, "master").await?;
     let agent_listener = bind(agent_addr, "agent").await?;
     let batch_listener = bind(batch_addr, "batch framework").await?;
@@ -546,6 +611,14 @@ mod tests {
             let err = node_config(&args).unwrap_err().to_string();
             assert!(err.starts_with(flag), "{args:?}: {err}");
         }
+    }
+
+    #[test]
+    fn strict_recovery_is_the_default_and_can_be_turned_off() {
+        assert!(node_config(&[]).unwrap().strict);
+        assert!(!node_config(&["--strict=false"]).unwrap().strict);
+        assert!(node_config(&["--strict", "true"]).unwrap().strict);
+        assert!(node_config(&["--strict=maybe"]).is_err());
     }
 
     #[test]

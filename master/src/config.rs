@@ -1,6 +1,7 @@
 //! Master configuration. Defaults follow Mesos where it has one.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// The master sends `MasterHeartbeat` and asks agents to heartbeat this often.
@@ -18,6 +19,25 @@ pub const DEFAULT_REFUSE: Duration = Duration::from_secs(5);
 /// Completed tasks kept for `/state` (Mesos `--max_completed_tasks_per_framework`
 /// is per framework; one global bound is enough to keep memory flat).
 pub const DEFAULT_MAX_COMPLETED_TASKS: usize = 1000;
+/// Mesos `--agent_reregister_timeout` default: after a master restart, how
+/// long a known agent has to come back before it is unreachable.
+pub const DEFAULT_AGENT_REREGISTER_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+/// How long an agent stays unreachable before it is removed (its tasks
+/// TASK_GONE). Longer than the 5 minutes Kubernetes waits before evicting
+/// pods and the service framework waits before replacing an instance, so
+/// frameworks decide first; Mesos never removes by default.
+pub const DEFAULT_AGENT_REMOVAL_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+/// At most one removal per 10 s: Kubernetes' default node eviction rate
+/// (0.1 nodes/s), so a flapping network does not empty the cluster at once.
+pub const DEFAULT_AGENT_REMOVAL_RATE: RemovalRate = RemovalRate {
+    count: 1,
+    per: Duration::from_secs(10),
+};
+/// Above this share of unreachable agents the master stops removing: the
+/// master is more likely the one cut off (Kubernetes stops evicting above
+/// 55 % unhealthy nodes in a zone).
+pub const DEFAULT_MAX_UNREACHABLE_PERCENT: u8 = 50;
+
 /// Events buffered per framework stream before the master gives up on a
 /// scheduler that does not read and drops its connection (it re-subscribes
 /// and reconciles).
@@ -40,6 +60,49 @@ pub struct MasterConfig {
     /// Role weights for DRF; roles not listed weigh 1.
     pub weights: HashMap<String, f64>,
     pub max_completed_tasks: usize,
+    /// Where the embedded registry lives; `None` keeps the registry in
+    /// memory only (a restarted master starts empty).
+    pub work_dir: Option<PathBuf>,
+    pub agent_reregister_timeout: Duration,
+    pub agent_removal_timeout: Duration,
+    pub agent_removal_rate: RemovalRate,
+    pub max_unreachable_percent: u8,
+}
+
+/// `N/DURATION`: at most `count` agent removals per `per`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RemovalRate {
+    pub count: u32,
+    pub per: Duration,
+}
+
+impl RemovalRate {
+    /// The spacing between two removals.
+    pub fn interval(&self) -> Duration {
+        self.per / self.count.max(1)
+    }
+
+    /// Parses `1/10s`, `5/1m`; `parse_duration` reads the duration part.
+    pub fn parse(
+        text: &str,
+        parse_duration: impl Fn(&str) -> Result<Duration, String>,
+    ) -> Result<Self, String> {
+        let (count, per) = text
+            .split_once('/')
+            .ok_or_else(|| format!("agent_removal_rate: '{text}' is not COUNT/DURATION"))?;
+        let count: u32 = count
+            .trim()
+            .parse()
+            .map_err(|_| format!("agent_removal_rate: '{count}' is not a whole number"))?;
+        if count == 0 {
+            return Err("agent_removal_rate: the count must be > 0".into());
+        }
+        let per = parse_duration(per.trim()).map_err(|e| format!("agent_removal_rate: {e}"))?;
+        if per.is_zero() {
+            return Err("agent_removal_rate: the duration must be > 0".into());
+        }
+        Ok(Self { count, per })
+    }
 }
 
 impl Default for MasterConfig {
@@ -54,6 +117,11 @@ impl Default for MasterConfig {
             default_refuse: DEFAULT_REFUSE,
             weights: HashMap::new(),
             max_completed_tasks: DEFAULT_MAX_COMPLETED_TASKS,
+            work_dir: None,
+            agent_reregister_timeout: DEFAULT_AGENT_REREGISTER_TIMEOUT,
+            agent_removal_timeout: DEFAULT_AGENT_REMOVAL_TIMEOUT,
+            agent_removal_rate: DEFAULT_AGENT_REMOVAL_RATE,
+            max_unreachable_percent: DEFAULT_MAX_UNREACHABLE_PERCENT,
         }
     }
 }
@@ -67,6 +135,7 @@ impl MasterConfig {
             agent_ping_timeout: Duration::from_secs(1),
             max_agent_ping_timeouts: 3,
             framework_heartbeat_interval: Duration::from_secs(2),
+            agent_reregister_timeout: Duration::from_secs(60),
             ..Self::default()
         }
     }
@@ -93,5 +162,28 @@ impl MasterConfig {
             out.insert(role.trim().to_string(), w);
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secs(text: &str) -> Result<Duration, String> {
+        text.strip_suffix('s')
+            .and_then(|n| n.parse().ok())
+            .map(Duration::from_secs)
+            .ok_or_else(|| format!("'{text}' is not a duration"))
+    }
+
+    #[test]
+    fn removal_rate_parses_count_per_duration_and_names_the_flag_on_errors() {
+        let r = RemovalRate::parse("2/10s", secs).unwrap();
+        assert_eq!(r.count, 2);
+        assert_eq!(r.interval(), Duration::from_secs(5));
+        for bad in ["10s", "0/10s", "x/10s", "1/ten", "1/0s"] {
+            let e = RemovalRate::parse(bad, secs).expect_err(bad);
+            assert!(e.starts_with("agent_removal_rate: "), "{bad}: {e}");
+        }
     }
 }

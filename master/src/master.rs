@@ -18,6 +18,10 @@ use tracing::{debug, info, warn};
 
 use crate::config::{AGENT_MESSAGE_BUFFER, FRAMEWORK_EVENT_BUFFER, MasterConfig};
 use crate::metrics::Metrics;
+use crate::registry::{
+    AgentPhase, AgentRecord, Change, FrameworkRecord, Registry, RegistryError, RegistryWriter,
+    Stored, TaskRecord, VolumeRecord,
+};
 use crate::state::{self, ResourcesJson, StateSnapshot};
 use crate::validation::{self, FieldError};
 use crate::volumes::{self, Volume, VolumeKey, Volumes};
@@ -141,6 +145,23 @@ struct Agent {
     /// Volumes destroyed while the agent was unreachable: destroyed there
     /// when it returns, never adopted back.
     pending_destroys: HashSet<VolumeKey>,
+    /// When it became unreachable (monotonic, and Unix seconds for the
+    /// registry); `None` while connected or recovering.
+    unreachable_since: Option<(Instant, f64)>,
+    /// Known from the registry after a master restart and not back yet.
+    recovering: bool,
+}
+
+impl Agent {
+    fn state_name(&self) -> &'static str {
+        if self.conn.is_some() {
+            "connected"
+        } else if self.recovering {
+            "recovering"
+        } else {
+            "unreachable"
+        }
+    }
 }
 
 struct FrameworkConn {
@@ -155,6 +176,9 @@ struct Framework {
     failover_timeout: Duration,
     conn: Option<FrameworkConn>,
     disconnected_at: Option<Instant>,
+    /// `disconnected_at` in Unix seconds: what the registry keeps, so the
+    /// failover timeout keeps running across a master restart.
+    disconnected_wall: Option<f64>,
     suppressed: bool,
     registered_at: f64,
     tasks: HashSet<TaskId>,
@@ -266,10 +290,58 @@ pub(crate) struct Master {
     allocation_pending: bool,
     /// Frameworks whose stream broke while sending; handled after the command.
     broken_streams: Vec<(FrameworkId, String)>,
+    /// Removed agents and when: never admitted again under their id.
+    gone_agents: HashMap<AgentId, f64>,
+    /// Commits what changed; `None` without a work dir.
+    registry: Option<RegistryWriter>,
+    /// What changed since the last flush to the registry.
+    dirty: Dirty,
+    /// After a restart: when agents that have not re-registered become
+    /// unreachable.
+    recovery_deadline: Option<Instant>,
+    /// The earliest time the next unreachable agent may be removed.
+    next_removal: Instant,
+    /// More than `max_unreachable_percent` of agents are unreachable.
+    removal_halted: bool,
+    /// Stale records recovery found, deleted by the first commit.
+    pending_deletes: Vec<Change>,
 }
 
-/// Starts the actor; returns the handle the servers use.
-pub(crate) fn spawn(config: MasterConfig, metrics: Arc<Metrics>) -> MasterHandle {
+/// Records to write at the end of the current batch. Sets, so a task that
+/// changes ten times in one batch is written once, with its latest state.
+#[derive(Default)]
+struct Dirty {
+    agents: HashSet<AgentId>,
+    frameworks: HashSet<FrameworkId>,
+    removed_frameworks: Vec<(FrameworkId, f64)>,
+    tasks: HashSet<TaskKey>,
+    volumes: HashSet<VolumeKey>,
+}
+
+impl Dirty {
+    fn is_empty(&self) -> bool {
+        self.agents.is_empty()
+            && self.frameworks.is_empty()
+            && self.removed_frameworks.is_empty()
+            && self.tasks.is_empty()
+            && self.volumes.is_empty()
+    }
+}
+
+/// Starts the actor, recovering from `registry` (the backend and what it
+/// holds) when there is one; returns the handle the servers use and the
+/// actor's task, which ends on shutdown or when the registry fails.
+pub(crate) fn spawn(
+    config: MasterConfig,
+    metrics: Arc<Metrics>,
+    registry: Option<(Box<dyn Registry>, Stored)>,
+) -> Result<
+    (
+        MasterHandle,
+        tokio::task::JoinHandle<Result<(), RegistryError>>,
+    ),
+    RegistryError,
+> {
     let (tx, rx) = mpsc::channel(4096);
     let handle = MasterHandle { tx };
     let mut allocator = Allocator::new();
@@ -291,25 +363,51 @@ pub(crate) fn spawn(config: MasterConfig, metrics: Arc<Metrics>) -> MasterHandle
         next_conn: 0,
         allocation_pending: false,
         broken_streams: Vec::new(),
+        gone_agents: HashMap::new(),
+        registry: None,
+        dirty: Dirty::default(),
+        recovery_deadline: None,
+        next_removal: Instant::now(),
+        removal_halted: false,
+        pending_deletes: Vec::new(),
     };
-    tokio::spawn(master.run(rx));
-    handle
+    let mut master = master;
+    let (failed_tx, failed_rx) = oneshot::channel();
+    if let Some((backend, stored)) = registry {
+        master.recover(stored)?;
+        let m = master.metrics.clone();
+        let writer = RegistryWriter::start(backend, failed_tx, move |n, secs| {
+            m.registry_commit(n, secs);
+        })
+        .map_err(|e| RegistryError::Invalid {
+            key: "-".into(),
+            message: format!("cannot start the registry writer thread: {e}"),
+        })?;
+        master.registry = Some(writer);
+    }
+    let task = tokio::spawn(master.run(rx, failed_rx));
+    Ok((handle, task))
 }
 
 impl Master {
-    async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Command>,
+        mut failed: oneshot::Receiver<RegistryError>,
+    ) -> Result<(), RegistryError> {
+        let mut watch_registry = self.registry.is_some();
         let mut allocation = tokio::time::interval(self.config.allocation_interval);
         let mut agent_tick = tokio::time::interval(self.config.agent_heartbeat_interval);
         let mut framework_tick = tokio::time::interval(self.config.framework_heartbeat_interval);
         for t in [&mut allocation, &mut agent_tick, &mut framework_tick] {
             t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         }
-        loop {
+        let result = loop {
             tokio::select! {
                 command = rx.recv() => {
-                    let Some(command) = command else { break };
+                    let Some(command) = command else { break Ok(()) };
                     if self.handle_command(command) {
-                        break;
+                        break Ok(());
                     }
                     // Drain what is already queued before allocating.
                     let mut stop = false;
@@ -320,7 +418,7 @@ impl Master {
                         }
                     }
                     if stop {
-                        break;
+                        break Ok(());
                     }
                     if self.allocation_pending {
                         self.allocate();
@@ -329,9 +427,257 @@ impl Master {
                 _ = allocation.tick() => self.allocate(),
                 _ = agent_tick.tick() => self.agent_tick(),
                 _ = framework_tick.tick() => self.framework_tick(),
+                e = &mut failed, if watch_registry => {
+                    match e {
+                        // Acting on state that is not persisted would make
+                        // the next restart forget it: stop, as Mesos does.
+                        Ok(e) => break Err(e),
+                        Err(_) => watch_registry = false,
+                    }
+                }
+            }
+            // One commit per batch of commands or timer tick.
+            self.flush_registry();
+        };
+        self.flush_registry();
+        for a in self.agents.values_mut() {
+            a.conn = None;
+        }
+        for f in self.frameworks.values_mut() {
+            f.conn = None;
+        }
+        if let Some(writer) = self.registry.take() {
+            // Waits for the last commit, so the store is closed (and a new
+            // master may open it) once this task has ended.
+            let _ = tokio::task::spawn_blocking(move || writer.finish()).await;
+        }
+        match &result {
+            Ok(()) => info!("master actor stopped"),
+            Err(e) => tracing::error!("master actor stopped: {e}"),
+        }
+        result
+    }
+
+    // -------------------------------------------------------------- registry
+
+    /// Rebuilds agents, frameworks, tasks and volumes from the registry after
+    /// a restart. Agents that were admitted are *recovering* until they
+    /// re-register or `agent_reregister_timeout` passes; frameworks are
+    /// disconnected, their failover timeout running from when they
+    /// disconnected (or from now, if they were connected when the master
+    /// stopped).
+    fn recover(&mut self, stored: Stored) -> Result<(), RegistryError> {
+        let invalid = |key: String, e: &dyn std::fmt::Display| RegistryError::Invalid {
+            key,
+            message: e.to_string(),
+        };
+        let now = Instant::now();
+        let wall = now_seconds();
+        let ago = |t: f64| -> Instant {
+            let elapsed = Duration::try_from_secs_f64((wall - t).max(0.0)).unwrap_or_default();
+            now.checked_sub(elapsed).unwrap_or(now)
+        };
+        let mut deletes = Vec::new();
+        // When they were removed is kept for operators; the master only
+        // needs the ids.
+        for (id, _removed_at) in stored.removed_frameworks {
+            let key = format!("removed_frameworks/{id}");
+            let fid = FrameworkId::parse(&id, "id").map_err(|e| invalid(key, &e))?;
+            self.removed_frameworks.insert(fid);
+        }
+        let mut recovering = 0usize;
+        for (id, record) in stored.agents {
+            let key = format!("agents/{id}");
+            let aid = AgentId::parse(&id, "id").map_err(|e| invalid(key.clone(), &e))?;
+            let phase = record.phase().ok_or_else(|| {
+                invalid(
+                    key.clone(),
+                    &format!("unknown agent phase {}", record.phase),
+                )
+            })?;
+            if phase == AgentPhase::Gone {
+                self.gone_agents.insert(aid, record.since);
+                continue;
+            }
+            let info = record.info.clone().unwrap_or_default();
+            let valid = validation::agent_info(&info).map_err(|e| invalid(key, &e))?;
+            let unreachable_since =
+                (phase == AgentPhase::Unreachable).then(|| (ago(record.since), record.since));
+            let is_recovering = phase == AgentPhase::Admitted;
+            recovering += usize::from(is_recovering);
+            let mut info = valid.info;
+            info.id = aid.to_string();
+            self.agents.insert(
+                aid.clone(),
+                Agent {
+                    id: aid,
+                    info,
+                    total: valid.total,
+                    conn: None,
+                    last_seen: now,
+                    registered_at: record.registered_at,
+                    tasks: HashSet::new(),
+                    pending_kills: HashMap::new(),
+                    pending_destroys: HashSet::new(),
+                    unreachable_since,
+                    recovering: is_recovering,
+                },
+            );
+        }
+        for (id, record) in stored.frameworks {
+            let key = format!("frameworks/{id}");
+            let fid = FrameworkId::parse(&id, "id").map_err(|e| invalid(key.clone(), &e))?;
+            if self.removed_frameworks.contains(&fid) {
+                deletes.push(Change::Framework(id, None));
+                continue;
+            }
+            let info = record.info.clone().unwrap_or_default();
+            let v = validation::framework_info(&info).map_err(|e| invalid(key, &e))?;
+            self.add_framework_record(fid.clone(), v, None);
+            if let Some(fw) = self.frameworks.get_mut(&fid) {
+                let since = record.disconnected_at.unwrap_or(wall);
+                fw.disconnected_at = Some(ago(since));
+                fw.disconnected_wall = Some(since);
+                fw.registered_at = record.registered_at;
             }
         }
-        info!("master actor stopped");
+        for ((f, t), record) in stored.tasks {
+            let key = format!("tasks/{f}/{t}");
+            let fid =
+                FrameworkId::parse(&f, "framework_id").map_err(|e| invalid(key.clone(), &e))?;
+            let tid = TaskId::parse(&t, "task_id").map_err(|e| invalid(key.clone(), &e))?;
+            let aid = AgentId::parse(&record.agent_id, "agent_id")
+                .map_err(|e| invalid(key.clone(), &e))?;
+            if self.removed_frameworks.contains(&fid) || !self.agents.contains_key(&aid) {
+                // Its framework or agent was removed after it was written.
+                deletes.push(Change::Task((f, t), None));
+                continue;
+            }
+            let info = record.info.unwrap_or_default();
+            let status = record.status.unwrap_or_default();
+            let resources = Resources::from_proto(&info.resources, "task.resources")
+                .map_err(|e| invalid(key.clone(), &e))?;
+            if !self.frameworks.contains_key(&fid) {
+                self.add_recovered_framework(&fid);
+            }
+            let terminal = is_terminal(status.state());
+            let uuid = status.uuid.clone();
+            let task_key = (fid, tid);
+            self.insert_task(task_key.clone(), aid, info, resources, status);
+            if terminal && let Some(task) = self.tasks.get_mut(&task_key) {
+                // Its final update was not acknowledged yet: the agent
+                // resends it, and that acknowledgement retires the task.
+                task.released = true;
+                task.terminal_uuid = (!uuid.is_empty()).then_some(uuid);
+            }
+        }
+        for ((f, v), record) in stored.volumes {
+            let key = format!("volumes/{f}/{v}");
+            let fid =
+                FrameworkId::parse(&f, "framework_id").map_err(|e| invalid(key.clone(), &e))?;
+            let aid = AgentId::parse(&record.agent_id, "agent_id")
+                .map_err(|e| invalid(key.clone(), &e))?;
+            let op = pb::CreateVolume {
+                volume_id: v.clone(),
+                disk_mib: record.disk_mib,
+            };
+            let create = volumes::create(&op, "volume").map_err(|e| invalid(key.clone(), &e))?;
+            if self.removed_frameworks.contains(&fid) || !self.agents.contains_key(&aid) {
+                deletes.push(Change::Volume((f, v), None));
+                continue;
+            }
+            self.volumes
+                .insert((fid, create.id), Volume::new(aid, create.disk));
+        }
+        // What recovery itself marked is already stored.
+        self.dirty = Dirty::default();
+        // Sent with the first flush, once the writer runs.
+        self.pending_deletes = deletes;
+        if recovering > 0 {
+            self.recovery_deadline = Some(now + self.config.agent_reregister_timeout);
+        }
+        info!(
+            agents = self.agents.len(),
+            recovering,
+            gone = self.gone_agents.len(),
+            frameworks = self.frameworks.len(),
+            tasks = self.tasks.len(),
+            volumes = self.volumes.sorted().len(),
+            "recovered the registry"
+        );
+        Ok(())
+    }
+
+    /// Hands what changed in this batch to the registry writer.
+    fn flush_registry(&mut self) {
+        if self.dirty.is_empty() && self.pending_deletes.is_empty() {
+            return;
+        }
+        let dirty = std::mem::take(&mut self.dirty);
+        let Some(writer) = &self.registry else {
+            return;
+        };
+        let mut changes = std::mem::take(&mut self.pending_deletes);
+        changes.reserve(
+            dirty.agents.len() + dirty.frameworks.len() + dirty.tasks.len() + dirty.volumes.len(),
+        );
+        for id in dirty.agents {
+            let record = match (self.agents.get(&id), self.gone_agents.get(&id)) {
+                (Some(a), _) => Some(AgentRecord {
+                    info: Some(a.info.clone()),
+                    phase: if a.unreachable_since.is_some() {
+                        AgentPhase::Unreachable
+                    } else {
+                        AgentPhase::Admitted
+                    } as u32,
+                    since: a.unreachable_since.map(|(_, w)| w).unwrap_or_default(),
+                    registered_at: a.registered_at,
+                }),
+                (None, Some(at)) => Some(AgentRecord {
+                    info: Some(pb::AgentInfo {
+                        id: id.to_string(),
+                        ..Default::default()
+                    }),
+                    phase: AgentPhase::Gone as u32,
+                    since: *at,
+                    registered_at: 0.0,
+                }),
+                (None, None) => None,
+            };
+            changes.push(Change::Agent(id.to_string(), record));
+        }
+        for id in dirty.frameworks {
+            let record = self.frameworks.get(&id).map(|f| FrameworkRecord {
+                info: Some(f.info.clone()),
+                disconnected_at: f.disconnected_wall,
+                registered_at: f.registered_at,
+            });
+            changes.push(Change::Framework(id.to_string(), record));
+        }
+        for (id, at) in dirty.removed_frameworks {
+            changes.push(Change::RemovedFramework(id.to_string(), at));
+        }
+        for key in dirty.tasks {
+            let record = self.tasks.get(&key).map(|t| {
+                Box::new(TaskRecord {
+                    agent_id: t.agent_id.to_string(),
+                    info: Some(t.info.clone()),
+                    status: Some(t.status.clone()),
+                })
+            });
+            changes.push(Change::Task((key.0.to_string(), key.1.to_string()), record));
+        }
+        for key in dirty.volumes {
+            let record = self.volumes.get(&key).map(|v| VolumeRecord {
+                agent_id: v.agent_id.to_string(),
+                disk_mib: v.disk.disk.as_f64(),
+            });
+            changes.push(Change::Volume(
+                (key.0.to_string(), key.1.to_string()),
+                record,
+            ));
+        }
+        writer.send(changes);
     }
 
     /// Returns true when the master should stop.
@@ -433,6 +779,14 @@ impl Master {
             reported_volumes
                 .push(volumes::reported(v, &format!("register.volumes[{i}]")).map_err(invalid)?);
         }
+        let replaces = if register.replaces_agent_id.is_empty() {
+            None
+        } else {
+            Some(
+                AgentId::parse(&register.replaces_agent_id, "register.replaces_agent_id")
+                    .map_err(|e| invalid(e.into()))?,
+            )
+        };
         let reregister = valid.id.is_some();
         let id = valid
             .id
@@ -440,6 +794,27 @@ impl Master {
             .unwrap_or_else(|| AgentId::generated(uuid::Uuid::new_v4().to_string()));
         let conn_id = self.next_conn_id();
         let now = Instant::now();
+
+        if self.gone_agents.contains_key(&id) {
+            // Removed agents never come back under their id (its tasks were
+            // reported GONE): it must shut down and start afresh as a new
+            // agent. The stream ends after this message.
+            warn!(agent_id = %id, "refusing a removed agent");
+            let message = format!(
+                "agent {id} was removed by the master (unreachable for too long, or replaced); \
+                 start it with a fresh work dir to register as a new agent"
+            );
+            tx.try_send(Ok(shutdown_message(&message)))
+                .map_err(|_| Status::unavailable("agent stream closed during registration"))?;
+            return Ok((id, conn_id));
+        }
+        if let Some(old) = replaces.filter(|old| old != &id) {
+            self.remove_agent(
+                &old,
+                REMOVED_REPLACED,
+                &format!("agent {old} was replaced by agent {id} (it restarted as a new agent)"),
+            );
+        }
 
         // Registered goes first on the new stream, before kills or shutdowns.
         let registered = pb::MasterMessage {
@@ -466,13 +841,18 @@ impl Master {
             tasks: HashSet::new(),
             pending_kills: HashMap::new(),
             pending_destroys: HashSet::new(),
+            unreachable_since: None,
+            recovering: false,
         });
+        agent.unreachable_since = None;
+        agent.recovering = false;
         agent.info = valid.info;
         agent.info.id = id.to_string();
         agent.total = valid.total;
         agent.conn = Some(AgentConn { id: conn_id, tx });
         agent.last_seen = now;
         info!(agent_id = %id, hostname = %agent.info.hostname, reregister, tasks = reported.len(), "agent registered");
+        self.dirty.agents.insert(id.clone());
 
         // Frameworks the agent knows of that we do not (e.g. after a master
         // restart) come back as disconnected records so their tasks are
@@ -644,6 +1024,22 @@ impl Master {
         for id in silent {
             self.agent_unreachable(&id, "it missed its heartbeats");
         }
+        if self.recovery_deadline.is_some_and(|d| now >= d) {
+            self.recovery_deadline = None;
+            let late: Vec<AgentId> = self
+                .agents
+                .values()
+                .filter(|a| a.recovering)
+                .map(|a| a.id.clone())
+                .collect();
+            for id in late {
+                self.agent_unreachable(
+                    &id,
+                    "it did not re-register within the agent re-register timeout after the master restarted",
+                );
+            }
+        }
+        self.remove_unreachable_agents(now);
         let ids: Vec<AgentId> = self
             .agents
             .values()
@@ -679,9 +1075,12 @@ impl Master {
         let Some(agent) = self.agents.get_mut(id) else {
             return;
         };
-        if agent.conn.take().is_none() {
+        if agent.conn.take().is_none() && !agent.recovering {
             return;
         }
+        agent.recovering = false;
+        agent.unreachable_since = Some((Instant::now(), now_seconds()));
+        self.dirty.agents.insert(id.clone());
         warn!(agent_id = %id, "agent unreachable: {why}");
         let keys: Vec<TaskKey> = agent.tasks.iter().cloned().collect();
         self.rescind_agent_offers(id);
@@ -700,6 +1099,91 @@ impl Master {
                 );
             }
         }
+    }
+
+    /// Removes agents unreachable for longer than `agent_removal_timeout`,
+    /// oldest first, at most `agent_removal_rate`; none while more than
+    /// `max_unreachable_percent` of the agents are unreachable.
+    fn remove_unreachable_agents(&mut self, now: Instant) {
+        let known = self.agents.len();
+        let mut unreachable: Vec<(Instant, AgentId)> = self
+            .agents
+            .values()
+            .filter_map(|a| a.unreachable_since.map(|(t, _)| (t, a.id.clone())))
+            .collect();
+        let limit = usize::from(self.config.max_unreachable_percent);
+        let halted = known > 0 && unreachable.len() * 100 > known * limit;
+        if halted != self.removal_halted {
+            if halted {
+                warn!(
+                    unreachable = unreachable.len(),
+                    known,
+                    max_percent = limit,
+                    "agent removal halted: too many agents are unreachable at once (the master may be the one cut off)"
+                );
+            } else {
+                info!("agent removal resumed");
+            }
+            self.removal_halted = halted;
+        }
+        if halted {
+            return;
+        }
+        let timeout = self.config.agent_removal_timeout;
+        unreachable.retain(|(since, _)| now.duration_since(*since) >= timeout);
+        unreachable.sort();
+        for (_, id) in unreachable {
+            if now < self.next_removal {
+                break;
+            }
+            self.next_removal = now + self.config.agent_removal_rate.interval();
+            self.remove_agent(
+                &id,
+                REMOVED_UNREACHABLE,
+                &format!("agent {id} was unreachable for longer than {timeout:?} and was removed"),
+            );
+        }
+    }
+
+    /// Forgets an agent for good: its tasks become TASK_GONE (reason
+    /// AGENT_REMOVED), its volumes are forgotten (the disk went with it),
+    /// and its id is refused from now on.
+    fn remove_agent(&mut self, id: &AgentId, kind: &'static str, why: &str) {
+        let Some(agent) = self.agents.get_mut(id) else {
+            return;
+        };
+        warn!(agent_id = %id, hostname = %agent.info.hostname, "removing agent: {why}");
+        if let Some(conn) = agent.conn.take() {
+            let _ = conn.tx.try_send(Ok(shutdown_message(why)));
+        }
+        self.rescind_agent_offers(id);
+        let keys: Vec<TaskKey> = self
+            .agents
+            .get(id)
+            .map(|a| a.tasks.iter().cloned().collect())
+            .unwrap_or_default();
+        for key in keys {
+            let live = self
+                .tasks
+                .get(&key)
+                .is_some_and(|t| !is_terminal(t.state()));
+            if live {
+                self.master_update(&key, TaskState::TaskGone, Reason::AgentRemoved, why);
+            } else {
+                self.retire_task(&key);
+            }
+        }
+        self.agents.remove(id);
+        let volumes: Vec<VolumeKey> = self.volumes.on_agent(id).map(|(k, _)| k.clone()).collect();
+        for key in volumes {
+            self.volumes.remove(&key);
+            self.dirty.volumes.insert(key);
+        }
+        self.allocator.remove_agent(id);
+        self.gone_agents.insert(id.clone(), now_seconds());
+        self.dirty.agents.insert(id.clone());
+        self.metrics.agent_removed(kind);
+        self.allocation_pending = true;
     }
 
     fn send_to_agent(&mut self, id: &AgentId, message: pb::MasterMessage) {
@@ -737,6 +1221,7 @@ impl Master {
         conn: Option<FrameworkConn>,
     ) {
         let connected = conn.is_some();
+        self.dirty.frameworks.insert(id.clone());
         self.allocator.add_framework(id.clone(), &v.role);
         self.allocator.set_framework_active(&id, connected);
         let mut info = v.info;
@@ -754,6 +1239,7 @@ impl Master {
                 } else {
                     Some(Instant::now())
                 },
+                disconnected_wall: if connected { None } else { Some(now_seconds()) },
                 suppressed: false,
                 registered_at: now_seconds(),
                 tasks: HashSet::new(),
@@ -806,7 +1292,9 @@ impl Master {
             fw.failover_timeout = v.failover_timeout;
             fw.conn = Some(conn);
             fw.disconnected_at = None;
+            fw.disconnected_wall = None;
             fw.suppressed = false;
+            self.dirty.frameworks.insert(id.clone());
             info!(framework_id = %id, "framework re-subscribed");
             self.rescind_framework_offers(&id);
             self.allocator.set_framework_active(&id, true);
@@ -832,7 +1320,9 @@ impl Master {
         }
         fw.conn = None;
         fw.disconnected_at = Some(Instant::now());
+        fw.disconnected_wall = Some(now_seconds());
         let timeout = fw.failover_timeout;
+        self.dirty.frameworks.insert(id.clone());
         info!(framework_id = %id, failover_timeout = ?timeout, "framework disconnected");
         self.rescind_framework_offers(id);
         self.allocator.set_framework_active(id, false);
@@ -878,6 +1368,10 @@ impl Master {
             return;
         };
         info!(framework_id = %id, "removing framework: {why}");
+        self.dirty.frameworks.insert(id.clone());
+        self.dirty
+            .removed_frameworks
+            .push((id.clone(), now_seconds()));
         if let Some(conn) = fw.conn.take() {
             let _ = conn
                 .tx
@@ -889,6 +1383,7 @@ impl Master {
         let mut agents: HashSet<AgentId> = HashSet::new();
         for tid in fw.tasks.drain() {
             let key = (id.clone(), tid);
+            self.dirty.tasks.insert(key.clone());
             if let Some(task) = self.tasks.remove(&key) {
                 if let Some(agent) = self.agents.get_mut(&task.agent_id) {
                     agent.tasks.remove(&key);
@@ -1457,6 +1952,7 @@ impl Master {
                 volume.to_proto(&key),
             )),
         };
+        self.dirty.volumes.insert(key.clone());
         self.volumes.insert(key, volume);
         self.send_to_agent(agent_id, message);
     }
@@ -1555,6 +2051,7 @@ impl Master {
         let Some(volume) = self.volumes.remove(key) else {
             return;
         };
+        self.dirty.volumes.insert(key.clone());
         info!(framework_id = %key.0, volume_id = %key.1, agent_id = %volume.agent_id, "destroying persistent volume: {why}");
         let now = self.now();
         self.allocator
@@ -1591,6 +2088,7 @@ impl Master {
         for key in vanished {
             warn!(agent_id = %id, framework_id = %key.0, volume_id = %key.1, "the agent came back without this persistent volume");
             self.volumes.remove(&key);
+            self.dirty.volumes.insert(key);
         }
         let pending = self
             .agents
@@ -1629,11 +2127,13 @@ impl Master {
                     known.agent_id = id.clone();
                     known.disk = volume.disk;
                 }
+                self.dirty.volumes.insert(key);
                 continue;
             }
             if !self.frameworks.contains_key(&key.0) {
                 self.add_recovered_framework(&key.0);
             }
+            self.dirty.volumes.insert(key.clone());
             self.volumes.insert(key, volume);
         }
     }
@@ -1679,6 +2179,7 @@ impl Master {
         if let Some(fw) = self.frameworks.get_mut(&key.0) {
             fw.tasks.insert(key.1.clone());
         }
+        self.dirty.tasks.insert(key.clone());
         self.tasks.insert(
             key,
             Task {
@@ -1828,7 +2329,7 @@ impl Master {
                 .unwrap_or_default();
             for tid in fw_tasks {
                 if let Some(t) = self.tasks.get(&(fid.clone(), tid)) {
-                    statuses.push(reconciled(&t.status));
+                    statuses.push(self.reconciled(t));
                 }
             }
         } else {
@@ -1844,7 +2345,7 @@ impl Master {
             }
             for (tid, agent_id) in keys {
                 match self.tasks.get(&(fid.clone(), tid.clone())) {
-                    Some(t) => statuses.push(reconciled(&t.status)),
+                    Some(t) => statuses.push(self.reconciled(t)),
                     None => statuses.push(pb::TaskStatus {
                         task_id: tid.to_string(),
                         state: TaskState::TaskUnknown as i32,
@@ -1901,6 +2402,7 @@ impl Master {
                     recovered = Some(task.holds_resources().then(|| task.resources.clone()));
                 }
                 task.status = status.clone();
+                self.dirty.tasks.insert(key.clone());
             }
         }
         if let Some(resources) = recovered {
@@ -1967,6 +2469,7 @@ impl Master {
             ..Default::default()
         };
         task.status = status.clone();
+        self.dirty.tasks.insert(key.clone());
         let terminal = is_terminal(state);
         let (agent_id, resources) = (task.agent_id.clone(), task.resources.clone());
         let holds = !task.released;
@@ -1989,6 +2492,7 @@ impl Master {
         let Some(task) = self.tasks.remove(key) else {
             return;
         };
+        self.dirty.tasks.insert(key.clone());
         if let Some(agent) = self.agents.get_mut(&task.agent_id) {
             agent.tasks.remove(key);
         }
@@ -2055,12 +2559,7 @@ impl Master {
                 id: a.id.to_string(),
                 hostname: a.info.hostname.clone(),
                 address: a.info.address.clone(),
-                state: if a.conn.is_some() {
-                    "connected"
-                } else {
-                    "unreachable"
-                }
-                .into(),
+                state: a.state_name().into(),
                 resources: ResourcesJson::from(&a.total),
                 used_resources: ResourcesJson::from(used_by_agent.get(&a.id).unwrap_or(&empty)),
                 offered_resources: ResourcesJson::from(
@@ -2121,6 +2620,8 @@ impl Master {
             tasks,
             completed_tasks: self.completed.iter().cloned().collect(),
             volumes,
+            gone_agents: self.gone_agents.len(),
+            agent_removal_halted: self.removal_halted,
         }
     }
 }
@@ -2145,14 +2646,48 @@ fn task_json(task: &Task, status: &pb::TaskStatus) -> state::TaskState {
     }
 }
 
-/// The latest status, re-sent by the master for reconciliation.
-fn reconciled(status: &pb::TaskStatus) -> pb::TaskStatus {
-    pb::TaskStatus {
-        uuid: Vec::new(),
-        source: Source::Master as i32,
-        reason: Reason::Reconciliation as i32,
-        timestamp: now_seconds(),
-        ..status.clone()
+impl Master {
+    /// The latest status, re-sent for reconciliation. While the task's agent
+    /// has not re-registered after a master restart, the state is the last
+    /// one recorded and the reason says the agent is recovering: the task is
+    /// not lost, the master just has not heard from its agent yet.
+    fn reconciled(&self, task: &Task) -> pb::TaskStatus {
+        let recovering = self
+            .agents
+            .get(&task.agent_id)
+            .is_some_and(|a| a.recovering);
+        let (reason, message) = if recovering {
+            (
+                Reason::AgentRecovering,
+                format!(
+                    "agent {} has not re-registered since the master restarted; this is the last state the master recorded",
+                    task.agent_id
+                ),
+            )
+        } else {
+            (Reason::Reconciliation, task.status.message.clone())
+        };
+        pb::TaskStatus {
+            uuid: Vec::new(),
+            source: Source::Master as i32,
+            reason: reason as i32,
+            message,
+            timestamp: now_seconds(),
+            ..task.status.clone()
+        }
+    }
+}
+
+/// Metric label of removals of agents unreachable for too long.
+const REMOVED_UNREACHABLE: &str = "unreachable";
+/// Metric label of removals of agents that registered as their replacement.
+const REMOVED_REPLACED: &str = "replaced";
+
+fn shutdown_message(message: &str) -> pb::MasterMessage {
+    pb::MasterMessage {
+        message: Some(pb::master_message::Message::Shutdown(pb::Shutdown {
+            message: message.to_string(),
+        })),
     }
 }
 

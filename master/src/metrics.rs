@@ -23,6 +23,18 @@ pub const OFFERS_TOTAL: &str = "corral_master_offers_total";
 pub const ALLOCATION_DURATION: &str = "corral_master_allocation_duration_seconds";
 pub const INVALID_CALLS_TOTAL: &str = "corral_master_invalid_calls_total";
 pub const STATUS_UPDATES_TOTAL: &str = "corral_master_status_updates_total";
+pub const AGENT_REMOVALS_TOTAL: &str = "corral_master_agent_removals_total";
+pub const AGENT_REMOVAL_HALTED: &str = "corral_master_agent_removal_halted";
+pub const REGISTRY_COMMIT_DURATION: &str = "corral_master_registry_commit_duration_seconds";
+pub const REGISTRY_CHANGES_TOTAL: &str = "corral_master_registry_changes_total";
+
+/// Agent states exported by `corral_master_agents`.
+pub const AGENT_STATES: [&str; 4] = ["connected", "recovering", "unreachable", "gone"];
+
+/// A registry commit is one fsync: a millisecond to tens of them.
+const COMMIT_BUCKETS: [f64; 10] = [
+    0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
 
 /// Allocation rounds take microseconds to tens of milliseconds.
 const ALLOCATION_BUCKETS: [f64; 12] = [
@@ -52,6 +64,12 @@ impl Metrics {
                 Matcher::Full(ALLOCATION_DURATION.into()),
                 &ALLOCATION_BUCKETS,
             )
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full(REGISTRY_COMMIT_DURATION.into()),
+                    &COMMIT_BUCKETS,
+                )
+            })
             .map(PrometheusBuilder::build_recorder)
             .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
         let handle = recorder.handle();
@@ -59,7 +77,24 @@ impl Metrics {
         m.with(|| {
             describe_gauge!(
                 AGENTS,
-                "Agents known to the master, by state (connected/unreachable)."
+                "Agents known to the master, by state (connected/recovering/unreachable/gone)."
+            );
+            describe_counter!(
+                AGENT_REMOVALS_TOTAL,
+                "Agents removed, by reason (unreachable: longer than the removal timeout; replaced: it registered again as a new agent)."
+            );
+            describe_gauge!(
+                AGENT_REMOVAL_HALTED,
+                "1 while removal of unreachable agents is halted because more than --max-unreachable-percent of agents are unreachable."
+            );
+            describe_histogram!(
+                REGISTRY_COMMIT_DURATION,
+                Unit::Seconds,
+                "Time taken by one registry commit (one batch of changes, one fsync)."
+            );
+            describe_counter!(
+                REGISTRY_CHANGES_TOTAL,
+                "Records written to or deleted from the registry."
             );
             describe_gauge!(FRAMEWORKS, "Frameworks, by state (connected/disconnected).");
             describe_gauge!(
@@ -124,6 +159,18 @@ impl Metrics {
         self.with(|| metrics::counter!(STATUS_UPDATES_TOTAL).increment(1));
     }
 
+    pub fn agent_removed(&self, reason: &'static str) {
+        self.with(|| metrics::counter!(AGENT_REMOVALS_TOTAL, "reason" => reason).increment(1));
+    }
+
+    /// Called from the registry writer thread.
+    pub fn registry_commit(&self, changes: usize, seconds: f64) {
+        self.with(|| {
+            metrics::histogram!(REGISTRY_COMMIT_DURATION).record(seconds);
+            metrics::counter!(REGISTRY_CHANGES_TOTAL).increment(changes as u64);
+        });
+    }
+
     pub fn allocation(&self, seconds: f64) {
         self.with(|| metrics::histogram!(ALLOCATION_DURATION).record(seconds));
     }
@@ -131,9 +178,18 @@ impl Metrics {
     /// Sets the gauges from a state snapshot and renders the text format.
     pub fn render(&self, s: &StateSnapshot) -> String {
         self.with(|| {
-            for state in ["connected", "unreachable"] {
-                let n = s.agents.iter().filter(|a| a.state == state).count();
+            for state in AGENT_STATES {
+                let n = if state == "gone" {
+                    s.gone_agents
+                } else {
+                    s.agents.iter().filter(|a| a.state == state).count()
+                };
                 metrics::gauge!(AGENTS, "state" => state).set(n as f64);
+            }
+            metrics::gauge!(AGENT_REMOVAL_HALTED).set(f64::from(u8::from(s.agent_removal_halted)));
+            // Exported from the start, so an alert sees 0 before the first removal.
+            for reason in ["unreachable", "replaced"] {
+                metrics::counter!(AGENT_REMOVALS_TOTAL, "reason" => reason).increment(0);
             }
             for state in ["connected", "disconnected"] {
                 let n = s.frameworks.iter().filter(|f| f.state == state).count();

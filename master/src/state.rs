@@ -22,6 +22,12 @@ pub struct StateSnapshot {
     /// Persistent volumes, by framework and id.
     #[serde(default)]
     pub volumes: Vec<VolumeState>,
+    /// Agents removed for good (not in `agents`).
+    #[serde(default)]
+    pub gone_agents: usize,
+    /// Removal of unreachable agents is halted: too many are unreachable.
+    #[serde(default)]
+    pub agent_removal_halted: bool,
 }
 
 /// A persistent volume. Its disk counts in its agent's and framework's

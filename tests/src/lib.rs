@@ -2,7 +2,9 @@
 //!
 //! - [`Cluster`]: a master and N agents in this process, each on
 //!   `127.0.0.1:0`, with short timeouts; agents reach the master through a
-//!   [`Proxy`] so a test can cut and restore an agent's connection.
+//!   [`Proxy`] so a test can cut and restore an agent's connection. The
+//!   master keeps its registry in the cluster's temp dir, and
+//!   [`Cluster::restart_master`] restarts it on the same address.
 //! - [`TestFramework`]: a framework on the raw gRPC API, so tests control
 //!   exactly what is sent (and what is not acknowledged).
 //! - [`wait_for`]: the bounded poll every test uses instead of sleeping.
@@ -118,6 +120,24 @@ impl Drop for TestAgent {
 }
 
 impl TestAgent {
+    /// Waits for the agent to end on its own (e.g. the master told it to
+    /// shut down) and returns how it ended.
+    pub async fn wait_exit(&mut self) -> Result<(), corral_agent::AgentError> {
+        let Some(task) = self.task.take() else {
+            panic!("the agent was already stopped");
+        };
+        match tokio::time::timeout(WAIT, task).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => panic!("agent panicked: {e}"),
+            Err(_) => panic!("agent did not exit within {WAIT:?}"),
+        }
+    }
+
+    /// Whether the agent's task is still running.
+    pub fn is_running(&self) -> bool {
+        self.task.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
     /// Stops the agent (its tasks are killed) and waits for it.
     pub async fn stop(&mut self) {
         let _ = self.stop.send(true);
@@ -182,9 +202,22 @@ pub struct Cluster {
     pub master: SocketAddr,
     pub agents: Vec<TestAgent>,
     pub dir: tempfile::TempDir,
+    /// The master's config; `work_dir` is set (the registry survives
+    /// [`Cluster::restart_master`]).
+    pub master_config: MasterConfig,
     stop: watch::Sender<bool>,
     master_task: Option<JoinHandle<Result<(), corral_master::MasterError>>>,
     http: reqwest::Client,
+}
+
+/// A listener with SO_REUSEADDR, so a restarted master can take the same
+/// port while the old one's connections are in TIME_WAIT (sockets accepted
+/// from it inherit the option, which Linux requires of both sides).
+fn bind_reusable(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
 }
 
 async fn until(mut rx: watch::Receiver<bool>) {
@@ -198,15 +231,20 @@ impl Cluster {
         Self::start_with(test_master_config(), agents).await
     }
 
-    pub async fn start_with(config: MasterConfig, agents: usize) -> Cluster {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind master");
+    pub async fn start_with(mut config: MasterConfig, agents: usize) -> Cluster {
+        let dir = tempfile::tempdir().expect("temp dir");
+        if config.work_dir.is_none() {
+            config.work_dir = Some(dir.path().join("master"));
+        }
+        let listener = bind_reusable("127.0.0.1:0".parse().expect("address")).expect("bind master");
         let master = listener.local_addr().expect("master address");
         let (stop, rx) = watch::channel(false);
-        let master_task = tokio::spawn(corral_master::run(config, listener, until(rx)));
+        let master_task = tokio::spawn(corral_master::run(config.clone(), listener, until(rx)));
         let mut cluster = Cluster {
             master,
             agents: Vec::new(),
-            dir: tempfile::tempdir().expect("temp dir"),
+            dir,
+            master_config: config,
             stop,
             master_task: Some(master_task),
             http: reqwest::Client::new(),
@@ -383,11 +421,10 @@ impl Cluster {
         TestFramework::subscribe(self.master, name, "*").await
     }
 
-    /// Stops agents (killing their tasks) and the master.
-    pub async fn shutdown(mut self) {
-        for a in &mut self.agents {
-            a.stop().await;
-        }
+    /// Stops the master (as a clean shutdown; the agents keep running and
+    /// retry through their proxies) and waits until it has closed its
+    /// registry.
+    pub async fn stop_master(&mut self) {
         let _ = self.stop.send(true);
         if let Some(t) = self.master_task.take() {
             match tokio::time::timeout(WAIT, t).await {
@@ -395,6 +432,61 @@ impl Cluster {
                 other => panic!("master did not stop cleanly: {other:?}"),
             }
         }
+    }
+
+    /// Starts a master again on the same work dir, with `config` (use
+    /// [`Cluster::master_config`] for the same one), on the same address
+    /// when it can be bound again, else on a new port: then
+    /// [`Cluster::master`] changes and every agent's proxy is pointed at
+    /// it, so from the agents' side the master is where it was.
+    ///
+    /// Why a new port at all: tests run in parallel in one process, and an
+    /// agent forking its zygote at that moment holds a copy of every open
+    /// fd, the old master's listening socket included, until the zygote
+    /// closes them (its first step); a new listener cannot share the port
+    /// with it meanwhile.
+    pub async fn start_master(&mut self, mut config: MasterConfig) {
+        assert!(self.master_task.is_none(), "the master is running");
+        if config.work_dir.is_none() {
+            config.work_dir = self.master_config.work_dir.clone();
+        }
+        let listener = match bind_reusable(self.master) {
+            Ok(l) => l,
+            Err(e) => {
+                let l = bind_reusable("127.0.0.1:0".parse().expect("address"))
+                    .unwrap_or_else(|e2| panic!("bind master ({e}, then {e2})"));
+                self.master = l.local_addr().expect("master address");
+                for a in &self.agents {
+                    a.proxy.retarget(self.master);
+                }
+                l
+            }
+        };
+        let (stop, rx) = watch::channel(false);
+        self.stop = stop;
+        self.master_config = config.clone();
+        self.master_task = Some(tokio::spawn(corral_master::run(
+            config,
+            listener,
+            until(rx),
+        )));
+    }
+
+    /// Stops the master and starts a new one on the same address and work
+    /// dir, which recovers from the registry.
+    pub async fn restart_master(&mut self) {
+        self.stop_master().await;
+        self.start_master(self.master_config.clone()).await;
+    }
+
+    /// Stops agents (killing their tasks) and the master.
+    pub async fn shutdown(mut self) {
+        for a in &mut self.agents {
+            if a.task.is_some() {
+                a.stop().await;
+            }
+        }
+        self.stop_master().await;
     }
 }
 

@@ -15,6 +15,9 @@ pub struct Proxy {
 
 struct Shared {
     open: Mutex<bool>,
+    /// Where new connections go; [`Proxy::retarget`] changes it (a
+    /// restarted master on another port).
+    target: Mutex<SocketAddr>,
     /// While set, connections stay open but no byte is forwarded: the
     /// peers see silence, not a reset (missed heartbeats, not a lost stream).
     stalled: tokio::sync::watch::Sender<bool>,
@@ -28,6 +31,7 @@ impl Proxy {
         let address = listener.local_addr().expect("proxy address");
         let shared = Arc::new(Shared {
             open: Mutex::new(true),
+            target: Mutex::new(target),
             stalled: tokio::sync::watch::channel(false).0,
             connections: Mutex::new(Vec::new()),
         });
@@ -39,6 +43,7 @@ impl Proxy {
                     continue;
                 }
                 let stalled = s.stalled.subscribe();
+                let target = *s.target.lock().expect("proxy lock");
                 let conn = tokio::spawn(async move {
                     if let Ok(outbound) = TcpStream::connect(target).await {
                         let (ri, wi) = inbound.into_split();
@@ -73,6 +78,12 @@ impl Proxy {
         {
             c.abort();
         }
+    }
+
+    /// Sends new connections to `target` from now on (existing ones keep
+    /// their peer until they end).
+    pub fn retarget(&self, target: SocketAddr) {
+        *self.shared.target.lock().expect("proxy lock") = target;
     }
 
     pub fn restore(&self) {

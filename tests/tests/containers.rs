@@ -372,8 +372,11 @@ async fn an_agent_destroys_orphan_containers_in_its_cgroup_subtree_at_start() {
             user: None,
             cpus_milli: 100,
             mem_bytes: 32 << 20,
-            stdout: null(),
-            stderr: null(),
+            output: corral_agent::containerizer::Output::Fds {
+                stdout: null(),
+                stderr: null(),
+            },
+            state_dir: None,
             netns: None,
         })
         .expect("launch the orphan");

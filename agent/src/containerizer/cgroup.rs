@@ -591,7 +591,6 @@ impl Leaf {
     }
 
     /// The cgroup's directories (one per hierarchy).
-    #[cfg(test)]
     pub(crate) fn dirs(&self) -> Vec<PathBuf> {
         self.cg
             .subsystems()

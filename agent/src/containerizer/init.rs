@@ -33,6 +33,15 @@
 //!    (pid 1 cannot die of its own signal, so the status travels over the
 //!    socket) and exits — the kernel then kills whatever is left in the pid
 //!    namespace.
+//!
+//! Containers outlive the agent: with a [`LogPlan`] the init itself pumps
+//! the command's stdout and stderr (pipes it makes) into rotating files in
+//! the sandbox, through a directory fd the agent opened (rotation is
+//! `renameat`/`openat` on that fd, so it works after the pivot), and with a
+//! state directory fd it records the command's status in `exit` there
+//! (temp file + `renameat`) before it reports and exits. The report socket
+//! may be closed at any time (the agent killed): sends to it just fail.
+//! Nothing of a running container then depends on the agent process.
 
 use std::ffi::CString;
 use std::os::fd::{OwnedFd, RawFd};
@@ -82,6 +91,8 @@ pub(crate) enum Stage {
     CwdOutsideRoot,
     Exec,
     JoinNetwork,
+    /// Pipes, signalfd or log files of the init's log pump.
+    Logs,
 }
 
 impl Stage {
@@ -105,6 +116,7 @@ impl Stage {
             CwdOutsideRoot,
             Exec,
             JoinNetwork,
+            Logs,
         ]
         .into_iter()
         .find(|s| *s as u32 == v)
@@ -130,6 +142,7 @@ impl Stage {
             Stage::CwdOutsideRoot => "check cwd",
             Stage::Exec => "exec",
             Stage::JoinNetwork => "join the pod's network namespace",
+            Stage::Logs => "set up the log files in the sandbox",
         }
     }
 }
@@ -239,6 +252,51 @@ impl ExecPlan {
     }
 }
 
+/// Where the init records how the command ended, in the state directory.
+pub(crate) const EXIT_FILE: &std::ffi::CStr = c"exit";
+/// Written first, then renamed over [`EXIT_FILE`]: readers see all or none.
+const EXIT_TMP: &std::ffi::CStr = c"exit.tmp";
+/// The init's read size for the log pipes, on its stack: small, since every
+/// running container has an init (a pipe holds 64 KiB; a chatty command
+/// costs a few more reads, not more memory).
+const PUMP_BUF: usize = 8 * 1024;
+/// Reads per pipe once the command has ended: what it wrote is in the
+/// pipe already; a descendant that keeps writing must not keep the init
+/// (and the status record) waiting forever.
+const DRAIN_READS: usize = 64;
+
+/// How the init writes the command's output into the sandbox: the names
+/// of the live file and of its rotations (`stdout`, `stdout.1`, …) and the
+/// largest size of one file — the rotation of [`crate::logs::RotatingFile`].
+pub(crate) struct LogPlan {
+    pub(crate) max_size: u64,
+    pub(crate) stdout: Vec<CString>,
+    pub(crate) stderr: Vec<CString>,
+}
+
+impl LogPlan {
+    pub(crate) fn new(max_size: u64, max_files: u32) -> LogPlan {
+        let names = |stream: &str| {
+            (0..max_files.max(1))
+                .map(|n| {
+                    let name = if n == 0 {
+                        stream.to_string()
+                    } else {
+                        format!("{stream}.{n}")
+                    };
+                    // No NUL in these names.
+                    CString::new(name).unwrap_or_default()
+                })
+                .collect()
+        };
+        LogPlan {
+            max_size: max_size.max(1),
+            stdout: names("stdout"),
+            stderr: names("stderr"),
+        }
+    }
+}
+
 /// Everything the child needs, built before the clone.
 pub(crate) struct ChildPlan {
     pub(crate) mounts: MountPlan,
@@ -257,6 +315,9 @@ pub(crate) struct ChildPlan {
     /// The agent's argument area `(arg_start, arg_end)`, which the init
     /// overwrites in its copy; `(0, 0)` if unknown.
     pub(crate) args_area: (usize, usize),
+    /// The init pumps the output into the sandbox (`ChildFds::sandbox`);
+    /// `None`: the command writes to `ChildFds::stdout`/`stderr` itself.
+    pub(crate) logs: Option<LogPlan>,
 }
 
 /// One cgroup control file to write "0" to.
@@ -283,14 +344,20 @@ impl Scratch {
     }
 }
 
-/// The child's fds (all >= 3, checked by the caller).
+/// The child's fds (all >= 3, checked by the caller; -1 when absent).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ChildFds {
+    /// The command's stdout and stderr; -1 when the init pumps the output
+    /// into the sandbox instead.
     pub(crate) stdout: RawFd,
     pub(crate) stderr: RawFd,
     pub(crate) sock: RawFd,
     /// A network namespace to join, or -1 for the host's.
     pub(crate) netns: RawFd,
+    /// The sandbox directory, for the log files (with `ChildPlan::logs`).
+    pub(crate) sandbox: RawFd,
+    /// The state directory, for the exit record; -1: none is kept.
+    pub(crate) state: RawFd,
 }
 
 const NAMESPACES: libc::c_int =
@@ -348,9 +415,16 @@ fn init_main(plan: &ChildPlan, scratch: &mut Scratch, fds: ChildFds) -> ! {
         fail(sock, Stage::Signals, 0, e);
     }
     sys::reset_signal_dispositions();
-    let mut keep = [fds.stdout, fds.stderr, sock, fds.netns];
+    let mut keep = [
+        fds.stdout,
+        fds.stderr,
+        sock,
+        fds.netns,
+        fds.sandbox,
+        fds.state,
+    ];
     keep.sort_unstable();
-    // An absent netns (-1) sorts first and must not count.
+    // Absent fds (-1) sort first and must not count.
     let first = keep.iter().position(|&fd| fd >= 0).unwrap_or(keep.len());
     sys::close_fds_except(keep.get(first..).unwrap_or(&[]), plan.max_fd);
     // Before the mounts: a fresh /sys shows the network of its mounter.
@@ -408,17 +482,45 @@ fn init_main(plan: &ChildPlan, scratch: &mut Scratch, fds: ChildFds) -> ! {
         Ok(fd) => fd,
         Err(e) => fail(sock, Stage::Stdio, 0, e),
     };
-    for (index, (from, to)) in [(null, 0), (fds.stdout, 1), (fds.stderr, 2)]
-        .into_iter()
-        .enumerate()
-    {
-        if let Err(e) = sys::dup2(from, to) {
-            fail(sock, Stage::Stdio, index as u32, e);
+    let mut pump = None;
+    match &plan.logs {
+        None => {
+            for (index, (from, to)) in [(null, 0), (fds.stdout, 1), (fds.stderr, 2)]
+                .into_iter()
+                .enumerate()
+            {
+                if let Err(e) = sys::dup2(from, to) {
+                    fail(sock, Stage::Stdio, index as u32, e);
+                }
+            }
+            for fd in [null, fds.stdout, fds.stderr] {
+                if fd > 2 {
+                    sys::close(fd);
+                }
+            }
         }
-    }
-    for fd in [null, fds.stdout, fds.stderr] {
-        if fd > 2 {
-            sys::close(fd);
+        Some(logs) => {
+            // 0-2 taken first, so the pipes and files below land above them
+            // and the dup2s cannot clobber one another.
+            for to in 0..3 {
+                if let Err(e) = sys::dup2(null, to) {
+                    fail(sock, Stage::Stdio, to as u32, e);
+                }
+            }
+            if null > 2 {
+                sys::close(null);
+            }
+            let (p, writers) = match Pump::open(logs, fds.sandbox) {
+                Ok(opened) => opened,
+                Err((index, e)) => fail(sock, Stage::Logs, index, e),
+            };
+            for (index, (from, to)) in [(writers[0], 1), (writers[1], 2)].into_iter().enumerate() {
+                if let Err(e) = sys::dup2(from, to) {
+                    fail(sock, Stage::Stdio, index as u32 + 1, e);
+                }
+                sys::close(from);
+            }
+            pump = Some(p);
         }
     }
     sys::umask(0o022);
@@ -479,13 +581,25 @@ fn init_main(plan: &ChildPlan, scratch: &mut Scratch, fds: ChildFds) -> ! {
             errno,
         );
     }
-    report(sock, Report::Started);
-    supervise(pid, sock)
+    match pump {
+        Some(pump) => {
+            // The init lets go of the pipes' write ends (fd 0 is /dev/null),
+            // so a pipe hangs up once the command and its children closed it.
+            let _ = sys::dup2(0, 1);
+            let _ = sys::dup2(0, 2);
+            report(sock, Report::Started);
+            supervise_pumping(pid, sock, fds.state, pump)
+        }
+        None => {
+            report(sock, Report::Started);
+            supervise(pid, sock, fds.state)
+        }
+    }
 }
 
 /// Forwards signals to the command and reaps zombies until the command
-/// has exited; then reports its status and exits.
-fn supervise(command: libc::pid_t, sock: RawFd) -> ! {
+/// has exited; then records and reports its status and exits.
+fn supervise(command: libc::pid_t, sock: RawFd, state: RawFd) -> ! {
     loop {
         let Ok(sig) = sys::wait_signal() else {
             continue;
@@ -493,13 +607,278 @@ fn supervise(command: libc::pid_t, sock: RawFd) -> ! {
         if sig == libc::SIGCHLD {
             while let Ok(Some((pid, status))) = sys::waitpid_nohang(-1) {
                 if pid == command {
-                    report(sock, Report::Exited { status });
-                    sys::exit(0);
+                    finish(sock, state, status);
                 }
             }
         } else if FORWARDED.contains(&sig) {
             let _ = sys::kill(command, sig);
         }
+    }
+}
+
+/// [`supervise`], also pumping the log pipes into the sandbox: one `poll`
+/// over a signalfd and the two pipes.
+fn supervise_pumping(command: libc::pid_t, sock: RawFd, state: RawFd, mut pump: Pump<'_>) -> ! {
+    let mut buf = [0u8; PUMP_BUF];
+    let pollfd = |fd: RawFd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    loop {
+        // A negative fd (a pipe at end of file) is skipped by poll(2).
+        let mut fds = [
+            pollfd(pump.sigfd),
+            pollfd(pump.streams[0].pipe),
+            pollfd(pump.streams[1].pipe),
+        ];
+        if sys::poll_forever(&mut fds).is_err() {
+            continue;
+        }
+        for (stream, fd) in pump.streams.iter_mut().zip(fds.iter().skip(1)) {
+            if fd.revents != 0 {
+                stream.pump_once(pump.dir, pump.max_size, &mut buf);
+            }
+        }
+        if fds[0].revents == 0 {
+            continue;
+        }
+        while let Ok(Some(sig)) = sys::read_signal(pump.sigfd) {
+            if sig == libc::SIGCHLD {
+                while let Ok(Some((pid, status))) = sys::waitpid_nohang(-1) {
+                    if pid == command {
+                        for stream in &mut pump.streams {
+                            stream.drain(pump.dir, pump.max_size, &mut buf);
+                        }
+                        finish(sock, state, status);
+                    }
+                }
+            } else if FORWARDED.contains(&sig) {
+                let _ = sys::kill(command, sig);
+            }
+        }
+    }
+}
+
+/// The command ended: record its status (for an agent that may be gone),
+/// report it (to one that may be there), exit.
+fn finish(sock: RawFd, state: RawFd, status: libc::c_int) -> ! {
+    record_exit(state, status);
+    report(sock, Report::Exited { status });
+    sys::exit(0)
+}
+
+/// Writes `exit` in the state directory: `exit.tmp`, then renamed, so a
+/// reader sees a whole record or none. No fsync: the record only matters
+/// within this boot (a reboot ends every container, and the agent then
+/// starts over), and within a boot rename(2) is atomic for every reader.
+fn record_exit(state: RawFd, status: libc::c_int) {
+    if state < 0 {
+        return;
+    }
+    let mut text = [0u8; 32];
+    let len = exit_record(sys::Exit::from_wait_status(status), &mut text);
+    let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_NOFOLLOW;
+    let Ok(fd) = sys::openat(state, EXIT_TMP, flags | libc::O_CLOEXEC, 0o644) else {
+        return;
+    };
+    let written = sys::write_all(fd, text.get(..len).unwrap_or(&[]));
+    sys::close(fd);
+    if written.is_ok() {
+        let _ = sys::renameat(state, EXIT_TMP, EXIT_FILE);
+    }
+}
+
+/// `exit N\n` or `signal N\n` into `out` (no allocation: the init is
+/// async-signal-safe); the length written.
+pub(crate) fn exit_record(exit: sys::Exit, out: &mut [u8; 32]) -> usize {
+    let (word, n): (&[u8], i32) = match exit {
+        sys::Exit::Code(c) => (b"exit ", c),
+        sys::Exit::Signal(s) => (b"signal ", s),
+    };
+    // At most 7 + 1 + 10 + 1 bytes: always fits; `get_mut` keeps it
+    // panic-free anyway.
+    let mut len = 0;
+    let mut push = |b: u8| {
+        if let Some(slot) = out.get_mut(len) {
+            *slot = b;
+            len += 1;
+        }
+    };
+    word.iter().for_each(|&b| push(b));
+    if n < 0 {
+        push(b'-');
+    }
+    let mut digits = [0u8; 10];
+    let mut count = 0;
+    let mut v = n.unsigned_abs();
+    // Bounded: a u32 has at most 10 digits.
+    for slot in digits.iter_mut() {
+        *slot = b'0' + (v % 10) as u8;
+        count += 1;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    digits.iter().take(count).rev().for_each(|&d| push(d));
+    push(b'\n');
+    len
+}
+
+/// Reads an [`exit_record`] back.
+pub(crate) fn parse_exit_record(text: &str) -> Option<sys::Exit> {
+    let (word, n) = text.trim_end().split_once(' ')?;
+    let n: i32 = n.parse().ok()?;
+    match word {
+        "exit" => Some(sys::Exit::Code(n)),
+        "signal" => Some(sys::Exit::Signal(n)),
+        _ => None,
+    }
+}
+
+/// The init's log pump: the sandbox dir fd, a signalfd and both streams.
+/// Plain fds and borrowed names, nothing allocated after the clone.
+struct Pump<'a> {
+    dir: RawFd,
+    max_size: u64,
+    sigfd: RawFd,
+    streams: [Stream<'a>; 2],
+}
+
+/// One output stream: the pipe's read end (-1 at end of file), the live
+/// file (-1 when it could not be reopened) and its size.
+struct Stream<'a> {
+    pipe: RawFd,
+    file: RawFd,
+    size: u64,
+    names: &'a [CString],
+}
+
+/// Flags of a live log file. The task can write to the sandbox: never
+/// follow a symlink it may have put in place of the file, and never block
+/// on a FIFO (no reader: ENXIO; a regular file ignores O_NONBLOCK).
+const LOG_FLAGS: libc::c_int = libc::O_WRONLY
+    | libc::O_CREAT
+    | libc::O_TRUNC
+    | libc::O_NOFOLLOW
+    | libc::O_NONBLOCK
+    | libc::O_CLOEXEC;
+
+impl<'a> Pump<'a> {
+    /// Makes both pipes, (re)creates the live files and the signalfd. The
+    /// write ends of the pipes are returned for the command's 1 and 2.
+    /// Errors: `(step index, errno)`.
+    fn open(plan: &'a LogPlan, dir: RawFd) -> Result<(Pump<'a>, [RawFd; 2]), (u32, Errno)> {
+        let sigfd = sys::signalfd_all().map_err(|e| (0, e))?;
+        let mut streams = [&plan.stdout, &plan.stderr].map(|names| Stream {
+            pipe: -1,
+            file: -1,
+            size: 0,
+            names: names.as_slice(),
+        });
+        let mut writers = [-1; 2];
+        for (i, (stream, writer)) in streams.iter_mut().zip(writers.iter_mut()).enumerate() {
+            let step = 1 + 2 * i as u32;
+            let (r, w) = sys::pipe_nonblocking_read().map_err(|e| (step, e))?;
+            stream.pipe = r;
+            *writer = w;
+            let name = stream.names.first().ok_or((step + 1, Errno::EINVAL))?;
+            stream.file = sys::openat(dir, name, LOG_FLAGS, 0o644).map_err(|e| (step + 1, e))?;
+        }
+        Ok((
+            Pump {
+                dir,
+                max_size: plan.max_size,
+                sigfd,
+                streams,
+            },
+            writers,
+        ))
+    }
+}
+
+impl Stream<'_> {
+    /// One read from the pipe into the files; end of file or an error
+    /// closes the pipe (it is polled no more).
+    fn pump_once(&mut self, dir: RawFd, max_size: u64, buf: &mut [u8]) -> bool {
+        if self.pipe < 0 {
+            return false;
+        }
+        match sys::read(self.pipe, buf) {
+            Ok(0) => {}
+            Ok(n) => {
+                self.write(dir, max_size, buf.get(..n).unwrap_or(&[]));
+                return true;
+            }
+            Err(Errno::EAGAIN) => return false,
+            Err(_) => {}
+        }
+        sys::close(self.pipe);
+        self.pipe = -1;
+        false
+    }
+
+    /// What is left in the pipe, bounded by [`DRAIN_READS`].
+    fn drain(&mut self, dir: RawFd, max_size: u64, buf: &mut [u8]) {
+        for _ in 0..DRAIN_READS {
+            if !self.pump_once(dir, max_size, buf) {
+                return;
+            }
+        }
+    }
+
+    /// Appends, rotating first when `data` would not fit (a chunk larger
+    /// than a file is split), as `RotatingFile::write` does. A failed write
+    /// (a full disk) loses that chunk: the command must never block on a
+    /// full pipe because its log cannot be written.
+    fn write(&mut self, dir: RawFd, max_size: u64, mut data: &[u8]) {
+        // Bounded: every pass consumes at least one byte.
+        while !data.is_empty() {
+            if self.file < 0 {
+                // The last rotation could not make a new live file: try
+                // again, without shifting the rotated ones once more.
+                self.reopen(dir);
+            } else if self.size >= max_size {
+                self.rotate(dir);
+            }
+            let room = usize::try_from(max_size.saturating_sub(self.size)).unwrap_or(usize::MAX);
+            let (now, rest) = data.split_at(data.len().min(room.max(1)));
+            if self.file >= 0 {
+                let _ = sys::write_all(self.file, now);
+            }
+            self.size += now.len() as u64;
+            data = rest;
+        }
+    }
+
+    /// `stdout.N-2` → `stdout.N-1`, …, `stdout` → `stdout.1`, then a new
+    /// live file (only the live file kept: it starts over).
+    fn rotate(&mut self, dir: RawFd) {
+        let keep = self.names.len();
+        if keep > 1 {
+            if let Some(oldest) = self.names.get(keep - 1) {
+                let _ = sys::unlinkat(dir, oldest);
+            }
+            for n in (0..keep - 1).rev() {
+                if let (Some(from), Some(to)) = (self.names.get(n), self.names.get(n + 1)) {
+                    let _ = sys::renameat(dir, from, to);
+                }
+            }
+        }
+        self.reopen(dir);
+    }
+
+    /// A new, empty live file.
+    fn reopen(&mut self, dir: RawFd) {
+        if self.file >= 0 {
+            sys::close(self.file);
+        }
+        self.file = match self.names.first() {
+            Some(live) => sys::openat(dir, live, LOG_FLAGS, 0o644).unwrap_or(-1),
+            None => -1,
+        };
+        self.size = 0;
     }
 }
 
@@ -613,12 +992,48 @@ mod tests {
         ] {
             assert_eq!(Report::decode(&r.encode()), Some(r));
         }
+        assert_eq!(Stage::from_u32(Stage::Logs as u32), Some(Stage::Logs));
         assert_eq!(Report::decode(&[0u8; REPORT_LEN]), None);
         assert_eq!(Report::decode(&[1u8; 3]), None);
         let mut bad_stage = Report::Started.encode();
         bad_stage[..4].copy_from_slice(&1u32.to_ne_bytes());
         bad_stage[4..8].copy_from_slice(&999u32.to_ne_bytes());
         assert_eq!(Report::decode(&bad_stage), None);
+    }
+
+    #[test]
+    fn exit_records_round_trip() {
+        for exit in [
+            sys::Exit::Code(0),
+            sys::Exit::Code(7),
+            sys::Exit::Code(255),
+            sys::Exit::Code(-1),
+            sys::Exit::Code(i32::MIN),
+            sys::Exit::Signal(libc::SIGKILL),
+        ] {
+            let mut out = [0u8; 32];
+            let len = exit_record(exit, &mut out);
+            let text = std::str::from_utf8(&out[..len]).unwrap();
+            assert!(text.ends_with('\n'), "{text:?}");
+            assert_eq!(parse_exit_record(text), Some(exit), "{text:?}");
+        }
+        assert_eq!(parse_exit_record("signal 9\n"), Some(sys::Exit::Signal(9)));
+        assert_eq!(parse_exit_record("exit x"), None);
+        assert_eq!(parse_exit_record("quit 1"), None);
+        assert_eq!(parse_exit_record(""), None);
+    }
+
+    #[test]
+    fn log_plans_name_the_live_file_and_its_rotations() {
+        let plan = LogPlan::new(0, 3);
+        assert_eq!(plan.max_size, 1, "a zero size would never fit a byte");
+        let names: Vec<_> = plan.stdout.iter().map(|c| c.to_str().unwrap()).collect();
+        assert_eq!(names, ["stdout", "stdout.1", "stdout.2"]);
+        assert_eq!(
+            LogPlan::new(10, 0).stderr.len(),
+            1,
+            "the live file at least"
+        );
     }
 
     #[test]

@@ -23,7 +23,17 @@
 //!    `launch` returns when the init reports STARTED, or the failing step.
 //!
 //! Waiting is a pidfd registered with tokio (`AsyncFd`): no thread per
-//! container. Killing goes through the cgroup. Nothing is mounted in the
+//! container. Killing goes through the cgroup.
+//!
+//! Containers outlive the agent. With [`Output::Sandbox`] the init pumps
+//! the command's output into rotating files in the sandbox itself, and
+//! with a `state_dir` it records the command's status there (`exit`)
+//! before it exits; the agent's socket to it may close at any time. After
+//! a `kill -9` of the agent, a restarted one re-adopts each container from
+//! the [`ContainerCheckpoint`] it persisted ([`Containerizer::recover`]:
+//! a pidfd on the init, guarded against pid reuse by the init's start
+//! time), and lists what no checkpoint names
+//! ([`Containerizer::orphans`]) to destroy it. Nothing is mounted in the
 //! host's mount namespace: the overlay and every other mount live and die
 //! with the container's.
 //!
@@ -36,7 +46,8 @@
 //! v1 hierarchies a container needs get a directory.
 //!
 //! What a container costs the agent: two fds (pidfd, socket) and, while
-//! waited for, one epoll registration. The init is a copy-on-write copy of
+//! waited for, one epoll registration; its output costs the agent nothing
+//! (the init pumps it, with an 8 KiB buffer on its stack). The init is a copy-on-write copy of
 //! the zygote, not of the agent: cloning from the busy, multi-threaded
 //! agent made the agent take a copy-on-write fault (and a TLB shootdown)
 //! for every page it wrote while any init lived — 35–40 % of all CPU at
@@ -75,7 +86,9 @@ use tracing::warn;
 pub use error::ContainerError;
 
 use cgroup::{Cgroups, Leaf};
-use init::{ChildFds, ChildPlan, ExecPlan, JoinFile, Report, Scratch, Stage};
+use init::{ChildFds, ChildPlan, ExecPlan, JoinFile, LogPlan, Report, Scratch, Stage};
+
+use crate::logs::LogConfig;
 use plan::{PlannedBind, PlannedRoot};
 use sys::Exit;
 
@@ -137,12 +150,28 @@ pub struct ContainerSpec {
     pub cpus_milli: u64,
     /// Memory limit (v1: also memory+swap when swap accounting exists).
     pub mem_bytes: u64,
-    /// stdin is /dev/null.
-    pub stdout: OwnedFd,
-    pub stderr: OwnedFd,
+    /// Where stdout and stderr go (stdin is /dev/null).
+    pub output: Output,
+    /// A host directory where the init records how the command ended
+    /// (`exit`: `exit N` or `signal N`, replaced atomically), so the status
+    /// outlives the agent; `None`: only the agent hears it.
+    pub state_dir: Option<PathBuf>,
     /// A network namespace to join (a pod's, shared by its containers);
     /// `None`: the host's network.
     pub netns: Option<OwnedFd>,
+}
+
+/// Where a container's stdout and stderr go.
+#[derive(Debug)]
+pub enum Output {
+    /// The command writes to these itself (files, or pipes the caller
+    /// reads: then the output stops being read when the caller dies).
+    Fds { stdout: OwnedFd, stderr: OwnedFd },
+    /// The init pumps both into `<dir>/stdout` and `<dir>/stderr`, rotated
+    /// as [`crate::logs::RotatingFile`] does (`stdout.1` … per `logs`), so
+    /// the output is captured with or without an agent. The live files are
+    /// created (truncated) by the init before the command starts.
+    Sandbox { dir: PathBuf, logs: LogConfig },
 }
 
 /// The container's root filesystem.
@@ -187,6 +216,55 @@ pub struct ContainerExit {
     pub mem_limit_bytes: u64,
 }
 
+/// What a restarted agent needs to re-adopt a container
+/// ([`Containerizer::recover`]): persist it (it is small, plain data) when
+/// [`Containerizer::launch`] returns, from [`Container::checkpoint`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ContainerCheckpoint {
+    pub id: String,
+    /// Host pid of the init.
+    pub pid: u32,
+    /// The init's start time (`/proc/PID/stat` field 22, clock ticks after
+    /// boot): a pid reused by another process has another. 0 if the init
+    /// had already ended when the checkpoint was taken.
+    pub start_time: u64,
+    /// `/proc/sys/kernel/random/boot_id` at launch: after a reboot no
+    /// container survives, and a pid may be anyone's.
+    pub boot_id: String,
+    /// The containerizer's cgroup subtree (`IsolationConfig::cgroup_root`).
+    pub cgroup_root: String,
+    /// The container's cgroup directories, one per hierarchy (for
+    /// operators; recovery derives them from the id and the root).
+    pub cgroups: Vec<PathBuf>,
+    /// Where the init records the command's status (`ContainerSpec::state_dir`).
+    pub state_dir: Option<PathBuf>,
+    /// The sandbox the init writes the logs into (`Output::Sandbox`).
+    pub sandbox: Option<PathBuf>,
+    pub cpus_milli: u64,
+    pub mem_bytes: u64,
+}
+
+/// What [`Containerizer::recover`] found.
+#[derive(Debug)]
+pub enum Recovered {
+    /// The init still runs: adopted. The handle waits (pidfd), kills
+    /// (cgroup), samples usage and destroys as a launched one does; its
+    /// `wait` reads the status from the state directory.
+    Running(Container),
+    /// The command ended while no agent ran; `exit` is what its init
+    /// recorded (with `oom_killed` from the cgroup). The handle's `wait`
+    /// returns the same at once; `destroy` removes the cgroup.
+    Exited {
+        container: Container,
+        exit: ContainerExit,
+    },
+    /// Neither running nor a recorded status: the init is gone without a
+    /// record, its pid now belongs to another process, or the host
+    /// rebooted. Nothing was adopted; remove leftovers with
+    /// [`Containerizer::destroy`].
+    Gone { reason: String },
+}
+
 /// Resource usage from the container's cgroup.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Usage {
@@ -212,6 +290,35 @@ pub struct Containerizer {
     /// Clones the inits; None if it could not be started (then the agent
     /// clones them itself, at a higher cost).
     zygote: Option<zygote::Zygote>,
+    /// This boot's id, for checkpoints.
+    boot_id: String,
+}
+
+/// `/proc/sys/kernel/random/boot_id`, trimmed; empty if unreadable.
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Field 22 of `/proc/PID/stat` (the start time in clock ticks after boot),
+/// counted after the parenthesised command name (which may hold spaces).
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_start_time(&stat)
+}
+
+fn parse_start_time(stat: &str) -> Option<u64> {
+    let (_, rest) = stat.rsplit_once(") ")?;
+    // `rest` starts at field 3 (state).
+    rest.split_whitespace().nth(22 - 3)?.parse().ok()
+}
+
+/// The status an init recorded in `state_dir`, if it did.
+fn recorded_exit(state_dir: &Path) -> Option<Exit> {
+    let path = state_dir.join(init::EXIT_FILE.to_str().unwrap_or("exit"));
+    let text = std::fs::read_to_string(path).ok()?;
+    init::parse_exit_record(&text)
 }
 
 /// `(arg_start, arg_end)` of this process from /proc/self/stat (fields 48
@@ -270,6 +377,7 @@ impl Containerizer {
             max_fd,
             args_area: args_area(),
             zygote: None,
+            boot_id: boot_id(),
         };
         match zygote::Zygote::start(&cz) {
             Ok(z) => cz.zygote = Some(z),
@@ -317,18 +425,44 @@ impl Containerizer {
         let (parent_sock, child_sock) =
             sys::socketpair_seqpacket().map_err(sys_err("create the init socket"))?;
         // The child dup2s its stdio onto 0-2; keep its own fds above that.
-        let stdout = AboveStdio::new(spec.stdout.as_fd()).map_err(sys_err("dup stdout"))?;
-        let stderr = AboveStdio::new(spec.stderr.as_fd()).map_err(sys_err("dup stderr"))?;
+        let (stdout, stderr, sandbox) = match &spec.output {
+            Output::Fds { stdout, stderr } => (
+                Some(AboveStdio::new(stdout.as_fd()).map_err(sys_err("dup stdout"))?),
+                Some(AboveStdio::new(stderr.as_fd()).map_err(sys_err("dup stderr"))?),
+                None,
+            ),
+            Output::Sandbox { dir, .. } => {
+                let fd = open_dir(&id, dir, "open the sandbox")?;
+                (
+                    None,
+                    None,
+                    Some(AboveStdio::owned(fd).map_err(sys_err("dup the sandbox fd"))?),
+                )
+            }
+        };
+        let state = match &spec.state_dir {
+            Some(dir) => {
+                let fd = open_dir(&id, dir, "open the state directory")?;
+                // A record of an earlier run in the same place would be
+                // taken for this one's.
+                let _ = std::fs::remove_file(dir.join(init::EXIT_FILE.to_str().unwrap_or("exit")));
+                Some(AboveStdio::owned(fd).map_err(sys_err("dup the state dir fd"))?)
+            }
+            None => None,
+        };
         let child_sock = AboveStdio::owned(child_sock).map_err(sys_err("dup the init socket"))?;
         let netns = match &spec.netns {
             Some(fd) => Some(AboveStdio::new(fd.as_fd()).map_err(sys_err("dup the netns"))?),
             None => None,
         };
+        let raw = |fd: &Option<AboveStdio<'_>>| fd.as_ref().map_or(-1, AboveStdio::raw);
         let fds = ChildFds {
-            stdout: stdout.raw(),
-            stderr: stderr.raw(),
+            stdout: raw(&stdout),
+            stderr: raw(&stderr),
             sock: child_sock.raw(),
-            netns: netns.as_ref().map_or(-1, AboveStdio::raw),
+            netns: raw(&netns),
+            sandbox: raw(&sandbox),
+            state: raw(&state),
         };
         // A zygote that is gone (killed by an operator?) costs only speed.
         let spawned = match self.zygote.as_ref().and_then(|z| z.spawn(spec, fds)) {
@@ -337,7 +471,7 @@ impl Containerizer {
             None => init::spawn(&plan, &mut Scratch::new(&plan), fds),
         };
         let (pid, pidfd) = spawned.map_err(sys_err("clone the init"))?;
-        drop((stdout, stderr, child_sock, netns));
+        drop((stdout, stderr, child_sock, netns, sandbox, state));
         // From here on, every error path kills and reaps the init.
         let abort = |err: ContainerError, leaf: Option<&Leaf>| {
             let _ = sys::pidfd_send_signal(&pidfd, libc::SIGKILL);
@@ -367,17 +501,41 @@ impl Containerizer {
         }
 
         match read_report(&parent_sock, LAUNCH_TIMEOUT) {
-            Ok(Some(Report::Started)) => Ok(Container {
-                id,
-                pid,
-                pidfd,
-                sock: parent_sock,
-                leaf,
-                mem_limit_bytes: spec.mem_bytes,
-                exit: tokio::sync::OnceCell::new(),
-                reaped: AtomicBool::new(false),
-                destroyed: AtomicBool::new(false),
-            }),
+            Ok(Some(Report::Started)) => {
+                // Read while the init is known to live (its pidfd is not
+                // readable yet), so the time is certainly its own: inits
+                // are reaped by the zygote at once, and the pid is free
+                // for reuse as soon as it ends.
+                let started = start_time(pid)
+                    .filter(|_| !sys::poll_readable(pidfd.as_raw_fd(), 0).unwrap_or(true))
+                    .unwrap_or(0);
+                Ok(Container {
+                    checkpoint: ContainerCheckpoint {
+                        id: id.clone(),
+                        pid,
+                        start_time: started,
+                        boot_id: self.boot_id.clone(),
+                        cgroup_root: self.config.cgroup_root.clone(),
+                        cgroups: leaf.dirs(),
+                        state_dir: spec.state_dir.clone(),
+                        sandbox: match &spec.output {
+                            Output::Sandbox { dir, .. } => Some(dir.clone()),
+                            Output::Fds { .. } => None,
+                        },
+                        cpus_milli: spec.cpus_milli,
+                        mem_bytes: spec.mem_bytes,
+                    },
+                    id,
+                    pid,
+                    pidfd: Some(pidfd),
+                    sock: Some(parent_sock),
+                    leaf,
+                    mem_limit_bytes: spec.mem_bytes,
+                    exit: tokio::sync::OnceCell::new(),
+                    reaped: AtomicBool::new(false),
+                    destroyed: AtomicBool::new(false),
+                })
+            }
             Ok(Some(Report::Failed {
                 stage,
                 index,
@@ -481,11 +639,139 @@ impl Containerizer {
             exec,
             max_fd: self.max_fd,
             args_area: self.args_area,
+            logs: match &spec.output {
+                Output::Fds { .. } => None,
+                Output::Sandbox { logs, .. } => Some(LogPlan::new(logs.max_size, logs.max_files)),
+            },
         })
     }
 
+    /// Re-adopts a container launched by an earlier agent process from its
+    /// checkpoint. Blocking, a few file reads. The init is adopted only if
+    /// its pid still runs with the checkpoint's start time (and this is the
+    /// same boot); a container that ended meanwhile comes back with the
+    /// status its init recorded. Errors: a checkpoint that does not fit
+    /// this containerizer (another cgroup root, an invalid id) or a failed
+    /// syscall.
+    pub fn recover(&self, checkpoint: &ContainerCheckpoint) -> Result<Recovered, ContainerError> {
+        let id = &checkpoint.id;
+        let invalid = |reason: String| ContainerError::InvalidSpec {
+            id: id.clone(),
+            reason,
+        };
+        if !spec::valid_id(id) {
+            return Err(invalid("checkpoint.id: not a valid container id".into()));
+        }
+        if checkpoint.cgroup_root != self.config.cgroup_root {
+            return Err(invalid(format!(
+                "checkpoint.cgroup_root: '{}', but this containerizer runs under '{}'",
+                checkpoint.cgroup_root, self.config.cgroup_root
+            )));
+        }
+        if checkpoint.boot_id != self.boot_id {
+            return Ok(Recovered::Gone {
+                reason: format!(
+                    "the host rebooted since the container was launched (boot id {} then, {} now)",
+                    checkpoint.boot_id, self.boot_id
+                ),
+            });
+        }
+        let pid = libc::pid_t::try_from(checkpoint.pid)
+            .ok()
+            .filter(|p| *p > 1)
+            .ok_or_else(|| invalid(format!("checkpoint.pid: {} is not a pid", checkpoint.pid)))?;
+        let handle = |pidfd: Option<OwnedFd>, ended: bool| Container {
+            id: id.clone(),
+            pid: checkpoint.pid,
+            pidfd,
+            sock: None,
+            leaf: self.cgroups.leaf(id),
+            mem_limit_bytes: checkpoint.mem_bytes,
+            exit: tokio::sync::OnceCell::new(),
+            reaped: AtomicBool::new(ended),
+            destroyed: AtomicBool::new(false),
+            checkpoint: checkpoint.clone(),
+        };
+        let exited = |status: Exit| {
+            let container = handle(None, true);
+            let oom_killed = container.leaf.oom_kills().is_ok_and(|n| n > 0);
+            let exit = container_exit(status, oom_killed, checkpoint.mem_bytes);
+            let _ = container.exit.set(exit);
+            Recovered::Exited { container, exit }
+        };
+        let state = checkpoint.state_dir.as_deref();
+        // A record means the command ended (the init exits right after).
+        if let Some(recorded) = state.and_then(recorded_exit) {
+            return Ok(exited(recorded));
+        }
+        let gone = |why: String| match state.and_then(recorded_exit) {
+            // Written between the first look and the init's exit.
+            Some(recorded) => exited(recorded),
+            // An init without a record was killed; an OOM kill in its
+            // cgroup says by whom (the command died with it).
+            None if self.cgroups.leaf(id).oom_kills().is_ok_and(|n| n > 0) => {
+                exited(Exit::Signal(libc::SIGKILL))
+            }
+            None => Recovered::Gone { reason: why },
+        };
+        let pidfd = match sys::pidfd_open(pid) {
+            Ok(fd) => fd,
+            Err(Errno::ESRCH) => {
+                return Ok(gone(format!(
+                    "its init (pid {pid}) ended without recording a status"
+                )));
+            }
+            Err(errno) => {
+                return Err(ContainerError::Sys {
+                    id: id.clone(),
+                    what: "open a pidfd for the init",
+                    errno,
+                });
+            }
+        };
+        // Checked after the pidfd is open: if the start time matches now,
+        // the pidfd is certainly the init's (a pid is reused only after
+        // its process is gone, and the pidfd pins this one).
+        match start_time(checkpoint.pid) {
+            Some(t) if t == checkpoint.start_time && t != 0 => {}
+            Some(_) => {
+                return Ok(gone(format!(
+                    "pid {pid} now belongs to another process (start time differs)"
+                )));
+            }
+            None => {
+                return Ok(gone(format!(
+                    "its init (pid {pid}) ended without recording a status"
+                )));
+            }
+        }
+        if sys::poll_readable(pidfd.as_raw_fd(), 0).unwrap_or(false) {
+            // Ended (a zombie nobody reaped yet); its record, if any, is
+            // complete now.
+            return Ok(gone(format!(
+                "its init (pid {pid}) ended without recording a status"
+            )));
+        }
+        Ok(Recovered::Running(handle(Some(pidfd), false)))
+    }
+
+    /// Ids of the containers in this containerizer's cgroup subtree that
+    /// `known` does not name: orphans of an earlier agent, to be removed
+    /// with [`Containerizer::destroy`] once the known ones are recovered.
+    pub fn orphans(
+        &self,
+        known: &std::collections::HashSet<String>,
+    ) -> Result<Vec<String>, ContainerError> {
+        Ok(self
+            .cgroups
+            .list()?
+            .into_iter()
+            .filter(|id| !known.contains(id))
+            .collect())
+    }
+
     /// Ids of the containers present in the cgroup subtree (for the orphan
-    /// sweep at agent start).
+    /// sweep at agent start; see also [`Containerizer::orphans`]).
     pub fn list(&self) -> Result<Vec<String>, ContainerError> {
         self.cgroups.list()
     }
@@ -543,6 +829,35 @@ impl Containerizer {
     pub fn remove_root(&self) -> Result<(), ContainerError> {
         self.cgroups.remove_root()
     }
+}
+
+/// A [`ContainerExit`] from how the command ended.
+fn container_exit(exit: Exit, oom_killed: bool, mem_limit_bytes: u64) -> ContainerExit {
+    let (code, signal) = match exit {
+        Exit::Code(c) => (Some(c), None),
+        Exit::Signal(s) => (None, Some(s)),
+    };
+    ContainerExit {
+        code,
+        signal,
+        oom_killed,
+        mem_limit_bytes,
+    }
+}
+
+/// A directory fd for the init's `*at` calls.
+fn open_dir(id: &str, dir: &Path, what: &'static str) -> Result<OwnedFd, ContainerError> {
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(|_| {
+        ContainerError::InvalidSpec {
+            id: id.to_string(),
+            reason: format!("{} contains a NUL byte", dir.display()),
+        }
+    })?;
+    sys::open_dir(&c).map_err(|errno| ContainerError::Sys {
+        id: id.to_string(),
+        what,
+        errno,
+    })
 }
 
 /// A dup of an fd when it is 0-2, else the fd itself.
@@ -707,9 +1022,14 @@ pub struct Container {
     pub id: String,
     /// Host pid of the container's init.
     pub pid: u32,
-    pidfd: OwnedFd,
-    sock: OwnedFd,
+    /// `None` once the init is known to be gone (a recovered container
+    /// that had ended).
+    pidfd: Option<OwnedFd>,
+    /// The init's report socket; `None` for a recovered container (its
+    /// status comes from the state directory).
+    sock: Option<OwnedFd>,
     leaf: Leaf,
+    checkpoint: ContainerCheckpoint,
     mem_limit_bytes: u64,
     exit: tokio::sync::OnceCell<ContainerExit>,
     /// The init has been waited for (its pid may be reused).
@@ -745,52 +1065,57 @@ impl Container {
                 errno: Errno::EINVAL,
             });
         }
-        let init_exit = if self.reaped.load(Ordering::Acquire) {
-            None
-        } else {
-            let afd = sys::async_pidfd(self.pidfd.as_fd()).map_err(io_err)?;
-            loop {
-                let mut guard = afd.readable().await.map_err(io_err)?;
-                match sys::waitid_pidfd(self.pidfd.as_raw_fd(), true) {
-                    Ok(Some(exit)) => {
-                        self.reaped.store(true, Ordering::Release);
-                        break Some(exit);
+        let init_exit = match &self.pidfd {
+            Some(pidfd) if !self.reaped.load(Ordering::Acquire) => {
+                let afd = sys::async_pidfd(pidfd.as_fd()).map_err(io_err)?;
+                loop {
+                    let mut guard = afd.readable().await.map_err(io_err)?;
+                    match sys::waitid_pidfd(pidfd.as_raw_fd(), true) {
+                        Ok(Some(exit)) => {
+                            self.reaped.store(true, Ordering::Release);
+                            break Some(exit);
+                        }
+                        Ok(None) => guard.clear_ready(),
+                        // Reaped by someone else (a waitpid(-1) elsewhere in
+                        // the process), or not our child (a recovered
+                        // container): the status is on the socket or recorded.
+                        Err(Errno::ECHILD) => {
+                            self.reaped.store(true, Ordering::Release);
+                            break None;
+                        }
+                        Err(e) => return Err(sys_err(e)),
                     }
-                    Ok(None) => guard.clear_ready(),
-                    // Reaped by someone else (a waitpid(-1) elsewhere in
-                    // the process): the command's status is on the socket.
-                    Err(Errno::ECHILD) => {
-                        self.reaped.store(true, Ordering::Release);
-                        break None;
-                    }
-                    Err(e) => return Err(sys_err(e)),
                 }
             }
-        };
-        let mut buf = [0u8; init::REPORT_LEN];
-        let reported = match sys::recv(self.sock.as_raw_fd(), &mut buf, true) {
-            Ok(init::REPORT_LEN) => match Report::decode(&buf) {
-                Some(Report::Exited { status }) => Some(Exit::from_wait_status(status)),
-                _ => None,
-            },
             _ => None,
         };
-        // No report: the init was killed (kill(), destroy, the OOM killer)
-        // together with the command, which then died of the same signal.
+        let mut buf = [0u8; init::REPORT_LEN];
+        let reported =
+            self.sock
+                .as_ref()
+                .and_then(|sock| match sys::recv(sock.as_raw_fd(), &mut buf, true) {
+                    Ok(init::REPORT_LEN) => match Report::decode(&buf) {
+                        Some(Report::Exited { status }) => Some(Exit::from_wait_status(status)),
+                        _ => None,
+                    },
+                    _ => None,
+                });
+        // No report: the record in the state directory (a recovered
+        // container's only source). Neither: the init was killed (kill(),
+        // destroy, the OOM killer) together with the command, which then
+        // died of the same signal.
         let exit = reported
+            .or_else(|| self.checkpoint.state_dir.as_deref().and_then(recorded_exit))
             .or(init_exit)
             .unwrap_or(Exit::Signal(libc::SIGKILL));
         let oom_killed = self.leaf.oom_kills().is_ok_and(|n| n > 0);
-        let (code, signal) = match exit {
-            Exit::Code(c) => (Some(c), None),
-            Exit::Signal(s) => (None, Some(s)),
-        };
-        Ok(ContainerExit {
-            code,
-            signal,
-            oom_killed,
-            mem_limit_bytes: self.mem_limit_bytes,
-        })
+        Ok(container_exit(exit, oom_killed, self.mem_limit_bytes))
+    }
+
+    /// What a restarted agent needs to re-adopt this container; persist it
+    /// once `launch` returned.
+    pub fn checkpoint(&self) -> &ContainerCheckpoint {
+        &self.checkpoint
     }
 
     /// SIGTERM to the init, which forwards it to the command.
@@ -799,7 +1124,10 @@ impl Container {
     }
 
     fn signal_init(&self, sig: libc::c_int) -> Result<(), ContainerError> {
-        match sys::pidfd_send_signal(&self.pidfd, sig) {
+        let Some(pidfd) = &self.pidfd else {
+            return Ok(()); // the init is gone
+        };
+        match sys::pidfd_send_signal(pidfd, sig) {
             Ok(()) | Err(Errno::ESRCH) => Ok(()),
             Err(errno) => Err(ContainerError::Sys {
                 id: self.id.clone(),
@@ -844,10 +1172,14 @@ impl Container {
     }
 
     fn teardown(&self) -> Result<(), ContainerError> {
-        if !self.reaped.load(Ordering::Acquire) {
+        if let Some(pidfd) = self
+            .pidfd
+            .as_ref()
+            .filter(|_| !self.reaped.load(Ordering::Acquire))
+        {
             let killed = self.leaf.kill_all();
-            let _ = sys::pidfd_send_signal(&self.pidfd, libc::SIGKILL);
-            if let Reaped::Running = reap(&self.pidfd, TEARDOWN_TIMEOUT) {
+            let _ = sys::pidfd_send_signal(pidfd, libc::SIGKILL);
+            if let Reaped::Running = reap(pidfd, TEARDOWN_TIMEOUT) {
                 killed?;
                 return Err(ContainerError::Timeout {
                     id: self.id.clone(),
@@ -897,6 +1229,36 @@ mod tests {
         send_sync::<Containerizer>();
         send_sync::<Container>();
         send_sync::<ContainerError>();
+    }
+
+    #[test]
+    fn the_start_time_is_field_22_even_with_spaces_in_the_name() {
+        let stat = "42 (a b) c) S 1 42 42 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 98765 1000 200";
+        assert_eq!(parse_start_time(stat), Some(98765));
+        assert_eq!(parse_start_time("42 (x) S 1"), None);
+        let own = start_time(std::process::id()).unwrap();
+        assert!(own > 0);
+    }
+
+    #[test]
+    fn checkpoints_survive_a_json_round_trip() {
+        let cp = ContainerCheckpoint {
+            id: "c1".into(),
+            pid: 1234,
+            start_time: 5678,
+            boot_id: "b".into(),
+            cgroup_root: "corral".into(),
+            cgroups: vec!["/sys/fs/cgroup/memory/corral/c1".into()],
+            state_dir: Some("/var/lib/corral/containers/c1".into()),
+            sandbox: Some("/var/lib/corral/sandboxes/t".into()),
+            cpus_milli: 500,
+            mem_bytes: 64 << 20,
+        };
+        let text = serde_json::to_string(&cp).unwrap();
+        assert_eq!(
+            serde_json::from_str::<ContainerCheckpoint>(&text).unwrap(),
+            cp
+        );
     }
 
     #[test]

@@ -215,8 +215,11 @@ mod tests {
             user: None,
             cpus_milli: 500,
             mem_bytes: 64 << 20,
-            stdout: devnull(),
-            stderr: devnull(),
+            output: crate::containerizer::Output::Fds {
+                stdout: devnull(),
+                stderr: devnull(),
+            },
+            state_dir: None,
             netns: None,
         }
     }

@@ -501,6 +501,126 @@ pub(crate) fn waitpid_blocking(pid: libc::pid_t) -> SysResult<libc::c_int> {
 }
 
 // ---------------------------------------------------------------------------
+// The init's log pump and exit record: raw syscalls on fds it opened (or was
+// given) before the pivot, so they work whatever the container's root is.
+
+/// `pipe2(O_CLOEXEC)`, the read end non-blocking: `(read, write)`.
+pub(crate) fn pipe_nonblocking_read() -> SysResult<(RawFd, RawFd)> {
+    let mut fds = [-1; 2];
+    // SAFETY: pipe2(2) writes two fds into a valid two-element array.
+    check(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    // SAFETY: fcntl(2) on the fd we just got; no memory is involved.
+    let set = unsafe {
+        let flags = libc::fcntl(fds[0], libc::F_GETFL);
+        libc::fcntl(fds[0], libc::F_SETFL, flags | libc::O_NONBLOCK)
+    };
+    if let Err(e) = check(set) {
+        close(fds[0]);
+        close(fds[1]);
+        return Err(e);
+    }
+    Ok((fds[0], fds[1]))
+}
+
+/// `openat(2)`, retried on EINTR.
+pub(crate) fn openat(
+    dir: RawFd,
+    rel: &CStr,
+    flags: libc::c_int,
+    mode: libc::mode_t,
+) -> SysResult<RawFd> {
+    loop {
+        // SAFETY: openat(2) with a C string; a bad dirfd is an error.
+        match check(unsafe { libc::openat(dir, rel.as_ptr(), flags, mode as libc::c_uint) }) {
+            Err(Errno::EINTR) => continue,
+            other => return other,
+        }
+    }
+}
+
+/// `renameat(2)` within one directory.
+pub(crate) fn renameat(dir: RawFd, from: &CStr, to: &CStr) -> SysResult<()> {
+    // SAFETY: renameat(2) with two C strings.
+    check(unsafe { libc::renameat(dir, from.as_ptr(), dir, to.as_ptr()) }).map(drop)
+}
+
+/// `unlinkat(2)` of a file.
+pub(crate) fn unlinkat(dir: RawFd, rel: &CStr) -> SysResult<()> {
+    // SAFETY: unlinkat(2) with a C string.
+    check(unsafe { libc::unlinkat(dir, rel.as_ptr(), 0) }).map(drop)
+}
+
+/// One `read(2)`, retried on EINTR; `Ok(0)` is end of file.
+pub(crate) fn read(fd: RawFd, buf: &mut [u8]) -> SysResult<usize> {
+    loop {
+        // SAFETY: `buf` is valid for writes of `len` bytes.
+        let ret = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        match check_long(ret as libc::c_long) {
+            Err(Errno::EINTR) => continue,
+            other => return other.map(|n| n as usize),
+        }
+    }
+}
+
+/// Writes all of `data` (short writes and EINTR retried).
+pub(crate) fn write_all(fd: RawFd, mut data: &[u8]) -> SysResult<()> {
+    while !data.is_empty() {
+        // SAFETY: `data` is valid for reads of `len` bytes.
+        let ret = unsafe { libc::write(fd, data.as_ptr().cast(), data.len()) };
+        match check_long(ret as libc::c_long) {
+            Ok(0) => return Err(Errno::EIO),
+            Ok(n) => data = data.get(n as usize..).unwrap_or(&[]),
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// A signalfd for every signal (they are all blocked in the init), so the
+/// init can wait for signals and log pipes in one `poll`.
+pub(crate) fn signalfd_all() -> SysResult<RawFd> {
+    let set = full_sigset();
+    // SAFETY: signalfd(2) with a valid set, creating a new fd.
+    check(unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) })
+}
+
+/// The next pending signal from a signalfd; `Ok(None)` when none is.
+pub(crate) fn read_signal(fd: RawFd) -> SysResult<Option<libc::c_int>> {
+    // SAFETY: signalfd_siginfo is plain integers.
+    let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+    let size = std::mem::size_of::<libc::signalfd_siginfo>();
+    // SAFETY: `info` is valid for writes of `size` bytes.
+    let ret = unsafe { libc::read(fd, (&mut info as *mut libc::signalfd_siginfo).cast(), size) };
+    match check_long(ret as libc::c_long) {
+        Ok(n) if n as usize == size => Ok(Some(info.ssi_signo as libc::c_int)),
+        Ok(_) | Err(Errno::EAGAIN) | Err(Errno::EINTR) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// `poll(2)` without a timeout; EINTR is `Ok(0)`.
+pub(crate) fn poll_forever(fds: &mut [libc::pollfd]) -> SysResult<usize> {
+    // SAFETY: `fds` is a valid, writable array of pollfds.
+    match check(unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) }) {
+        Ok(n) => Ok(n as usize),
+        Err(Errno::EINTR) => Ok(0),
+        Err(e) => Err(e),
+    }
+}
+
+/// Opens a directory (for `*at` calls in the init) with close-on-exec.
+pub(crate) fn open_dir(path: &CStr) -> SysResult<OwnedFd> {
+    let fd = open(
+        path,
+        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        0,
+    )?;
+    // SAFETY: open succeeded, so the fd is ours alone.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+// ---------------------------------------------------------------------------
 // The agent <-> init channel (a SOCK_SEQPACKET pair: one record per send).
 
 pub(crate) fn socketpair_seqpacket() -> SysResult<(OwnedFd, OwnedFd)> {
@@ -752,7 +872,7 @@ pub(crate) unsafe fn spawn_vfork(
 }
 
 /// Most fds passed in one message over the zygote's socket.
-pub(crate) const MAX_PASSED_FDS: usize = 4;
+pub(crate) const MAX_PASSED_FDS: usize = 6;
 
 /// One record with `fds` attached (SCM_RIGHTS); MSG_NOSIGNAL as [`send`].
 pub(crate) fn send_with_fds(sock: RawFd, data: &[u8], fds: &[RawFd]) -> SysResult<usize> {

@@ -10,14 +10,17 @@
 //! so those costs mostly vanish.
 //!
 //! Protocol (SOCK_SEQPACKET): the agent sends the container spec (JSON,
-//! without its fds) with the init's stdout, stderr and report socket
-//! attached (SCM_RIGHTS); the zygote builds the plan, clones the init as
+//! without its fds) with the init's fds attached (SCM_RIGHTS), in this
+//! order: stdout and stderr (or the sandbox dir), the report socket, the
+//! netns and the state dir (each when the request says it is there); the
+//! zygote builds the plan, clones the init as
 //! [`init::spawn`] does in-process, and answers `[errno: i32, pid: u32]`
 //! with the init's pidfd attached. Inits are the zygote's children, reaped
 //! automatically (SIGCHLD ignored): the agent learns the command's status
 //! from the init's report, as it already does when an init was reaped
 //! elsewhere. The zygote exits when the agent's end of the socket closes
-//! (the containerizer dropped, or the agent gone).
+//! (the containerizer dropped, or the agent gone); its inits live on,
+//! reparented (they do not ask for a parent-death signal).
 //!
 //! After fork(2) in a multi-threaded process only the forking thread exists
 //! in the child. glibc's fork makes malloc usable in the child; the zygote
@@ -32,7 +35,8 @@ use std::time::Duration;
 use nix::errno::Errno;
 
 use super::init::{self, ChildFds, Scratch};
-use super::{BindMount, ContainerSpec, Containerizer, RootFs, sys};
+use super::{BindMount, ContainerSpec, Containerizer, Output, RootFs, sys};
+use crate::logs::LogConfig;
 
 /// Largest request: a spec with long argv/env (the agent caps both well
 /// below this).
@@ -51,6 +55,11 @@ struct Request {
     user: Option<(u32, u32)>,
     cpus_milli: u64,
     mem_bytes: u64,
+    /// `Output::Sandbox`'s rotation `(max_size, max_files)`; `None`:
+    /// `Output::Fds`.
+    logs: Option<(u64, u32)>,
+    netns: bool,
+    state: bool,
 }
 
 /// Longest wait for the zygote's answer; a zygote that does not answer is
@@ -113,15 +122,33 @@ impl Zygote {
             user: spec.user,
             cpus_milli: spec.cpus_milli,
             mem_bytes: spec.mem_bytes,
+            logs: match &spec.output {
+                Output::Fds { .. } => None,
+                Output::Sandbox { logs, .. } => Some((logs.max_size, logs.max_files)),
+            },
+            netns: fds.netns >= 0,
+            state: fds.state >= 0,
         };
         if self.dead.load(Ordering::Acquire) {
             return None;
         }
         let body = serde_json::to_vec(&request).ok()?;
         let sock = self.sock.lock().unwrap_or_else(|e| e.into_inner());
-        let all = [fds.stdout, fds.stderr, fds.sock, fds.netns];
-        let passed = if fds.netns >= 0 { &all[..] } else { &all[..3] };
-        sys::send_with_fds(sock.as_raw_fd(), &body, passed).ok()?;
+        let all = [
+            fds.stdout,
+            fds.stderr,
+            fds.sandbox,
+            fds.sock,
+            fds.netns,
+            fds.state,
+        ];
+        let mut passed = [-1; sys::MAX_PASSED_FDS];
+        let mut count = 0;
+        for fd in all.into_iter().filter(|fd| *fd >= 0) {
+            passed[count] = fd;
+            count += 1;
+        }
+        sys::send_with_fds(sock.as_raw_fd(), &body, &passed[..count]).ok()?;
         let ms = ANSWER_TIMEOUT.as_millis() as i32;
         if !sys::poll_readable(sock.as_raw_fd(), ms).unwrap_or(false) {
             // Hung (it must not be: see the module doc). An init it may
@@ -181,6 +208,11 @@ fn serve(cz: &Containerizer, sock: OwnedFd) -> ! {
             unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR) };
         }
     }
+    // Everything else the agent had open stays with the agent: a listening
+    // socket held here (the master's, in `corral dev`) would keep its port
+    // taken after the agent's process let it go, and a pipe or file would
+    // never see its end.
+    sys::close_fds_except(&[sock.as_raw_fd()], cz.max_fd);
     // SAFETY: a constant, NUL-terminated name for `ps`.
     unsafe { libc::prctl(libc::PR_SET_NAME, c"corral-zygote".as_ptr()) };
     let mut buf = vec![0u8; MAX_REQUEST];
@@ -208,16 +240,53 @@ fn serve(cz: &Containerizer, sock: OwnedFd) -> ! {
 fn answer(cz: &Containerizer, body: &[u8], fds: Vec<OwnedFd>) -> Result<(u32, OwnedFd), Errno> {
     let request: Request = serde_json::from_slice(body).map_err(|_| Errno::EINVAL)?;
     let mut fds = fds.into_iter();
-    let (Some(stdout), Some(stderr), Some(sock), netns, None) =
-        (fds.next(), fds.next(), fds.next(), fds.next(), fds.next())
-    else {
+    let (output, sandbox) = match request.logs {
+        None => {
+            let (Some(stdout), Some(stderr)) = (fds.next(), fds.next()) else {
+                return Err(Errno::EPROTO);
+            };
+            (Output::Fds { stdout, stderr }, None)
+        }
+        Some((max_size, max_files)) => {
+            let dir = fds.next().ok_or(Errno::EPROTO)?;
+            let logs = LogConfig {
+                max_size,
+                max_files,
+            };
+            // The path is not needed here: the init writes through the fd.
+            let output = Output::Sandbox {
+                dir: PathBuf::new(),
+                logs,
+            };
+            (output, Some(dir))
+        }
+    };
+    let sock = fds.next().ok_or(Errno::EPROTO)?;
+    let netns = if request.netns {
+        Some(fds.next().ok_or(Errno::EPROTO)?)
+    } else {
+        None
+    };
+    let state = if request.state {
+        Some(fds.next().ok_or(Errno::EPROTO)?)
+    } else {
+        None
+    };
+    if fds.next().is_some() {
         return Err(Errno::EPROTO);
+    }
+    let raw = |fd: Option<&OwnedFd>| fd.map_or(-1, AsRawFd::as_raw_fd);
+    let (stdout, stderr) = match &output {
+        Output::Fds { stdout, stderr } => (stdout.as_raw_fd(), stderr.as_raw_fd()),
+        Output::Sandbox { .. } => (-1, -1),
     };
     let child = ChildFds {
-        stdout: stdout.as_raw_fd(),
-        stderr: stderr.as_raw_fd(),
+        stdout,
+        stderr,
         sock: sock.as_raw_fd(),
-        netns: netns.as_ref().map_or(-1, AsRawFd::as_raw_fd),
+        netns: raw(netns.as_ref()),
+        sandbox: raw(sandbox.as_ref()),
+        state: raw(state.as_ref()),
     };
     let spec = ContainerSpec {
         id: request.id,
@@ -230,14 +299,14 @@ fn answer(cz: &Containerizer, body: &[u8], fds: Vec<OwnedFd>) -> Result<(u32, Ow
         user: request.user,
         cpus_milli: request.cpus_milli,
         mem_bytes: request.mem_bytes,
-        stdout,
-        stderr,
+        output,
+        state_dir: None,
         netns,
     };
     let leaf = cz.cgroups.leaf(&spec.id);
     let plan = cz.child_plan(&spec, &leaf).map_err(|_| Errno::EINVAL)?;
     let mut scratch = Scratch::new(&plan);
     let spawned = init::spawn(&plan, &mut scratch, child);
-    drop(sock);
+    drop((sock, sandbox, state));
     spawned
 }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use corral_agent::containerizer::{
-    Container, ContainerExit, ContainerSpec, Containerizer, IsolationConfig, RootFs,
+    Container, ContainerExit, ContainerSpec, Containerizer, IsolationConfig, Output, RootFs,
 };
 
 /// How long any single wait in these tests may take.
@@ -151,8 +151,11 @@ impl Env {
             user: None,
             cpus_milli: 1000,
             mem_bytes: 64 << 20,
-            stdout: out("stdout"),
-            stderr: out("stderr"),
+            output: Output::Fds {
+                stdout: out("stdout"),
+                stderr: out("stderr"),
+            },
+            state_dir: None,
             netns: None,
         }
     }

@@ -1,0 +1,288 @@
+//! Partitions: an agent cut off from the master is unreachable (its tasks
+//! TASK_UNREACHABLE, still running) and RUNNING again after the heal;
+//! agents unreachable for too long are removed (TASK_GONE), at a bounded
+//! rate, and not at all while too many agents are unreachable at once.
+
+use std::time::Duration;
+
+use corral_master::MasterConfig;
+use corral_master::config::RemovalRate;
+use corral_proto::Resources;
+use corral_proto::pb::{self, Reason, TaskState};
+use corral_tests::{
+    Cluster, TestFramework, WAIT, metric_value, shell_task, test_master_config, wait_for,
+};
+
+/// Launches one long-running task on agent `hostname`; returns its id.
+async fn launch_on(fw: &mut TestFramework, hostname: &str, task_id: &str) -> String {
+    let offer = fw
+        .until(&format!("an offer from {hostname}"), |f| {
+            let i = f.offers.iter().position(|o| o.hostname == hostname)?;
+            f.offers.remove(i)
+        })
+        .await;
+    fw.launch(
+        &offer,
+        vec![shell_task(task_id, "exec sleep 600", 0.1, 16.0)],
+    )
+    .await;
+    fw.wait_update(task_id, TaskState::TaskRunning).await;
+    offer.agent_id
+}
+
+async fn metric(cluster: &Cluster, name: &str) -> f64 {
+    let text = cluster.metrics().await;
+    metric_value(&text, name).unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))
+}
+
+/// Removal after `removal_timeout`, at most one per `interval`.
+fn removal_config(removal_timeout: Duration, interval: Duration) -> MasterConfig {
+    MasterConfig {
+        agent_removal_timeout: removal_timeout,
+        agent_removal_rate: RemovalRate {
+            count: 1,
+            per: interval,
+        },
+        max_unreachable_percent: 50,
+        ..test_master_config()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_agent_is_unreachable_and_its_tasks_run_again_after_the_heal() {
+    let cluster = Cluster::start(2).await;
+    let mut fw = cluster.framework("partition").await;
+    launch_on(&mut fw, "agent0", "survivor").await;
+
+    cluster.agents[0].proxy.cut();
+    let status = fw.wait_update("survivor", TaskState::TaskUnreachable).await;
+    assert_eq!(status.reason(), Reason::AgentDisconnected);
+    cluster
+        .wait_state("agent0 unreachable", |s| {
+            s.agents
+                .iter()
+                .any(|a| a.hostname == "agent0" && a.state == "unreachable")
+        })
+        .await;
+    assert_eq!(
+        metric(&cluster, r#"corral_master_agents{state="unreachable"}"#).await,
+        1.0
+    );
+    assert_eq!(
+        metric(&cluster, r#"corral_master_agents{state="connected"}"#).await,
+        1.0
+    );
+    assert_eq!(
+        metric(&cluster, r#"corral_master_tasks{state="TASK_UNREACHABLE"}"#).await,
+        1.0
+    );
+
+    cluster.agents[0].proxy.restore();
+    fw.until("survivor RUNNING again after the heal", |f| {
+        let last = f.updates.iter().rev().find(|u| u.task_id == "survivor")?;
+        (last.state() == TaskState::TaskRunning).then_some(())
+    })
+    .await;
+    cluster
+        .wait_state("both agents connected", |s| {
+            s.agents.iter().all(|a| a.state == "connected")
+        })
+        .await;
+    assert_eq!(
+        metric(&cluster, r#"corral_master_agents{state="unreachable"}"#).await,
+        0.0
+    );
+    assert_eq!(
+        metric(&cluster, r#"corral_master_agents{state="connected"}"#).await,
+        2.0
+    );
+    assert_eq!(
+        metric(&cluster, r#"corral_master_tasks{state="TASK_RUNNING"}"#).await,
+        1.0
+    );
+    assert_eq!(
+        metric(&cluster, r#"corral_master_tasks{state="TASK_UNREACHABLE"}"#).await,
+        0.0
+    );
+    assert_eq!(
+        metric(
+            &cluster,
+            r#"corral_master_agent_removals_total{reason="unreachable"}"#
+        )
+        .await,
+        0.0
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_agents_are_removed_one_per_interval_and_a_removed_agent_is_shut_down() {
+    const INTERVAL: Duration = Duration::from_secs(3);
+    let config = removal_config(Duration::from_millis(500), INTERVAL);
+    let mut cluster = Cluster::start_with(config, 5).await;
+    let mut fw = cluster.framework("removals").await;
+    launch_on(&mut fw, "agent0", "on0").await;
+    launch_on(&mut fw, "agent1", "on1").await;
+
+    // 2 of 5 unreachable: under the 50 % limit.
+    cluster.agents[0].proxy.cut();
+    cluster.agents[1].proxy.cut();
+    let removals = r#"corral_master_agent_removals_total{reason="unreachable"}"#;
+    wait_for("the first removal", WAIT, || async {
+        (metric(&cluster, removals).await >= 1.0).then_some(())
+    })
+    .await;
+    let first = tokio::time::Instant::now();
+    assert_eq!(
+        metric(&cluster, removals).await,
+        1.0,
+        "the second removal waits for the rate limit"
+    );
+    wait_for("the second removal", WAIT, || async {
+        (metric(&cluster, removals).await >= 2.0).then_some(())
+    })
+    .await;
+    let spacing = first.elapsed();
+    assert!(
+        spacing >= INTERVAL.mul_f64(0.8),
+        "two removals {spacing:?} apart; the rate allows one per {INTERVAL:?}"
+    );
+    assert_eq!(
+        metric(&cluster, r#"corral_master_agents{state="gone"}"#).await,
+        2.0
+    );
+    assert_eq!(
+        metric(&cluster, "corral_master_agent_removal_halted").await,
+        0.0
+    );
+    for task in ["on0", "on1"] {
+        let gone = fw.wait_update(task, TaskState::TaskGone).await;
+        assert_eq!(gone.reason(), Reason::AgentRemoved, "{gone:?}");
+    }
+    let s = cluster.state().await;
+    assert_eq!(s.agents.len(), 3);
+    assert!(s.tasks.is_empty(), "{:?}", s.tasks);
+
+    // A removed agent that comes back is told to shut down.
+    cluster.agents[0].proxy.restore();
+    match cluster.agents[0].wait_exit().await {
+        Err(corral_agent::AgentError::RemovedByMaster { message }) => {
+            assert!(message.contains("removed"), "{message}")
+        }
+        other => panic!("the removed agent was not shut down: {other:?}"),
+    }
+    assert_eq!(
+        cluster.state().await.agents.len(),
+        3,
+        "it was not re-admitted"
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removal_halts_while_more_than_the_limit_of_agents_is_unreachable() {
+    let config = removal_config(Duration::from_millis(300), Duration::from_millis(100));
+    let cluster = Cluster::start_with(config, 3).await;
+
+    // 2 of 3 unreachable: above 50 %, the master is likelier the one cut off.
+    cluster.agents[0].proxy.cut();
+    cluster.agents[1].proxy.cut();
+    wait_for("the removal-halted alert", WAIT, || async {
+        (metric(&cluster, "corral_master_agent_removal_halted").await == 1.0).then_some(())
+    })
+    .await;
+    // Absence can only be observed over a window: several removal timeouts
+    // and agent ticks.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        metric(
+            &cluster,
+            r#"corral_master_agent_removals_total{reason="unreachable"}"#
+        )
+        .await,
+        0.0
+    );
+    assert_eq!(cluster.state().await.agents.len(), 3);
+
+    // One heals: 1 of 3 is under the limit, removal resumes.
+    cluster.agents[1].proxy.restore();
+    wait_for("the remaining unreachable agent removed", WAIT, || async {
+        let text = cluster.metrics().await;
+        (metric_value(
+            &text,
+            r#"corral_master_agent_removals_total{reason="unreachable"}"#,
+        ) == Some(1.0)
+            && metric_value(&text, "corral_master_agent_removal_halted") == Some(0.0))
+        .then_some(())
+    })
+    .await;
+    let s = cluster.state().await;
+    assert_eq!(s.agents.len(), 2);
+    assert!(!s.agents.iter().any(|a| a.hostname == "agent0"));
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_registering_as_the_replacement_of_another_removes_it_at_once() {
+    let cluster = Cluster::start(1).await;
+    let mut fw = cluster.framework("replaced").await;
+    let old = launch_on(&mut fw, "agent0", "old-task").await;
+    cluster.agents[0].proxy.cut();
+    fw.wait_update("old-task", TaskState::TaskUnreachable).await;
+
+    // The same machine, restarted as a new agent (e.g. after a reboot).
+    let mut client = pb::agent_registry_client::AgentRegistryClient::connect(format!(
+        "http://{}",
+        cluster.master
+    ))
+    .await
+    .expect("connect");
+    let register = pb::Register {
+        info: Some(pb::AgentInfo {
+            hostname: "agent0-rebooted".into(),
+            address: "127.0.0.1:1".into(),
+            resources: Resources::parse("cpus:1;mem:256")
+                .expect("resources")
+                .to_proto(),
+            ..Default::default()
+        }),
+        replaces_agent_id: old.clone(),
+        ..Default::default()
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::AgentMessage {
+        message: Some(pb::agent_message::Message::Register(register)),
+    })
+    .await
+    .expect("queue register");
+    let mut inbound = client
+        .attach(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("attach")
+        .into_inner();
+    let first = inbound.message().await.expect("stream").expect("a message");
+    assert!(
+        matches!(
+            first.message,
+            Some(pb::master_message::Message::Registered(_))
+        ),
+        "{first:?}"
+    );
+
+    let gone = fw.wait_update("old-task", TaskState::TaskGone).await;
+    assert_eq!(gone.reason(), Reason::AgentRemoved);
+    assert!(gone.message.contains("replaced"), "{gone:?}");
+    let s = cluster.state().await;
+    assert_eq!(s.agents.len(), 1);
+    assert_eq!(s.agents[0].hostname, "agent0-rebooted");
+    assert_eq!(
+        metric(
+            &cluster,
+            r#"corral_master_agent_removals_total{reason="replaced"}"#
+        )
+        .await,
+        1.0
+    );
+    drop(tx);
+    cluster.shutdown().await;
+}
