@@ -70,7 +70,7 @@ mod error;
 mod init;
 mod plan;
 mod spec;
-mod sys;
+pub(crate) mod sys;
 mod zygote;
 
 use std::collections::HashMap;

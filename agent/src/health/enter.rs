@@ -29,9 +29,11 @@
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+
+use crate::containerizer::sys;
 
 /// The namespaces a probe joins when the container's differs from the
 /// agent's, in the order joined: mount last, so the `/proc` paths above
@@ -314,14 +316,7 @@ fn capset(effective: u64, permitted: u64, inheritable: u64) -> io::Result<()> {
 /// can never refer to another process.
 pub(crate) fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
     let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: pidfd_open takes a pid and flags; it returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let fd = libc::c_int::try_from(fd).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
-    // SAFETY: the kernel just returned this fd; nobody else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    sys::pidfd_open(pid).map_err(io::Error::from)
 }
 
 /// A pidfd of `pid` registered with the tokio reactor: readable once the
@@ -339,17 +334,7 @@ pub(crate) fn watch_exit(pid: u32) -> io::Result<tokio::io::unix::AsyncFd<OwnedF
 /// Whether the process behind `pidfd` has exited (a pidfd polls readable
 /// then, pidfd_open(2)).
 pub(crate) fn exited(pidfd: &OwnedFd) -> io::Result<bool> {
-    let mut poll = libc::pollfd {
-        fd: pidfd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one pollfd, valid for the call; zero timeout.
-    let rc = unsafe { libc::poll(&mut poll, 1, 0) };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(rc > 0 && poll.revents & libc::POLLIN != 0)
+    sys::poll_readable(pidfd.as_raw_fd(), 0).map_err(io::Error::from)
 }
 
 /// The files to write "0" into to join every cgroup the container is in
