@@ -38,7 +38,7 @@ cleanup() {
 trap cleanup EXIT
 
 export RUST_LOG=warn
-"$BIN" master --listen $MASTER >"$WORK/master.log" 2>&1 &
+"$BIN" master --listen $MASTER --work-dir "$WORK/master" >"$WORK/master.log" 2>&1 &
 PIDS+=($!)
 "$BIN" agent --master $MASTER --listen $AGENT --work-dir "$WORK/agent" \
     --cgroup-root corral-batch-bench >"$WORK/agent.log" 2>&1 &

@@ -21,7 +21,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-"$BIN/corral" master --listen 127.0.0.1:$MASTER_PORT --allocation-interval 200ms >"$WORK/master.log" 2>&1 &
+"$BIN/corral" master --listen 127.0.0.1:$MASTER_PORT --work-dir "$WORK/master" --allocation-interval 200ms >"$WORK/master.log" 2>&1 &
 MASTER_PID=$!
 "$BIN/corral" agent --master 127.0.0.1:$MASTER_PORT --listen 127.0.0.1:$AGENT_PORT \
     --work-dir "$WORK/agent" --cgroup-root corral-burst \

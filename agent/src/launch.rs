@@ -7,8 +7,9 @@
 //! volumes) that are unit-tested without root.
 //!
 //! Containers outlive the agent: their init writes the output into the
-//! sandbox and records the exit status in `<work_dir>/containers/<id>/exit`
-//! (see `containerizer`). For a restarted agent, each started container
+//! sandbox and records the exit status in `.corral-exit` in the sandbox (a
+//! host container) or in `<work_dir>/containers/<id>/` (an image
+//! container; see `containerizer`). For a restarted agent, each started container
 //! comes with a [`LaunchCheckpoint`] ([`Running::checkpoint`], in
 //! `Command::Started`) to persist, [`Launcher::recover`] re-adopts one
 //! and runs the rest of its task's life, and [`orphans`] /
@@ -619,15 +620,7 @@ impl Launcher {
     ) -> Result<Launched, LaunchFailure> {
         let container = req.info.container.clone().unwrap_or_default();
         let id = uuid::Uuid::new_v4().simple().to_string();
-        // The container's own dir: its exit record (and, with an image, its
-        // root filesystem's upper/work/mount point).
-        let state_dir = self.container_dir(&id);
-        tokio::fs::create_dir_all(&state_dir)
-            .await
-            .map_err(|e| LaunchFailure(format!("cannot create {}: {e}", state_dir.display())))?;
-        let result = self
-            .start_in(req, containerizer, container, &id, state_dir)
-            .await;
+        let result = self.start_in(req, containerizer, container, &id).await;
         if result.is_err() {
             self.layers_in_use.remove(&id);
             let _ = tokio::fs::remove_dir_all(self.container_dir(&id)).await;
@@ -641,7 +634,6 @@ impl Launcher {
         containerizer: Arc<Containerizer>,
         container: pb::ContainerInfo,
         id: &str,
-        state_dir: PathBuf,
     ) -> Result<Launched, LaunchFailure> {
         let id = id.to_string();
         let image = if container.image.is_empty() {
@@ -678,6 +670,16 @@ impl Launcher {
             container.entrypoint_override,
         )
         .map_err(LaunchFailure)?;
+        // Where the init records how the command ended (for an agent that
+        // is gone by then): an image container's own dir, which holds its
+        // root filesystem's upper/work/mount point anyway; a host
+        // container's sandbox, which saves a directory per task (a batch
+        // workload creates hundreds a second). Such a container sees the
+        // host's files anyway, so a dir of its own would protect nothing.
+        let state_dir = match &image {
+            Some(_) => self.container_dir(&id),
+            None => req.sandbox.clone(),
+        };
         let (rootfs, sandbox_env, cwd) = match &image {
             None => (
                 RootFs::Host,

@@ -66,7 +66,7 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{Instrument, info, warn};
 
-pub use checkpoint::CheckpointError;
+pub use checkpoint::{CheckpointContents, CheckpointError, read_checkpoint};
 pub use config::{
     AgentConfig, DEFAULT_BOOT_ID_PATH, DEFAULT_CGROUP_ROOT, DEFAULT_KILL_GRACE, DEFAULT_PIDS_LIMIT,
     DEFAULT_RECONNECT_BACKOFF_MAX, DEFAULT_SANDBOX_GC_DELAY, DEFAULT_SANDBOX_GC_MAX,
@@ -246,6 +246,7 @@ pub async fn run(
     let (checkpointer, writer_stopped) = checkpoint::Checkpointer::start(
         layout.clone(),
         recovered.lock,
+        recovered.live,
         metrics.checkpoint_writer(),
         // The writer is a plain thread: blocking_send never runs on the
         // runtime, and fails at once once the actor is gone.

@@ -255,7 +255,7 @@ async fn a_container_outlives_a_killed_agent_and_is_recovered_with_its_whole_out
         "the init rotated the log"
     );
     assert_eq!(
-        std::fs::read_to_string(job.state_dir.join("exit")).unwrap(),
+        std::fs::read_to_string(job.state_dir.join(".corral-exit")).unwrap(),
         "exit 7\n"
     );
     container.destroy().unwrap();
@@ -273,7 +273,7 @@ async fn a_container_that_ended_while_no_agent_ran_is_recovered_with_its_recorde
     let (mut agent, checkpoint) = AgentChild::start(&job).await;
     agent.kill();
     eventually("the container to end with no agent", || {
-        let done = !alive(checkpoint.pid) && job.state_dir.join("exit").exists();
+        let done = !alive(checkpoint.pid) && job.state_dir.join(".corral-exit").exists();
         async move { done.then_some(()) }
     })
     .await;
@@ -425,7 +425,7 @@ async fn the_init_writes_the_sandbox_logs_and_the_exit_record() {
     let exit = wait(&c).await;
     assert_eq!(exit.signal, Some(libc::SIGTERM), "{exit:?}");
     assert_eq!(
-        std::fs::read_to_string(state.join("exit")).unwrap(),
+        std::fs::read_to_string(state.join(".corral-exit")).unwrap(),
         format!("signal {}\n", libc::SIGTERM)
     );
     let line = "0123456789\n";

@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use corral_agent::{AgentConfig, AgentError};
 use corral_proto::pb::{self, Reason, TaskState, master_message::Message};
-use prost::Message as _;
 use support::{FakeMaster, eventually, http_get, kill, live_group_members, run_shell, within};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -23,8 +22,6 @@ use tokio::task::JoinHandle;
 
 const FW: &str = "fw-1";
 const AGENT_ID: &str = "agent-1";
-/// Magic, version, length and SHA-256 before a checkpoint's payload.
-const ENVELOPE_HEADER: usize = 48;
 
 /// An in-process agent on a work dir that outlives it.
 struct Node {
@@ -59,18 +56,20 @@ impl Machine {
         std::fs::write(self.boot_id_path(), format!("{id}\n")).unwrap();
     }
 
-    fn task_file(&self, task_id: &str) -> PathBuf {
-        self.work_dir()
-            .join("meta")
-            .join("tasks")
-            .join(FW)
-            .join(task_id)
+    fn journal(&self) -> PathBuf {
+        self.work_dir().join("meta").join("journal")
     }
 
     /// The task's checkpoint as the agent wrote it, if it is there.
     fn task_checkpoint(&self, task_id: &str) -> Option<pb::TaskCheckpoint> {
-        let bytes = std::fs::read(self.task_file(task_id)).ok()?;
-        pb::TaskCheckpoint::decode(bytes.get(ENVELOPE_HEADER..)?).ok()
+        corral_agent::read_checkpoint(&self.work_dir())
+            .ok()?
+            .tasks
+            .into_iter()
+            .find(|t| {
+                t.framework.as_ref().is_some_and(|f| f.id == FW)
+                    && t.task.as_ref().is_some_and(|t| t.task_id == task_id)
+            })
     }
 
     /// Waits until the task's checkpoint holds `n` unacknowledged updates.
@@ -210,7 +209,7 @@ async fn a_restarted_agent_comes_back_with_its_id_and_resends_unacknowledged_upd
         assert_eq!(got.uuid, want.uuid);
     }
     eventually("the task's checkpoint to be removed", || async {
-        (!machine.task_file("t").exists()).then_some(())
+        machine.task_checkpoint("t").is_none().then_some(())
     })
     .await;
     let text = node.metrics().await;
@@ -244,7 +243,7 @@ async fn a_task_running_when_the_agent_crashed_is_reported_failed_after_the_rest
     assert_eq!(failed.agent_id, AGENT_ID);
     // Killing it now is a kill of a task the agent no longer has.
     eventually("the task to be forgotten", || async {
-        (!machine.task_file("t").exists()).then_some(())
+        machine.task_checkpoint("t").is_none().then_some(())
     })
     .await;
     conn2.send(kill(FW, "t", None));
@@ -258,24 +257,29 @@ async fn a_corrupt_task_checkpoint_stops_a_strict_agent_and_a_lenient_one_recove
     let mut master = FakeMaster::start().await;
     let node = machine.start(master.addr, |_| {}).await;
     let mut conn = master.accept(AGENT_ID).await;
-    for t in ["a", "b"] {
+    for t in ["task-a", "task-b"] {
         conn.send(run_shell(FW, t, "sleep 60"));
         conn.expect_and_ack(FW, t, TaskState::TaskRunning).await;
         machine.checkpointed_updates(t, 0).await;
     }
     node.crash().await;
-    let bad = machine.task_file("a");
-    let mut bytes = std::fs::read(&bad).unwrap();
-    let last = bytes.len() - 1;
-    bytes[last] ^= 0x5a;
-    std::fs::write(&bad, bytes).unwrap();
+    // Damage task-a's latest record: the last place its id is written.
+    let journal = machine.journal();
+    let mut bytes = std::fs::read(&journal).unwrap();
+    let at = bytes
+        .windows(6)
+        .rposition(|w| w == b"task-a")
+        .expect("task-a in the journal");
+    bytes[at] ^= 0x5a;
+    std::fs::write(&journal, bytes).unwrap();
 
     let strict = machine.start(master.addr, |_| {}).await;
     let err = strict.join().await.unwrap_err();
     assert!(matches!(err, AgentError::Checkpoint(_)), "{err}");
     let text = err.to_string();
-    assert!(text.contains(&bad.display().to_string()), "{text}");
+    assert!(text.contains(&journal.display().to_string()), "{text}");
     assert!(text.contains("corrupt"), "{text}");
+    assert!(text.contains("record at byte"), "{text}");
 
     let lenient = machine.start(master.addr, |c| c.strict = false).await;
     let mut conn2 = master.next_conn().await;
@@ -288,19 +292,23 @@ async fn a_corrupt_task_checkpoint_stops_a_strict_agent_and_a_lenient_one_recove
         .collect();
     assert_eq!(
         tasks,
-        ["b"],
-        "the unreadable task is skipped, the rest recovered"
+        ["task-b"],
+        "the task the damaged record was about is skipped, the rest recovered"
     );
     conn2.registered(AGENT_ID, 60.0);
-    let failed = conn2.expect_and_ack(FW, "b", TaskState::TaskFailed).await;
+    let failed = conn2
+        .expect_and_ack(FW, "task-b", TaskState::TaskFailed)
+        .await;
     assert_eq!(failed.reason(), Reason::AgentRestarted);
-    assert!(!bad.exists(), "the unreadable file is moved aside");
     assert_eq!(
         std::fs::read_dir(machine.work_dir().join("meta/corrupt"))
             .unwrap()
             .count(),
-        1
+        1,
+        "a copy of the damaged journal is kept"
     );
+    corral_agent::read_checkpoint(&machine.work_dir())
+        .expect("the journal is whole again: the lenient agent rewrote it");
     lenient.stop().await.unwrap();
 }
 
@@ -325,12 +333,13 @@ async fn a_reboot_makes_a_new_agent_that_names_the_one_it_replaces() {
         "{:?}",
         conn2.register.tasks
     );
-    assert!(!machine.task_file("t").exists());
+    assert!(machine.task_checkpoint("t").is_none());
     conn2.registered("agent-2", 60.0);
     // Registered once, it no longer names the old agent.
     eventually("the new agent id to be checkpointed", || async {
-        let bytes = std::fs::read(machine.work_dir().join("meta/agent")).ok()?;
-        let agent = pb::AgentCheckpoint::decode(bytes.get(ENVELOPE_HEADER..)?).ok()?;
+        let agent = corral_agent::read_checkpoint(&machine.work_dir())
+            .ok()?
+            .agent?;
         (agent.agent_id == "agent-2" && agent.boot_id == "boot-b").then_some(())
     })
     .await;

@@ -38,7 +38,7 @@
 //! the command's stdout and stderr (pipes it makes) into rotating files in
 //! the sandbox, through a directory fd the agent opened (rotation is
 //! `renameat`/`openat` on that fd, so it works after the pivot), and with a
-//! state directory fd it records the command's status in `exit` there
+//! state directory fd it records the command's status in `.corral-exit` there
 //! (temp file + `renameat`) before it reports and exits. The report socket
 //! may be closed at any time (the agent killed): sends to it just fail.
 //! Nothing of a running container then depends on the agent process.
@@ -253,9 +253,9 @@ impl ExecPlan {
 }
 
 /// Where the init records how the command ended, in the state directory.
-pub(crate) const EXIT_FILE: &std::ffi::CStr = c"exit";
+pub(crate) const EXIT_FILE: &std::ffi::CStr = c".corral-exit";
 /// Written first, then renamed over [`EXIT_FILE`]: readers see all or none.
-const EXIT_TMP: &std::ffi::CStr = c"exit.tmp";
+const EXIT_TMP: &std::ffi::CStr = c".corral-exit.tmp";
 /// The init's read size for the log pipes, on its stack: small, since every
 /// running container has an init (a pipe holds 64 KiB; a chatty command
 /// costs a few more reads, not more memory).
@@ -668,7 +668,7 @@ fn finish(sock: RawFd, state: RawFd, status: libc::c_int) -> ! {
     sys::exit(0)
 }
 
-/// Writes `exit` in the state directory: `exit.tmp`, then renamed, so a
+/// Writes `.corral-exit` in the state directory: `.corral-exit.tmp`, then renamed, so a
 /// reader sees a whole record or none. No fsync: the record only matters
 /// within this boot (a reboot ends every container, and the agent then
 /// starts over), and within a boot rename(2) is atomic for every reader.

@@ -27,7 +27,7 @@
 //!
 //! Containers outlive the agent. With [`Output::Sandbox`] the init pumps
 //! the command's output into rotating files in the sandbox itself, and
-//! with a `state_dir` it records the command's status there (`exit`)
+//! with a `state_dir` it records the command's status there (`.corral-exit`)
 //! before it exits; the agent's socket to it may close at any time. After
 //! a `kill -9` of the agent, a restarted one re-adopts each container from
 //! the [`ContainerCheckpoint`] it persisted ([`Containerizer::recover`]:
@@ -153,7 +153,7 @@ pub struct ContainerSpec {
     /// Where stdout and stderr go (stdin is /dev/null).
     pub output: Output,
     /// A host directory where the init records how the command ended
-    /// (`exit`: `exit N` or `signal N`, replaced atomically), so the status
+    /// (`.corral-exit`: `exit N` or `signal N`, replaced atomically), so the status
     /// outlives the agent; `None`: only the agent hears it.
     pub state_dir: Option<PathBuf>,
     /// A network namespace to join (a pod's, shared by its containers);
@@ -316,7 +316,7 @@ fn parse_start_time(stat: &str) -> Option<u64> {
 
 /// The status an init recorded in `state_dir`, if it did.
 fn recorded_exit(state_dir: &Path) -> Option<Exit> {
-    let path = state_dir.join(init::EXIT_FILE.to_str().unwrap_or("exit"));
+    let path = state_dir.join(init::EXIT_FILE.to_str().unwrap_or(".corral-exit"));
     let text = std::fs::read_to_string(path).ok()?;
     init::parse_exit_record(&text)
 }
@@ -445,7 +445,9 @@ impl Containerizer {
                 let fd = open_dir(&id, dir, "open the state directory")?;
                 // A record of an earlier run in the same place would be
                 // taken for this one's.
-                let _ = std::fs::remove_file(dir.join(init::EXIT_FILE.to_str().unwrap_or("exit")));
+                let _ = std::fs::remove_file(
+                    dir.join(init::EXIT_FILE.to_str().unwrap_or(".corral-exit")),
+                );
                 Some(AboveStdio::owned(fd).map_err(sys_err("dup the state dir fd"))?)
             }
             None => None,
