@@ -135,7 +135,7 @@ struct Agent {
     id: AgentId,
     info: pb::AgentInfo,
     total: Resources,
-    /// `None` while the agent is unreachable.
+    /// `None` while the agent is disconnected, unreachable or recovering.
     conn: Option<AgentConn>,
     last_seen: Instant,
     registered_at: f64,
@@ -158,8 +158,10 @@ impl Agent {
             "connected"
         } else if self.recovering {
             "recovering"
-        } else {
+        } else if self.unreachable_since.is_some() {
             "unreachable"
+        } else {
+            "disconnected"
         }
     }
 }
@@ -703,7 +705,7 @@ impl Master {
                     .and_then(|a| a.conn.as_ref())
                     .is_some_and(|c| c.id == conn);
                 if current {
-                    self.agent_unreachable(&agent_id, "its stream was closed");
+                    self.agent_disconnected(&agent_id);
                 }
             }
             Command::Subscribe { request, reply } => {
@@ -1015,14 +1017,23 @@ impl Master {
     fn agent_tick(&mut self) {
         let limit = self.config.agent_unreachable_after();
         let now = Instant::now();
-        let silent: Vec<AgentId> = self
+        let silent: Vec<(AgentId, bool)> = self
             .agents
             .values()
-            .filter(|a| a.conn.is_some() && now.duration_since(a.last_seen) > limit)
-            .map(|a| a.id.clone())
+            .filter(|a| {
+                a.unreachable_since.is_none()
+                    && !a.recovering
+                    && now.duration_since(a.last_seen) > limit
+            })
+            .map(|a| (a.id.clone(), a.conn.is_some()))
             .collect();
-        for id in silent {
-            self.agent_unreachable(&id, "it missed its heartbeats");
+        for (id, connected) in silent {
+            let why = if connected {
+                "it missed its heartbeats".to_string()
+            } else {
+                format!("its stream closed and it did not re-register within {limit:?}")
+            };
+            self.agent_unreachable(&id, &why);
         }
         if self.recovery_deadline.is_some_and(|d| now >= d) {
             self.recovery_deadline = None;
@@ -1071,11 +1082,29 @@ impl Master {
 
     /// Marks an agent unreachable: its offers are rescinded, its tasks become
     /// TASK_UNREACHABLE but keep their resources (they may still run).
+    /// The agent's stream closed (a crash, a restart, a broken
+    /// connection): no more offers from it, but its tasks stay as they are
+    /// until it is unreachable, after the ping timeouts, as in Mesos. An
+    /// agent that restarts within them costs its frameworks nothing.
+    fn agent_disconnected(&mut self, id: &AgentId) {
+        let Some(agent) = self.agents.get_mut(id) else {
+            return;
+        };
+        if agent.conn.take().is_none() {
+            return;
+        }
+        info!(agent_id = %id, unreachable_after = ?self.config.agent_unreachable_after(),
+              "agent disconnected; unreachable unless it re-registers in time");
+        self.rescind_agent_offers(id);
+        self.allocator.set_agent_active(id, false);
+    }
+
     fn agent_unreachable(&mut self, id: &AgentId, why: &str) {
         let Some(agent) = self.agents.get_mut(id) else {
             return;
         };
-        if agent.conn.take().is_none() && !agent.recovering {
+        agent.conn = None;
+        if agent.unreachable_since.is_some() {
             return;
         }
         agent.recovering = false;

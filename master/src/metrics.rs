@@ -29,7 +29,13 @@ pub const REGISTRY_COMMIT_DURATION: &str = "corral_master_registry_commit_durati
 pub const REGISTRY_CHANGES_TOTAL: &str = "corral_master_registry_changes_total";
 
 /// Agent states exported by `corral_master_agents`.
-pub const AGENT_STATES: [&str; 4] = ["connected", "recovering", "unreachable", "gone"];
+pub const AGENT_STATES: [&str; 5] = [
+    "connected",
+    "disconnected",
+    "recovering",
+    "unreachable",
+    "gone",
+];
 
 /// A registry commit is one fsync: a millisecond to tens of them.
 const COMMIT_BUCKETS: [f64; 10] = [

@@ -79,7 +79,9 @@ pub struct AgentState {
     pub id: String,
     pub hostname: String,
     pub address: String,
-    /// `connected` or `unreachable`.
+    /// `connected`; `disconnected` (its stream closed: no offers, tasks
+    /// untouched, until it re-registers or is unreachable); `unreachable`;
+    /// or `recovering` (after a master restart, not back yet).
     pub state: String,
     pub resources: ResourcesJson,
     /// Held by live tasks (not by outstanding offers: those are

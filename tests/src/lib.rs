@@ -14,6 +14,7 @@
 pub mod batch;
 mod framework;
 pub mod images;
+pub mod process;
 mod proxy;
 pub mod service;
 
@@ -213,7 +214,7 @@ pub struct Cluster {
 /// A listener with SO_REUSEADDR, so a restarted master can take the same
 /// port while the old one's connections are in TIME_WAIT (sockets accepted
 /// from it inherit the option, which Linux requires of both sides).
-fn bind_reusable(addr: SocketAddr) -> std::io::Result<TcpListener> {
+pub(crate) fn bind_reusable(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = tokio::net::TcpSocket::new_v4()?;
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;

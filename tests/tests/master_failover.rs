@@ -95,8 +95,9 @@ async fn tasks_of(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn master_restart_keeps_every_task_and_reports_recovering_agents_until_they_return() {
-    const AGENTS: usize = 5;
-    const PER_AGENT: usize = 4;
+    // The size: 20 agents with 10 tasks each.
+    const AGENTS: usize = 20;
+    const PER_AGENT: usize = 10;
     let mut cluster = Cluster::start(AGENTS).await;
     let mut fw = subscribe(&cluster, framework_info("keeper", "", 300.0)).await;
     let placed = launch_everywhere(&mut fw, AGENTS, PER_AGENT).await;
@@ -116,7 +117,7 @@ async fn master_restart_keeps_every_task_and_reports_recovering_agents_until_the
     let mut fw = subscribe(&cluster, framework_info("keeper", &fid, 300.0)).await;
     assert_eq!(fw.id, fid, "the framework kept its id");
     let s = cluster
-        .wait_state("4 agents back, 1 recovering", |s| {
+        .wait_state("all agents but one back, 1 recovering", |s| {
             s.agents.iter().filter(|a| a.state == "connected").count() == AGENTS - 1
                 && s.agents.iter().filter(|a| a.state == "recovering").count() == 1
         })

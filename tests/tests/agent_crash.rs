@@ -1,0 +1,168 @@
+//! `kill -9` of a real agent process, ten times in a row, while 20
+//! container tasks run: the containers outlive every crash, each restarted
+//! agent re-adopts them (same pids, memory limits still set), re-registers
+//! with the same id, and the framework sees no FAILED or LOST update; a
+//! kill from the scheduler still works afterwards.
+//!
+//! The agent is this test binary re-executed ([`corral_tests::process`]);
+//! the master and the framework run in the test process. Needs root and
+//! cgroups; fails (never skips) without them.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use corral_proto::pb::TaskState;
+use corral_tests::process::{AgentProcess, AgentSpec, child_agent_main};
+use corral_tests::{Cluster, WAIT, metric_value, shell_task, wait_for};
+
+const CHILD_ENTRY: &str = "child_agent_entry_point_runs_only_when_re_executed";
+const TASKS: usize = 20;
+const CRASHES: usize = 10;
+const TASK_MEM_MIB: f64 = 16.0;
+
+/// Runs only in the re-executed child.
+#[test]
+fn child_agent_entry_point_runs_only_when_re_executed() {
+    child_agent_main();
+}
+
+/// A task's container as the agent checkpointed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Container {
+    id: String,
+    pid: u32,
+}
+
+fn checkpointed_containers(agent: &AgentProcess) -> BTreeMap<String, Container> {
+    let contents = corral_agent::read_checkpoint(agent.work_dir()).expect("the agent's checkpoint");
+    contents
+        .tasks
+        .into_iter()
+        .filter_map(|t| {
+            let c = t.container?;
+            Some((
+                t.task?.task_id,
+                Container {
+                    id: c.container_id,
+                    pid: c.pid,
+                },
+            ))
+        })
+        .collect()
+}
+
+/// Running (a zombie is not: a killed container's init that was
+/// reparented away from the agent waits for its new parent to reap it).
+fn alive(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state follows the command, which is in parentheses.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.trim_start().chars().next());
+    !matches!(state, Some('Z' | 'X') | None)
+}
+
+/// The container's memory limit, from its cgroup (v1 here, v2 elsewhere).
+fn memory_limit(cgroup_root: &str, container_id: &str) -> u64 {
+    let v1 = format!("/sys/fs/cgroup/memory/{cgroup_root}/{container_id}/memory.limit_in_bytes");
+    let v2 = format!("/sys/fs/cgroup/{cgroup_root}/{container_id}/memory.max");
+    let text = std::fs::read_to_string(&v1)
+        .or_else(|_| std::fs::read_to_string(&v2))
+        .unwrap_or_else(|e| panic!("no memory limit for {container_id} ({v1}, {v2}): {e}"));
+    text.trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("{text}: {e}"))
+}
+
+async fn agent_metrics(agent: &AgentProcess) -> Option<String> {
+    let url = format!("http://{}/metrics", agent.spec.address);
+    reqwest::get(url).await.ok()?.text().await.ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_agent_ten_times_keeps_its_tasks_running_on_the_same_pids() {
+    let cluster = Cluster::start(0).await;
+    let spec = AgentSpec::new(&cluster, "cpus:4;mem:4096;disk:1024;ports:[31000-31099]");
+    let mut agent = AgentProcess::spawn(CHILD_ENTRY, &spec);
+    let mut fw = cluster.framework("crash").await;
+    let offer = fw.wait_offers().await.remove(0);
+    let tasks = (0..TASKS)
+        .map(|i| shell_task(&format!("t{i}"), "exec sleep 600", 0.1, TASK_MEM_MIB))
+        .collect();
+    fw.launch(&offer, tasks).await;
+    for i in 0..TASKS {
+        fw.wait_update(&format!("t{i}"), TaskState::TaskRunning)
+            .await;
+    }
+    let before = checkpointed_containers(&agent);
+    assert_eq!(before.len(), TASKS, "{before:?}");
+    let limit = (TASK_MEM_MIB as u64) << 20;
+    for c in before.values() {
+        assert!(!c.id.is_empty() && alive(c.pid), "{c:?}");
+        assert_eq!(memory_limit(&spec.cgroup_root, &c.id), limit);
+    }
+    let agent_id = offer.agent_id.clone();
+
+    for crash in 1..=CRASHES {
+        agent.kill9();
+        for c in before.values() {
+            assert!(alive(c.pid), "crash {crash}: {c:?} died with the agent");
+        }
+        agent = AgentProcess::spawn(CHILD_ENTRY, &spec);
+        // Back: all tasks recovered and re-registered with the master.
+        wait_for(
+            &format!("the agent to recover after crash {crash}"),
+            WAIT,
+            || async {
+                let text = agent_metrics(&agent).await?;
+                let recovered = metric_value(&text, "corral_agent_tasks_recovered_total")?;
+                let registered = metric_value(&text, "corral_agent_master_connections_total")?;
+                let running = metric_value(&text, r#"corral_agent_tasks{state="TASK_RUNNING"}"#)?;
+                (recovered == TASKS as f64 && registered >= 1.0 && running == TASKS as f64)
+                    .then_some(())
+            },
+        )
+        .await;
+        assert_eq!(
+            checkpointed_containers(&agent),
+            before,
+            "crash {crash}: the same containers, pids and all"
+        );
+        for c in before.values() {
+            assert!(alive(c.pid), "crash {crash}: {c:?}");
+            assert_eq!(memory_limit(&spec.cgroup_root, &c.id), limit);
+        }
+        let state = cluster.state().await;
+        let ids: Vec<_> = state.agents.iter().map(|a| a.id.as_str()).collect();
+        assert_eq!(
+            ids,
+            [agent_id.as_str()],
+            "crash {crash}: one agent, the same id"
+        );
+    }
+
+    // Whatever was in flight has arrived; none of it is a failure.
+    fw.pump(Duration::from_millis(500)).await;
+    let bad: Vec<_> = fw
+        .updates
+        .iter()
+        .filter(|u| u.state() != TaskState::TaskRunning)
+        .map(|u| format!("{} {:?} {}", u.task_id, u.state(), u.message))
+        .collect();
+    assert!(bad.is_empty(), "updates other than RUNNING: {bad:?}");
+
+    fw.kill("t0").await.expect("kill");
+    let killed = fw.wait_terminal("t0").await;
+    assert_eq!(killed.state(), TaskState::TaskKilled, "{killed:?}");
+    wait_for("t0's container to be gone", WAIT, || async {
+        (!alive(before["t0"].pid)).then_some(())
+    })
+    .await;
+    tokio::task::block_in_place(|| agent.stop());
+    for c in before.values() {
+        assert!(!alive(c.pid), "{c:?} outlived the agent's clean stop");
+    }
+    cluster.shutdown().await;
+}
