@@ -130,6 +130,9 @@ pub struct AgentConfig {
     /// The file holding the boot id ([`DEFAULT_BOOT_ID_PATH`]); tests point
     /// it elsewhere to play a reboot.
     pub boot_id_path: PathBuf,
+    /// Fault injection on the stream to the master, for tests that drop,
+    /// delay or duplicate chosen messages; `None` (always, outside tests).
+    pub link_faults: Option<std::sync::Arc<dyn crate::master_link::LinkFaults>>,
 }
 
 impl AgentConfig {
@@ -165,6 +168,7 @@ impl AgentConfig {
             pod_bridge: DEFAULT_POD_BRIDGE.to_string(),
             strict: true,
             boot_id_path: PathBuf::from(DEFAULT_BOOT_ID_PATH),
+            link_faults: None,
         }
     }
 }

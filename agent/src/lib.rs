@@ -74,6 +74,7 @@ pub use config::{
     Isolation, RECONNECT_BACKOFF_INITIAL,
 };
 pub use error::AgentError;
+pub use master_link::{Fault, LinkFaults};
 pub use resources::{detect_resources, merge_override};
 pub use volumes::VolumeError;
 
@@ -303,8 +304,13 @@ pub async fn run(
     let mut actor_task = tokio::spawn(actor.run(cmd_rx).instrument(span.clone()));
     let _actor_guard = AbortOnDrop(actor_task.abort_handle());
     let link_task = tokio::spawn(
-        master_link::run(endpoint, config.reconnect_backoff_max, cmd_tx.clone())
-            .instrument(span.clone()),
+        master_link::run(
+            endpoint,
+            config.reconnect_backoff_max,
+            cmd_tx.clone(),
+            config.link_faults.clone(),
+        )
+        .instrument(span.clone()),
     );
     let _link_guard = AbortOnDrop(link_task.abort_handle());
     let (stop_server, server_stopped) = oneshot::channel::<()>();

@@ -3,6 +3,7 @@
 //! reconnect with capped exponential backoff (with jitter) when the stream
 //! ends, errors, or the master falls silent for three heartbeat intervals.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use corral_proto::AgentId;
@@ -40,6 +41,51 @@ const MIN_BACKOFF: Duration = Duration::from_millis(10);
 
 /// Outgoing messages buffered for the stream (updates, heartbeats).
 const OUTBOUND_CAPACITY: usize = 1024;
+
+/// What happens to one message on the stream (fault injection).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    Pass,
+    /// Never sent (or never seen, for a message from the master).
+    Drop,
+    /// Held back this long, and everything after it with it (a stream
+    /// does not reorder).
+    Delay(Duration),
+    /// Sent (or seen) twice in a row.
+    Duplicate,
+}
+
+/// Decides the fate of each message between the agent and the master, in
+/// fault-injection tests (Mesos' `DROP_MESSAGE` and `FUTURE_MESSAGE`
+/// filters, for this stream). The link asks once per message, in order.
+pub trait LinkFaults: Send + Sync + std::fmt::Debug {
+    fn agent_to_master(&self, message: &pb::AgentMessage) -> Fault;
+    fn master_to_agent(&self, message: &pb::MasterMessage) -> Fault;
+}
+
+/// Moves messages from `rx` to `tx`, applying `decide`; ends with either.
+async fn relay<M: Clone>(
+    mut rx: impl futures::Stream<Item = M> + Unpin,
+    tx: mpsc::Sender<M>,
+    decide: impl Fn(&M) -> Fault,
+) {
+    while let Some(m) = rx.next().await {
+        let copies = match decide(&m) {
+            Fault::Pass => 1,
+            Fault::Drop => 0,
+            Fault::Delay(d) => {
+                tokio::time::sleep(d).await;
+                1
+            }
+            Fault::Duplicate => 2,
+        };
+        for _ in 0..copies {
+            if tx.send(m.clone()).await.is_err() {
+                return;
+            }
+        }
+    }
+}
 
 /// Capped exponential backoff with full-range jitter in `[d/2, d]`, so many
 /// agents that lost the same master do not all come back at once.
@@ -103,10 +149,15 @@ enum LinkEnd {
 }
 
 /// Runs until the master sends `Shutdown` or the actor is gone.
-pub(crate) async fn run(endpoint: Endpoint, backoff_max: Duration, cmd_tx: mpsc::Sender<Command>) {
+pub(crate) async fn run(
+    endpoint: Endpoint,
+    backoff_max: Duration,
+    cmd_tx: mpsc::Sender<Command>,
+    faults: Option<Arc<dyn LinkFaults>>,
+) {
     let mut backoff = Backoff::new(RECONNECT_BACKOFF_INITIAL, backoff_max);
     loop {
-        match attach_once(&endpoint, &cmd_tx).await {
+        match attach_once(&endpoint, &cmd_tx, faults.as_ref()).await {
             LinkEnd::Shutdown => return,
             LinkEnd::Lost { registered, reason } => {
                 warn!(master = %endpoint.uri(), reason = %reason, "lost the master");
@@ -134,7 +185,11 @@ fn lost(reason: impl Into<String>) -> LinkEnd {
     }
 }
 
-async fn attach_once(endpoint: &Endpoint, cmd_tx: &mpsc::Sender<Command>) -> LinkEnd {
+async fn attach_once(
+    endpoint: &Endpoint,
+    cmd_tx: &mpsc::Sender<Command>,
+    faults: Option<&Arc<dyn LinkFaults>>,
+) -> LinkEnd {
     let channel = match endpoint.connect().await {
         Ok(c) => c,
         Err(e) => return lost(format!("cannot connect: {e}")),
@@ -161,18 +216,37 @@ async fn attach_once(endpoint: &Endpoint, cmd_tx: &mpsc::Sender<Command>) -> Lin
     if out_tx.try_send(first).is_err() {
         return lost("cannot queue Register");
     }
-    let response = match tokio::time::timeout(
-        REGISTRATION_TIMEOUT,
-        client.attach(ReceiverStream::new(out_rx)),
-    )
-    .await
-    {
+    let outbound = match faults {
+        None => ReceiverStream::new(out_rx),
+        Some(faults) => {
+            let (tx, rx) = mpsc::channel(OUTBOUND_CAPACITY);
+            let faults = faults.clone();
+            tokio::spawn(relay(ReceiverStream::new(out_rx), tx, move |m| {
+                faults.agent_to_master(m)
+            }));
+            ReceiverStream::new(rx)
+        }
+    };
+    let response = match tokio::time::timeout(REGISTRATION_TIMEOUT, client.attach(outbound)).await {
         Ok(Ok(r)) => r,
         Ok(Err(status)) => return lost(format!("attach failed: {status}")),
         Err(_) => return lost("attach timed out"),
     };
     debug!(tasks, "stream open; Register sent");
-    let mut inbound = response.into_inner();
+    let mut inbound: std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<pb::MasterMessage, tonic::Status>> + Send>,
+    > = match faults {
+        None => Box::pin(response.into_inner()),
+        Some(faults) => {
+            let (tx, rx) = mpsc::channel(OUTBOUND_CAPACITY);
+            let faults = faults.clone();
+            tokio::spawn(relay(response.into_inner(), tx, move |m| match m {
+                Ok(m) => faults.master_to_agent(m),
+                Err(_) => Fault::Pass,
+            }));
+            Box::pin(ReceiverStream::new(rx))
+        }
+    };
 
     let mut registered = false;
     let mut interval: Option<Duration> = None;

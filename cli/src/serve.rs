@@ -73,6 +73,14 @@ struct MasterTuning {
     /// unreachable at once (default 50).
     #[arg(long, env = "CORRAL_MAX_UNREACHABLE_PERCENT")]
     max_unreachable_percent: Option<u8>,
+    /// Removed agents' ids are refused for this long, then forgotten
+    /// (default 14d, as in Mesos).
+    #[arg(long, value_parser = parse_duration, env = "CORRAL_REGISTRY_MAX_AGENT_AGE")]
+    registry_max_agent_age: Option<Duration>,
+    /// At most this many removed agents' ids are kept, the newest
+    /// (default 102400, as in Mesos).
+    #[arg(long, env = "CORRAL_REGISTRY_MAX_AGENT_COUNT")]
+    registry_max_agent_count: Option<usize>,
 }
 
 impl MasterTuning {
@@ -127,6 +135,15 @@ impl MasterTuning {
                     let detail = e.strip_prefix("agent_removal_rate: ").unwrap_or(&e);
                     anyhow::anyhow!("--agent-removal-rate: {detail}")
                 })?;
+        }
+        if let Some(d) = self.registry_max_agent_age {
+            if d.is_zero() {
+                bail!("--registry-max-agent-age: must be > 0");
+            }
+            config.registry_max_agent_age = d;
+        }
+        if let Some(n) = self.registry_max_agent_count {
+            config.registry_max_agent_count = n;
         }
         if let Some(p) = self.max_unreachable_percent {
             if p > 100 {

@@ -37,6 +37,12 @@ pub const DEFAULT_AGENT_REMOVAL_RATE: RemovalRate = RemovalRate {
 /// master is more likely the one cut off (Kubernetes stops evicting above
 /// 55 % unhealthy nodes in a zone).
 pub const DEFAULT_MAX_UNREACHABLE_PERCENT: u8 = 50;
+/// Removed agents' ids are kept (and refused) for this long, then
+/// forgotten (Mesos' `--registry_max_agent_age`, same default).
+pub const DEFAULT_REGISTRY_MAX_AGENT_AGE: Duration = Duration::from_secs(14 * 24 * 3600);
+/// At most this many removed agents' ids are kept; the oldest go first
+/// (Mesos' `--registry_max_agent_count`, same default).
+pub const DEFAULT_REGISTRY_MAX_AGENT_COUNT: usize = 100 * 1024;
 
 /// Events buffered per framework stream before the master gives up on a
 /// scheduler that does not read and drops its connection (it re-subscribes
@@ -67,6 +73,10 @@ pub struct MasterConfig {
     pub agent_removal_timeout: Duration,
     pub agent_removal_rate: RemovalRate,
     pub max_unreachable_percent: u8,
+    /// Removed agent ids older than this are forgotten.
+    pub registry_max_agent_age: Duration,
+    /// At most this many removed agent ids are kept.
+    pub registry_max_agent_count: usize,
 }
 
 /// `N/DURATION`: at most `count` agent removals per `per`.
@@ -122,6 +132,8 @@ impl Default for MasterConfig {
             agent_removal_timeout: DEFAULT_AGENT_REMOVAL_TIMEOUT,
             agent_removal_rate: DEFAULT_AGENT_REMOVAL_RATE,
             max_unreachable_percent: DEFAULT_MAX_UNREACHABLE_PERCENT,
+            registry_max_agent_age: DEFAULT_REGISTRY_MAX_AGENT_AGE,
+            registry_max_agent_count: DEFAULT_REGISTRY_MAX_AGENT_COUNT,
         }
     }
 }

@@ -140,7 +140,9 @@ struct Agent {
     last_seen: Instant,
     registered_at: f64,
     tasks: HashSet<TaskKey>,
-    /// Kills asked for while the agent was unreachable, sent when it returns.
+    /// Kills asked for and not done yet (the task has not ended), sent
+    /// again each time the agent registers: one asked for while it was
+    /// away, or in flight on a stream that broke, is not lost.
     pending_kills: HashMap<TaskKey, Option<f64>>,
     /// Volumes destroyed while the agent was unreachable: destroyed there
     /// when it returns, never adopted back.
@@ -893,11 +895,19 @@ impl Master {
                 .add_agent(id.clone(), agent.total.clone(), used.into_iter().collect());
         }
 
-        // Kills asked for while it was away.
+        // Kills asked for while it was away, or lost with its last stream.
+        let tasks = &self.tasks;
         let kills: Vec<_> = self
             .agents
             .get_mut(&id)
-            .map(|a| a.pending_kills.drain().collect())
+            .map(|a| {
+                a.pending_kills
+                    .retain(|key, _| tasks.get(key).is_some_and(|t| !is_terminal(t.state())));
+                a.pending_kills
+                    .iter()
+                    .map(|(k, g)| (k.clone(), *g))
+                    .collect()
+            })
             .unwrap_or_default();
         for ((fid, tid), grace) in kills {
             self.send_to_agent(&id, kill_message(&fid, &tid, grace));
@@ -1051,6 +1061,7 @@ impl Master {
             }
         }
         self.remove_unreachable_agents(now);
+        self.forget_old_gone_agents();
         let ids: Vec<AgentId> = self
             .agents
             .values()
@@ -1127,6 +1138,35 @@ impl Master {
                     &format!("agent {id} is unreachable: {why}"),
                 );
             }
+        }
+    }
+
+    /// Forgets removed agents older than `registry_max_agent_age`, and the
+    /// oldest beyond `registry_max_agent_count`, so the registry does not
+    /// grow forever with a churning fleet (Mesos' registry GC). An agent
+    /// that returns after that is not refused: it registers like an
+    /// unknown one, and its frameworks reconcile its tasks.
+    fn forget_old_gone_agents(&mut self) {
+        let max_age = self.config.registry_max_agent_age.as_secs_f64();
+        let max_count = self.config.registry_max_agent_count;
+        let oldest_kept = now_seconds() - max_age;
+        let over = self.gone_agents.len().saturating_sub(max_count);
+        let too_old = self.gone_agents.values().any(|at| *at < oldest_kept);
+        if over == 0 && !too_old {
+            return;
+        }
+        let mut by_age: Vec<(f64, AgentId)> = self
+            .gone_agents
+            .iter()
+            .map(|(id, at)| (*at, id.clone()))
+            .collect();
+        by_age.sort_by(|a, b| a.0.total_cmp(&b.0).then_with(|| a.1.cmp(&b.1)));
+        for (i, (at, id)) in by_age.into_iter().enumerate() {
+            if i >= over && at >= oldest_kept {
+                break;
+            }
+            self.gone_agents.remove(&id);
+            self.dirty.agents.insert(id);
         }
     }
 
@@ -2311,14 +2351,15 @@ impl Master {
             return Ok(());
         }
         let agent_id = task.agent_id.clone();
-        let connected = self.agents.get(&agent_id).is_some_and(|a| a.conn.is_some());
-        if connected {
+        let Some(agent) = self.agents.get_mut(&agent_id) else {
+            return Ok(());
+        };
+        agent.pending_kills.insert(key, r.kill_grace_period_seconds);
+        if agent.conn.is_some() {
             self.send_to_agent(
                 &agent_id,
                 kill_message(fid, &tid, r.kill_grace_period_seconds),
             );
-        } else if let Some(agent) = self.agents.get_mut(&agent_id) {
-            agent.pending_kills.insert(key, r.kill_grace_period_seconds);
         }
         Ok(())
     }
@@ -2524,6 +2565,7 @@ impl Master {
         self.dirty.tasks.insert(key.clone());
         if let Some(agent) = self.agents.get_mut(&task.agent_id) {
             agent.tasks.remove(key);
+            agent.pending_kills.remove(key);
         }
         if let Some(fw) = self.frameworks.get_mut(&key.0) {
             fw.tasks.remove(&key.1);

@@ -12,6 +12,7 @@
 //!   frameworks in-process, with their gRPC clients.
 
 pub mod batch;
+pub mod faults;
 mod framework;
 pub mod images;
 pub mod process;

@@ -291,3 +291,40 @@ async fn an_agent_registering_as_the_replacement_of_another_removes_it_at_once()
     drop(tx);
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removed_agents_are_forgotten_beyond_the_registrys_count_and_age() {
+    let config = MasterConfig {
+        max_unreachable_percent: 100,
+        registry_max_agent_count: 1,
+        registry_max_agent_age: Duration::from_secs(3),
+        ..removal_config(Duration::from_millis(300), Duration::from_millis(100))
+    };
+    let cluster = Cluster::start_with(config, 3).await;
+    cluster.agents[0].proxy.cut();
+    cluster.agents[1].proxy.cut();
+    // Both are removed; only the newer of the two is remembered.
+    let s = cluster
+        .wait_state("two agents removed, one remembered", |s| {
+            s.agents.len() == 1 && s.gone_agents == 1
+        })
+        .await;
+    assert_eq!(s.agents[0].hostname, "agent2");
+    assert_eq!(
+        metric(
+            &cluster,
+            r#"corral_master_agent_removals_total{reason="unreachable"}"#
+        )
+        .await,
+        2.0
+    );
+    // And it is forgotten once it is older than the maximum age.
+    cluster
+        .wait_state("the removed agent forgotten", |s| s.gone_agents == 0)
+        .await;
+    assert_eq!(
+        metric(&cluster, r#"corral_master_agents{state="gone"}"#).await,
+        0.0
+    );
+    cluster.shutdown().await;
+}
