@@ -665,15 +665,20 @@ impl Actor {
               ended_while_down = recovered.ended_while_down, "re-adopted a recovered task's container");
         task.pid = Some(recovered.running.pid());
         task.running = Some(recovered.running.clone());
-        // Its max completion time restarts with the agent: the checkpoint
-        // does not say how long it had run.
+        // Its max completion time counts from the container's start (its
+        // checkpointed start time on this boot), not from the restart.
         if !recovered.ended_while_down
             && let Some(max) = task
                 .info
                 .max_completion_time_seconds
                 .and_then(completion_time_from_seconds)
         {
-            task.completion_deadline = Some((Instant::now() + max, max));
+            let ran = task
+                .container
+                .as_ref()
+                .and_then(|c| crate::task::running_for(c.start_ticks))
+                .unwrap_or_default();
+            task.completion_deadline = Some((Instant::now() + max.saturating_sub(ran), max));
         }
         if let Some((pid, ended)) = task.early_exit.take() {
             self.exited(key, pid, ended);

@@ -186,6 +186,18 @@ pub(crate) fn process_start_ticks(pid: u32) -> Option<u64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
+/// How long a process that started at `start_ticks` (`/proc/PID/stat`
+/// field 22, on this boot) has run, from `/proc/uptime`. The unit is
+/// USER_HZ, 100 per second on every architecture Linux exports it for.
+pub(crate) fn running_for(start_ticks: u64) -> Option<std::time::Duration> {
+    const USER_HZ: f64 = 100.0;
+    let uptime = std::fs::read_to_string("/proc/uptime").ok()?;
+    let now: f64 = uptime.split_whitespace().next()?.parse().ok()?;
+    let started = start_ticks as f64 / USER_HZ;
+    let ran = now - started;
+    (ran.is_finite() && ran >= 0.0).then(|| std::time::Duration::from_secs_f64(ran))
+}
+
 /// SIGKILLs the process group of a plain-process task that an earlier run
 /// of the agent started, if its leader is still that process (same start
 /// time). Such processes outlive a `kill -9` of the agent; the agent cannot
@@ -209,6 +221,24 @@ pub(crate) fn kill_leftover_group(pgid: u32, start_ticks: u64) -> bool {
 mod tests {
     use super::*;
     use std::os::unix::process::CommandExt;
+
+    #[test]
+    fn a_process_has_run_since_its_start_time() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let ticks = process_start_ticks(child.id()).unwrap();
+        let ran = running_for(ticks).unwrap();
+        // Started just now: well under a few seconds (ticks are 10 ms).
+        assert!(ran < std::time::Duration::from_secs(3), "{ran:?}");
+        // A process that started 2 s of ticks earlier ran 2 s longer.
+        let earlier = running_for(ticks.saturating_sub(200)).unwrap();
+        let diff = earlier.saturating_sub(ran).as_secs_f64();
+        assert!((1.9..2.2).contains(&diff), "{diff}");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
 
     #[test]
     fn a_leftover_group_is_killed_only_when_its_leader_is_the_same_process() {

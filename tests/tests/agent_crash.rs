@@ -166,3 +166,38 @@ async fn killing_the_agent_ten_times_keeps_its_tasks_running_on_the_same_pids() 
     }
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_re_adopted_tasks_max_completion_time_counts_from_its_start() {
+    const MAX: Duration = Duration::from_secs(5);
+    const BEFORE_CRASH: Duration = Duration::from_millis(2500);
+    let cluster = Cluster::start(0).await;
+    let spec = AgentSpec::new(&cluster, "cpus:2;mem:2048;disk:1024");
+    let mut agent = AgentProcess::spawn(CHILD_ENTRY, &spec);
+    let mut fw = cluster.framework("deadline").await;
+    let offer = fw.wait_offers().await.remove(0);
+    let mut task = shell_task("bounded", "exec sleep 600", 0.1, TASK_MEM_MIB);
+    task.max_completion_time_seconds = Some(MAX.as_secs_f64());
+    fw.launch(&offer, vec![task]).await;
+    fw.wait_update("bounded", TaskState::TaskRunning).await;
+    let started = std::time::Instant::now();
+    // The scenario is the time the task has run when the agent dies.
+    tokio::time::sleep(BEFORE_CRASH).await;
+    agent.kill9();
+    agent = AgentProcess::spawn(CHILD_ENTRY, &spec);
+    let end = fw.wait_terminal("bounded").await;
+    let after = started.elapsed();
+    assert_eq!(end.state(), TaskState::TaskFailed, "{end:?}");
+    assert_eq!(
+        end.reason(),
+        corral_proto::pb::Reason::MaxCompletionTimeReached,
+        "{end:?}"
+    );
+    // From the restart it would be BEFORE_CRASH + MAX = 7.5 s.
+    assert!(
+        after < MAX + Duration::from_millis(1500),
+        "ended {after:?} after it started running: the deadline restarted with the agent"
+    );
+    tokio::task::block_in_place(|| agent.stop());
+    cluster.shutdown().await;
+}
