@@ -5,6 +5,7 @@
 //! `tasks`).
 
 mod batch;
+mod framework_client;
 mod image;
 mod logs;
 mod run;

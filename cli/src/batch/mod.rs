@@ -8,34 +8,36 @@
 //! - `wait`: polls a job until it ends, with a progress bar.
 //! - `logs`: the output of a job's tasks, read from their agents.
 //!
-//! Every command prints its errors as `corral batch CMD: MESSAGE`; [`CallError`]
-//! is the one place where a gRPC status becomes that message.
+//! Every command prints its errors as `corral batch CMD: MESSAGE`;
+//! [`CallError`] (shared with `corral service`) is the one place where a
+//! gRPC status becomes that message.
 
 mod logs;
 mod show;
 mod submit;
 mod wait;
 
-use std::fmt;
 use std::process::ExitCode;
-use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Args, Subcommand};
 use corral_proto::pb;
 use corral_proto::pb::batch_client::BatchClient;
-use tonic::Code;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::LogFormat;
+pub(crate) use crate::framework_client::CallError;
+use crate::framework_client::{self, Api};
 
 /// Where the client commands look for the batch API by default: the port of
 /// `corral batch serve` and `corral dev` on this host.
 pub const DEFAULT_BATCH: &str = "127.0.0.1:5060";
-/// A framework that does not accept a connection this fast is not there.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Upper bound for one call; GetJob of a 100 000-task array is the slowest.
-const RPC_TIMEOUT: Duration = Duration::from_secs(30);
+const API: Api = Api {
+    name: "batch",
+    flag: "--batch",
+    env: "CORRAL_BATCH",
+    others: "a master or an agent",
+};
 /// `status` of a large array job lists every index and attempt: far more
 /// than gRPC's default 4 MiB.
 const MAX_MESSAGE: usize = 256 * 1024 * 1024;
@@ -140,58 +142,6 @@ async fn delete(args: CancelArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// A failed call to the batch API, displayed as what the user should read.
-#[derive(Debug)]
-pub(crate) struct CallError {
-    status: tonic::Status,
-    addr: String,
-}
-
-impl CallError {
-    /// The framework could not be reached (not running, restarting, wrong
-    /// address): worth retrying while waiting for a job.
-    pub(crate) fn is_unavailable(&self) -> bool {
-        self.status.code() == Code::Unavailable
-    }
-}
-
-impl fmt::Display for CallError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let message = self.status.message();
-        let addr = &self.addr;
-        match self.status.code() {
-            // The framework's own words, which name the field or the job.
-            Code::InvalidArgument
-            | Code::AlreadyExists
-            | Code::NotFound
-            | Code::FailedPrecondition
-            | Code::OutOfRange
-                if !message.is_empty() =>
-            {
-                f.write_str(message)
-            }
-            Code::Unavailable => write!(
-                f,
-                "cannot reach the batch framework at {addr} (is it running? start it with \
-                 `corral batch serve` or `corral dev`, or point --batch / CORRAL_BATCH at it): {message}"
-            ),
-            Code::DeadlineExceeded => write!(
-                f,
-                "the batch framework at {addr} did not answer within {}s",
-                RPC_TIMEOUT.as_secs()
-            ),
-            Code::Unimplemented => write!(
-                f,
-                "{addr} does not serve the batch API (is it a master or an agent?): {message}"
-            ),
-            code if message.is_empty() => write!(f, "{addr}: {}", code.description()),
-            code => write!(f, "{addr}: {}: {message}", code.description()),
-        }
-    }
-}
-
-impl std::error::Error for CallError {}
-
 /// The batch API client. Connects on first use, so an unreachable framework
 /// surfaces as an `Unavailable` [`CallError`] like any other failed call.
 pub(crate) struct Client {
@@ -202,20 +152,13 @@ pub(crate) struct Client {
 impl Client {
     pub(crate) fn new(target: &Target) -> Result<Self> {
         let addr = target.addr.clone();
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .with_context(|| format!("--batch: '{addr}' is not HOST:PORT"))?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(RPC_TIMEOUT);
-        let inner =
-            BatchClient::new(endpoint.connect_lazy()).max_decoding_message_size(MAX_MESSAGE);
+        let inner = BatchClient::new(framework_client::channel(API, &addr)?)
+            .max_decoding_message_size(MAX_MESSAGE);
         Ok(Self { inner, addr })
     }
 
     fn error(&self, status: tonic::Status) -> CallError {
-        CallError {
-            status,
-            addr: self.addr.clone(),
-        }
+        CallError::new(API, &self.addr, status)
     }
 
     pub(crate) async fn submit(&mut self, spec: pb::JobSpec) -> Result<String, CallError> {
@@ -290,34 +233,16 @@ impl Client {
 mod tests {
     use super::*;
 
-    fn message(code: Code, text: &str) -> String {
-        CallError {
-            status: tonic::Status::new(code, text),
-            addr: "127.0.0.1:5060".into(),
-        }
-        .to_string()
-    }
-
     #[test]
     fn the_default_address_is_the_frameworks_default_port() {
         assert!(DEFAULT_BATCH.ends_with(&format!(":{}", corral_batch::DEFAULT_PORT)));
     }
 
     #[test]
-    fn refusals_read_as_the_frameworks_own_message() {
-        assert_eq!(
-            message(Code::InvalidArgument, "job.cpus: must be finite and > 0"),
-            "job.cpus: must be finite and > 0"
-        );
-        assert_eq!(message(Code::NotFound, "no job 'x'"), "no job 'x'");
-    }
-
-    #[test]
-    fn an_unreachable_framework_says_where_it_was_looked_for() {
-        let text = message(Code::Unavailable, "tcp connect error");
-        assert!(text.contains("127.0.0.1:5060"), "{text}");
-        assert!(text.contains("CORRAL_BATCH"), "{text}");
-        let text = message(Code::Internal, "");
-        assert!(text.contains("127.0.0.1:5060"), "{text}");
+    fn an_unreachable_framework_names_the_batch_flag_and_variable() {
+        let status = tonic::Status::unavailable("tcp connect error");
+        let text = CallError::new(API, DEFAULT_BATCH, status).to_string();
+        assert!(text.contains("--batch / CORRAL_BATCH"), "{text}");
+        assert!(text.contains("corral batch serve"), "{text}");
     }
 }

@@ -8,32 +8,33 @@
 //! Files are sent as text and parsed by the framework, so every client gets
 //! the same rules and the same error messages (naming the field). Every
 //! command prints its errors as `corral service CMD: MESSAGE`; [`CallError`]
-//! is the one place where a gRPC status becomes that message.
+//! (shared with `corral batch`) is the one place where a gRPC status
+//! becomes that message.
 
 mod show;
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use corral_proto::pb;
 use corral_proto::pb::apply_service_request::Source;
 use corral_proto::pb::services_client::ServicesClient;
-use tonic::Code;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::LogFormat;
+use crate::framework_client::{self, Api, CallError};
 
 /// Where the client commands look for the service API by default: the port
 /// of `corral service serve` and `corral dev` on this host.
 pub const DEFAULT_SERVICE: &str = "127.0.0.1:5070";
-/// A framework that does not accept a connection this fast is not there.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Upper bound for one call; answers come from memory, after one commit.
-const RPC_TIMEOUT: Duration = Duration::from_secs(30);
+const API: Api = Api {
+    name: "service",
+    flag: "--service",
+    env: "CORRAL_SERVICE",
+    others: "a master, an agent or the batch framework",
+};
 /// The status of a 10 000-instance service is larger than gRPC's default
 /// 4 MiB.
 const MAX_MESSAGE: usize = 64 * 1024 * 1024;
@@ -240,50 +241,6 @@ async fn delete(args: NameArgs) -> Result<()> {
     Ok(())
 }
 
-/// A failed call to the service API, displayed as what the user should read.
-#[derive(Debug)]
-pub(crate) struct CallError {
-    status: tonic::Status,
-    addr: String,
-}
-
-impl fmt::Display for CallError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let message = self.status.message();
-        let addr = &self.addr;
-        match self.status.code() {
-            // The framework's own words, which name the field or the service.
-            Code::InvalidArgument
-            | Code::AlreadyExists
-            | Code::NotFound
-            | Code::FailedPrecondition
-            | Code::OutOfRange
-                if !message.is_empty() =>
-            {
-                f.write_str(message)
-            }
-            Code::Unavailable => write!(
-                f,
-                "cannot reach the service framework at {addr} (is it running? start it with \
-                 `corral service serve` or `corral dev`, or point --service / CORRAL_SERVICE at it): {message}"
-            ),
-            Code::DeadlineExceeded => write!(
-                f,
-                "the service framework at {addr} did not answer within {}s",
-                RPC_TIMEOUT.as_secs()
-            ),
-            Code::Unimplemented => write!(
-                f,
-                "{addr} does not serve the service API (is it a master, an agent or the batch framework?): {message}"
-            ),
-            code if message.is_empty() => write!(f, "{addr}: {}", code.description()),
-            code => write!(f, "{addr}: {}: {message}", code.description()),
-        }
-    }
-}
-
-impl std::error::Error for CallError {}
-
 /// The service API client. Connects on first use, so an unreachable
 /// framework surfaces as an `Unavailable` [`CallError`] like any other
 /// failed call.
@@ -295,20 +252,13 @@ pub(crate) struct Client {
 impl Client {
     pub(crate) fn new(target: &Target) -> Result<Self> {
         let addr = target.addr.clone();
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .with_context(|| format!("--service: '{addr}' is not HOST:PORT"))?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(RPC_TIMEOUT);
-        let inner =
-            ServicesClient::new(endpoint.connect_lazy()).max_decoding_message_size(MAX_MESSAGE);
+        let inner = ServicesClient::new(framework_client::channel(API, &addr)?)
+            .max_decoding_message_size(MAX_MESSAGE);
         Ok(Self { inner, addr })
     }
 
     fn error(&self, status: tonic::Status) -> CallError {
-        CallError {
-            status,
-            addr: self.addr.clone(),
-        }
+        CallError::new(API, &self.addr, status)
     }
 
     async fn apply(&mut self, source: Source) -> Result<pb::ApplyServiceResponse, CallError> {
@@ -374,12 +324,8 @@ impl Client {
 mod tests {
     use super::*;
 
-    fn message(code: Code, text: &str) -> String {
-        CallError {
-            status: tonic::Status::new(code, text),
-            addr: "127.0.0.1:5070".into(),
-        }
-        .to_string()
+    fn message(code: tonic::Code, text: &str) -> String {
+        CallError::new(API, DEFAULT_SERVICE, tonic::Status::new(code, text)).to_string()
     }
 
     #[test]
@@ -391,22 +337,24 @@ mod tests {
     fn refusals_read_as_the_frameworks_own_message() {
         assert_eq!(
             message(
-                Code::InvalidArgument,
+                tonic::Code::InvalidArgument,
                 "service.task.cpus: must be finite and > 0"
             ),
             "service.task.cpus: must be finite and > 0"
         );
         assert_eq!(
-            message(Code::NotFound, "no service named x"),
+            message(tonic::Code::NotFound, "no service named x"),
             "no service named x"
         );
     }
 
     #[test]
     fn an_unreachable_framework_says_where_it_was_looked_for() {
-        let text = message(Code::Unavailable, "tcp connect error");
+        let text = message(tonic::Code::Unavailable, "tcp connect error");
         assert!(text.contains("127.0.0.1:5070"), "{text}");
-        assert!(text.contains("CORRAL_SERVICE"), "{text}");
+        assert!(text.contains("--service / CORRAL_SERVICE"), "{text}");
+        let text = message(tonic::Code::Unimplemented, "");
+        assert!(text.contains("or the batch framework"), "{text}");
     }
 
     #[test]
