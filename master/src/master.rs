@@ -791,10 +791,25 @@ impl Master {
                     .map_err(|e| invalid(e.into()))?,
             )
         };
-        let reregister = valid.id.is_some();
+        // A first registration from an address and hostname the master
+        // already knows is that agent again: its `Registered` was lost (the
+        // stream broke first), or it restarted with an empty work dir. It
+        // keeps its id, as in Mesos, and what it runs is reconciled, rather
+        // than a second agent appearing beside a phantom one.
+        let retried = valid
+            .id
+            .is_none()
+            .then(|| self.known_agent_at(&valid.info))
+            .flatten();
+        if let Some(id) = &retried {
+            info!(agent_id = %id, address = %valid.info.address,
+                  "a first registration from a known agent's address: it keeps its id");
+        }
+        let reregister = valid.id.is_some() || retried.is_some();
         let id = valid
             .id
             .clone()
+            .or(retried)
             .unwrap_or_else(|| AgentId::generated(uuid::Uuid::new_v4().to_string()));
         let conn_id = self.next_conn_id();
         let now = Instant::now();
@@ -1093,6 +1108,17 @@ impl Master {
 
     /// Marks an agent unreachable: its offers are rescinded, its tasks become
     /// TASK_UNREACHABLE but keep their resources (they may still run).
+    /// The agent already known at this (non-empty) address and hostname.
+    fn known_agent_at(&self, info: &pb::AgentInfo) -> Option<AgentId> {
+        if info.address.is_empty() {
+            return None;
+        }
+        self.agents
+            .values()
+            .find(|a| a.info.address == info.address && a.info.hostname == info.hostname)
+            .map(|a| a.id.clone())
+    }
+
     /// The agent's stream closed (a crash, a restart, a broken
     /// connection): no more offers from it, but its tasks stay as they are
     /// until it is unreachable, after the ping timeouts, as in Mesos. An

@@ -262,6 +262,15 @@ impl Cluster {
                 s.agents.iter().filter(|a| a.state == "connected").count() == n
             })
             .await;
+        // And each agent knows it: a test that cuts an agent off before
+        // its `Registered` arrived would see it register again as a new one.
+        for i in 0..n {
+            wait_for(&format!("agent {i} registered"), WAIT, || async {
+                let text = cluster.agent_metrics(i).await;
+                metric_value(&text, "corral_agent_master_connections_total").filter(|v| *v >= 1.0)
+            })
+            .await;
+        }
         cluster
     }
 

@@ -30,6 +30,54 @@ async fn launch_on(fw: &mut TestFramework, hostname: &str, task_id: &str) -> Str
     offer.agent_id
 }
 
+/// A first registration of an agent at 127.0.0.1:1 (nothing listens there:
+/// the master never calls it in these tests).
+fn raw_register(hostname: &str) -> pb::Register {
+    pb::Register {
+        info: Some(pb::AgentInfo {
+            hostname: hostname.into(),
+            address: "127.0.0.1:1".into(),
+            resources: Resources::parse("cpus:1;mem:256")
+                .expect("resources")
+                .to_proto(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Attaches to the master as a bare agent; returns the agent id it was
+/// registered as, and the stream (dropping it disconnects).
+async fn attach_raw(
+    cluster: &Cluster,
+    register: pb::Register,
+) -> (String, tokio::sync::mpsc::Sender<pb::AgentMessage>) {
+    let mut client = pb::agent_registry_client::AgentRegistryClient::connect(format!(
+        "http://{}",
+        cluster.master
+    ))
+    .await
+    .expect("connect");
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::AgentMessage {
+        message: Some(pb::agent_message::Message::Register(register)),
+    })
+    .await
+    .expect("queue register");
+    let mut inbound = client
+        .attach(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("attach")
+        .into_inner();
+    let first = inbound.message().await.expect("stream").expect("a message");
+    let Some(pb::master_message::Message::Registered(r)) = first.message else {
+        panic!("not Registered: {first:?}");
+    };
+    // The inbound half ends with this function: keep the outbound one open.
+    tokio::spawn(async move { while let Ok(Some(_)) = inbound.message().await {} });
+    (r.agent_id, tx)
+}
+
 async fn metric(cluster: &Cluster, name: &str) -> f64 {
     let text = cluster.metrics().await;
     metric_value(&text, name).unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))
@@ -236,43 +284,9 @@ async fn an_agent_registering_as_the_replacement_of_another_removes_it_at_once()
     fw.wait_update("old-task", TaskState::TaskUnreachable).await;
 
     // The same machine, restarted as a new agent (e.g. after a reboot).
-    let mut client = pb::agent_registry_client::AgentRegistryClient::connect(format!(
-        "http://{}",
-        cluster.master
-    ))
-    .await
-    .expect("connect");
-    let register = pb::Register {
-        info: Some(pb::AgentInfo {
-            hostname: "agent0-rebooted".into(),
-            address: "127.0.0.1:1".into(),
-            resources: Resources::parse("cpus:1;mem:256")
-                .expect("resources")
-                .to_proto(),
-            ..Default::default()
-        }),
-        replaces_agent_id: old.clone(),
-        ..Default::default()
-    };
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(pb::AgentMessage {
-        message: Some(pb::agent_message::Message::Register(register)),
-    })
-    .await
-    .expect("queue register");
-    let mut inbound = client
-        .attach(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .expect("attach")
-        .into_inner();
-    let first = inbound.message().await.expect("stream").expect("a message");
-    assert!(
-        matches!(
-            first.message,
-            Some(pb::master_message::Message::Registered(_))
-        ),
-        "{first:?}"
-    );
+    let mut register = raw_register("agent0-rebooted");
+    register.replaces_agent_id = old.clone();
+    let (_, stream) = attach_raw(&cluster, register).await;
 
     let gone = fw.wait_update("old-task", TaskState::TaskGone).await;
     assert_eq!(gone.reason(), Reason::AgentRemoved);
@@ -288,7 +302,7 @@ async fn an_agent_registering_as_the_replacement_of_another_removes_it_at_once()
         .await,
         1.0
     );
-    drop(tx);
+    drop(stream);
     cluster.shutdown().await;
 }
 
@@ -326,5 +340,27 @@ async fn removed_agents_are_forgotten_beyond_the_registrys_count_and_age() {
         metric(&cluster, r#"corral_master_agents{state="gone"}"#).await,
         0.0
     );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_first_registration_keeps_the_agents_id() {
+    let cluster = Cluster::start(0).await;
+    // The agent registers; its `Registered` is lost with the stream, so it
+    // registers again as it did the first time.
+    let (first, stream) = attach_raw(&cluster, raw_register("retrying")).await;
+    drop(stream);
+    let (second, stream) = attach_raw(&cluster, raw_register("retrying")).await;
+    assert_eq!(first, second, "the same agent, the same id");
+    let s = cluster
+        .wait_state("the agent connected", |s| {
+            s.agents.iter().any(|a| a.state == "connected")
+        })
+        .await;
+    assert_eq!(s.agents.len(), 1, "no phantom agent: {:?}", s.agents);
+    // Another agent (another hostname at that address) is a new one.
+    let (third, other) = attach_raw(&cluster, raw_register("other")).await;
+    assert_ne!(third, first);
+    drop((stream, other));
     cluster.shutdown().await;
 }
