@@ -10,6 +10,11 @@ pub enum AgentError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "--work-dir {path}: containers mount their own {mount}, so they could not see their \
+         sandboxes there; choose a work dir outside /dev, /proc and /sys"
+    )]
+    WorkDirHiddenFromContainers { path: PathBuf, mount: &'static str },
     #[error("cannot read {path}: {source}")]
     ReadMeminfo {
         path: PathBuf,

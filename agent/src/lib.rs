@@ -119,6 +119,15 @@ pub async fn run(
         path: config.work_dir.clone(),
         source,
     })?;
+    if config.isolation == Isolation::Container {
+        let real = std::fs::canonicalize(&config.work_dir).unwrap_or(config.work_dir.clone());
+        if let Some(mount) = hidden_from_containers(&real) {
+            return Err(AgentError::WorkDirHiddenFromContainers {
+                path: config.work_dir.clone(),
+                mount,
+            });
+        }
+    }
     let detected = detect_resources(&config.work_dir)?;
     let resources = match &config.resources {
         Some(over) => merge_override(detected, over),
@@ -519,4 +528,42 @@ fn flatten(
         what,
         reason: e.to_string(),
     })?
+}
+
+/// The mount a container puts over `path`, if it does: every container gets
+/// its own /dev, /proc and /sys, so a work dir there hides its sandboxes
+/// from the containers that run in them.
+fn hidden_from_containers(path: &std::path::Path) -> Option<&'static str> {
+    ["/dev", "/proc", "/sys"]
+        .into_iter()
+        .find(|mount| path.starts_with(mount))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn work_dirs_under_a_containers_own_mounts_are_refused() {
+        assert_eq!(
+            hidden_from_containers(Path::new("/dev/shm/corral")),
+            Some("/dev")
+        );
+        assert_eq!(hidden_from_containers(Path::new("/proc/x")), Some("/proc"));
+        assert_eq!(hidden_from_containers(Path::new("/sys/fs/x")), Some("/sys"));
+        assert_eq!(
+            hidden_from_containers(Path::new("/var/lib/corral/agent")),
+            None
+        );
+        assert_eq!(hidden_from_containers(Path::new("/devices")), None);
+        let err = AgentError::WorkDirHiddenFromContainers {
+            path: "/dev/shm/a".into(),
+            mount: "/dev",
+        };
+        assert!(
+            err.to_string().starts_with("--work-dir /dev/shm/a: "),
+            "{err}"
+        );
+    }
 }
