@@ -1837,7 +1837,7 @@ impl Actor {
             container: task.container.clone(),
             updates: self.updates.queued(key).chain(extra).cloned().collect(),
         };
-        self.checkpoint.put_task(&key.0, &key.1, &record)
+        self.checkpoint.put_task(&key.0, &key.1, record)
     }
 
     /// Sends a message that needs no retry: it is best effort, or restated

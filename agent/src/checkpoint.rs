@@ -454,6 +454,7 @@ fn apply(path: &Path, scan: Scan) -> Applied {
             Some(Record::Task(t)) => {
                 out.tasks.insert(entry.key.clone(), t);
             }
+            // A removal (`decode_record` gives it no content).
             Some(Record::TaskRemoved(_)) | None => {
                 out.tasks.remove(&entry.key);
                 out.live.0.remove(&entry.key);
@@ -775,9 +776,9 @@ impl Checkpointer {
         &mut self,
         framework_id: &str,
         task_id: &str,
-        task: &pb::TaskCheckpoint,
+        task: pb::TaskCheckpoint,
     ) -> u64 {
-        let bytes = seal_record(Record::Task(task.clone()));
+        let bytes = seal_record(Record::Task(task));
         self.send(
             Key::Task(framework_id.to_string(), task_id.to_string()),
             Op::Put(bytes),
@@ -1078,9 +1079,9 @@ mod tests {
         let boot_id = boot(dir.path(), "boot-a");
         with_writer(&layout, |c| {
             c.put_agent(&agent("agent-1", "boot-a"));
-            c.put_task("fw", "a", &task("fw", "a"));
-            c.put_task("fw", "b", &task("fw", "b"));
-            c.put_task("fw", "gone", &task("fw", "gone"));
+            c.put_task("fw", "a", task("fw", "a"));
+            c.put_task("fw", "b", task("fw", "b"));
+            c.put_task("fw", "gone", task("fw", "gone"));
             c.remove_task("fw", "gone");
         });
         // A crash in the middle of the next append.
@@ -1126,7 +1127,7 @@ mod tests {
             for state in states {
                 let mut t = task("fw", "a");
                 t.state = state as i32;
-                c.put_task("fw", "a", &t);
+                c.put_task("fw", "a", t);
             }
         });
         let mut j = journal_of(&layout, vec![put_agent("agent-1", "b")]);
@@ -1258,7 +1259,7 @@ mod tests {
         let (dir, layout) = layout();
         with_writer(&layout, |c| {
             c.put_agent(&agent("agent-1", "boot-a"));
-            c.put_task("fw", "a", &task("fw", "a"));
+            c.put_task("fw", "a", task("fw", "a"));
         });
         let r = recover(&layout, &boot(dir.path(), "boot-b"), true).unwrap();
         assert_eq!(r.agent_id, None);

@@ -939,11 +939,7 @@ impl Master {
         reported: Vec<(TaskKey, pb::TaskInfo, TaskState)>,
     ) {
         let reported_keys: HashSet<TaskKey> = reported.iter().map(|(k, _, _)| k.clone()).collect();
-        let known: Vec<TaskKey> = self
-            .agents
-            .get(id)
-            .map(|a| a.tasks.iter().cloned().collect())
-            .unwrap_or_default();
+        let known = self.tasks_on(id);
         // Tasks we thought were there but the agent does not have.
         for key in known {
             if reported_keys.contains(&key) {
@@ -1108,6 +1104,14 @@ impl Master {
 
     /// Marks an agent unreachable: its offers are rescinded, its tasks become
     /// TASK_UNREACHABLE but keep their resources (they may still run).
+    /// The tasks the master places on agent `id`.
+    fn tasks_on(&self, id: &AgentId) -> Vec<TaskKey> {
+        self.agents
+            .get(id)
+            .map(|a| a.tasks.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
     /// The agent already known at this (non-empty) address and hostname.
     fn known_agent_at(&self, info: &pb::AgentInfo) -> Option<AgentId> {
         if info.address.is_empty() {
@@ -1252,11 +1256,7 @@ impl Master {
             let _ = conn.tx.try_send(Ok(shutdown_message(why)));
         }
         self.rescind_agent_offers(id);
-        let keys: Vec<TaskKey> = self
-            .agents
-            .get(id)
-            .map(|a| a.tasks.iter().cloned().collect())
-            .unwrap_or_default();
+        let keys = self.tasks_on(id);
         for key in keys {
             let live = self
                 .tasks
