@@ -77,7 +77,8 @@ impl Isolation {
 /// override fields as needed.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
-    /// `host:port` of the master.
+    /// `host:port` of the master, or of several masters separated by
+    /// commas (the agent finds and follows the leader).
     pub master: String,
     /// Root of the agent's files; sandboxes live in `<work_dir>/sandboxes/`.
     pub work_dir: PathBuf,

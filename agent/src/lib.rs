@@ -138,8 +138,8 @@ pub async fn run(
         .advertise_address
         .clone()
         .unwrap_or_else(|| local.to_string());
-    let endpoint =
-        master_link::endpoint(&config.master).map_err(|reason| AgentError::InvalidMaster {
+    let masters =
+        master_link::masters(&config.master).map_err(|reason| AgentError::InvalidMaster {
             master: config.master.clone(),
             reason,
         })?;
@@ -251,6 +251,7 @@ pub async fn run(
     };
 
     let metrics = metrics::AgentMetrics::new(&resources);
+    let stale_epoch_rejected = metrics.stale_epoch_rejected.clone();
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_CHANNEL_CAPACITY);
     let durable_tx = cmd_tx.clone();
     let (checkpointer, writer_stopped) = checkpoint::Checkpointer::start(
@@ -313,12 +314,13 @@ pub async fn run(
     let mut actor_task = tokio::spawn(actor.run(cmd_rx).instrument(span.clone()));
     let _actor_guard = AbortOnDrop(actor_task.abort_handle());
     let link_task = tokio::spawn(
-        master_link::run(
-            endpoint,
-            config.reconnect_backoff_max,
-            cmd_tx.clone(),
-            config.link_faults.clone(),
-        )
+        master_link::run(master_link::Link {
+            masters,
+            backoff_max: config.reconnect_backoff_max,
+            cmd_tx: cmd_tx.clone(),
+            faults: config.link_faults.clone(),
+            stale_epoch_rejected,
+        })
         .instrument(span.clone()),
     );
     let _link_guard = AbortOnDrop(link_task.abort_handle());

@@ -2,11 +2,18 @@
 //! register, heartbeat, forward what the master sends to the actor, and
 //! reconnect with capped exponential backoff (with jitter) when the stream
 //! ends, errors, or the master falls silent for three heartbeat intervals.
+//!
+//! With several masters the link tries them in turn and goes straight to
+//! the leader a standby names. It keeps the highest leader epoch seen and
+//! drops any message with a lower one (counted in
+//! `corral_agent_stale_epoch_rejected_total`), then looks for the leader
+//! again: a deposed leader cannot command this agent.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use corral_proto::AgentId;
+use corral_proto::leader::{EpochFence, MasterList, leader_hint};
 use corral_proto::pb::{self, agent_registry_client::AgentRegistryClient, master_message::Message};
 use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot};
@@ -133,11 +140,33 @@ pub(crate) fn heartbeat_interval(seconds: f64) -> Duration {
     }
 }
 
+/// HTTP/2 pings when the master has sent nothing for this long; no answer
+/// within [`KEEP_ALIVE_TIMEOUT`] ends the connection. A frozen master (a
+/// paused process, a hung host) accepts connections in the kernel but never
+/// answers: this is what notices, even before `Registered`.
+const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(2);
+const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// The endpoint for `host:port`; plain HTTP/2 for now.
 pub(crate) fn endpoint(master: &str) -> Result<Endpoint, String> {
     Endpoint::from_shared(format!("http://{master}"))
-        .map(|e| e.connect_timeout(CONNECT_TIMEOUT))
+        .map(|e| {
+            e.connect_timeout(CONNECT_TIMEOUT)
+                .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
+                .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
+                .keep_alive_while_idle(true)
+        })
         .map_err(|e| e.to_string())
+}
+
+/// Parses `--master` (`host:port`, or several separated by commas) and
+/// checks each address makes an endpoint.
+pub(crate) fn masters(text: &str) -> Result<MasterList, String> {
+    let masters = corral_proto::leader::parse_masters(text)?;
+    for m in &masters {
+        endpoint(m).map_err(|e| format!("{m}: {e}"))?;
+    }
+    Ok(MasterList::new(masters))
 }
 
 /// How one stream ended.
@@ -146,26 +175,68 @@ enum LinkEnd {
     Shutdown,
     /// Lost; `registered` says whether it got as far as `Registered`.
     Lost { registered: bool, reason: String },
+    /// A standby named the leader (or said none is elected yet).
+    NotLeader { leader: Option<String> },
+}
+
+/// What the link shares across attempts.
+pub(crate) struct Link {
+    pub(crate) masters: MasterList,
+    pub(crate) backoff_max: Duration,
+    pub(crate) cmd_tx: mpsc::Sender<Command>,
+    pub(crate) faults: Option<Arc<dyn LinkFaults>>,
+    /// `corral_agent_stale_epoch_rejected_total`.
+    pub(crate) stale_epoch_rejected: metrics::Counter,
 }
 
 /// Runs until the master sends `Shutdown` or the actor is gone.
-pub(crate) async fn run(
-    endpoint: Endpoint,
-    backoff_max: Duration,
-    cmd_tx: mpsc::Sender<Command>,
-    faults: Option<Arc<dyn LinkFaults>>,
-) {
+pub(crate) async fn run(link: Link) {
+    let Link {
+        mut masters,
+        backoff_max,
+        cmd_tx,
+        faults,
+        stale_epoch_rejected,
+    } = link;
     let mut backoff = Backoff::new(RECONNECT_BACKOFF_INITIAL, backoff_max);
+    let mut fence = EpochFence::new();
+    // Redirects followed in a row without reaching a leader: bounded, so
+    // two standbys that name each other cannot make a busy loop.
+    let mut redirects = 0;
     loop {
-        match attach_once(&endpoint, &cmd_tx, faults.as_ref()).await {
+        let target = masters.next_target();
+        let Ok(endpoint) = endpoint(&target) else {
+            warn!(master = %target, "a standby named an unusable leader address; ignored");
+            continue;
+        };
+        let attempt = Attempt {
+            endpoint: &endpoint,
+            cmd_tx: &cmd_tx,
+            faults: faults.as_ref(),
+            fence: &mut fence,
+            stale_epoch_rejected: &stale_epoch_rejected,
+        };
+        match attempt.run().await {
             LinkEnd::Shutdown => return,
+            LinkEnd::NotLeader { leader } => {
+                debug!(master = %target, leader = ?leader, "not the leader");
+                if let Some(leader) = leader {
+                    masters.redirect(leader);
+                }
+                redirects += 1;
+                if redirects <= masters.masters().len() * 2 {
+                    continue;
+                }
+            }
             LinkEnd::Lost { registered, reason } => {
-                warn!(master = %endpoint.uri(), reason = %reason, "lost the master");
+                warn!(master = %target, reason = %reason, "lost the master");
                 if registered {
+                    masters.connected(&target);
                     backoff.reset();
                 }
             }
         }
+        redirects = 0;
         if cmd_tx.send(Command::Disconnected).await.is_err() {
             return;
         }
@@ -185,136 +256,171 @@ fn lost(reason: impl Into<String>) -> LinkEnd {
     }
 }
 
-async fn attach_once(
-    endpoint: &Endpoint,
-    cmd_tx: &mpsc::Sender<Command>,
-    faults: Option<&Arc<dyn LinkFaults>>,
-) -> LinkEnd {
-    let channel = match endpoint.connect().await {
-        Ok(c) => c,
-        Err(e) => return lost(format!("cannot connect: {e}")),
-    };
-    let mut client = AgentRegistryClient::new(channel);
+/// One connection to one master.
+struct Attempt<'a> {
+    endpoint: &'a Endpoint,
+    cmd_tx: &'a mpsc::Sender<Command>,
+    faults: Option<&'a Arc<dyn LinkFaults>>,
+    fence: &'a mut EpochFence,
+    stale_epoch_rejected: &'a metrics::Counter,
+}
 
-    let (reply_tx, reply_rx) = oneshot::channel();
-    if cmd_tx
-        .send(Command::Attaching { reply: reply_tx })
-        .await
-        .is_err()
-    {
-        return LinkEnd::Shutdown;
+impl Attempt<'_> {
+    /// Refuses a message of a deposed leader, counting it.
+    fn stale(&mut self, epoch: u64, registered: bool) -> Option<LinkEnd> {
+        let e = self.fence.admit(epoch).err()?;
+        self.stale_epoch_rejected.increment(1);
+        warn!(master = %self.endpoint.uri(), "{e}; message dropped");
+        Some(LinkEnd::Lost {
+            registered,
+            reason: e.to_string(),
+        })
     }
-    let Ok(register) = reply_rx.await else {
-        return LinkEnd::Shutdown;
-    };
-    let tasks = register.tasks.len();
-    let (out_tx, out_rx) = mpsc::channel(OUTBOUND_CAPACITY);
-    let first = pb::AgentMessage {
-        message: Some(pb::agent_message::Message::Register(register)),
-    };
-    // A fresh channel always has room for the first message.
-    if out_tx.try_send(first).is_err() {
-        return lost("cannot queue Register");
-    }
-    let outbound = match faults {
-        None => ReceiverStream::new(out_rx),
-        Some(faults) => {
-            let (tx, rx) = mpsc::channel(OUTBOUND_CAPACITY);
-            let faults = faults.clone();
-            tokio::spawn(relay(ReceiverStream::new(out_rx), tx, move |m| {
-                faults.agent_to_master(m)
-            }));
-            ReceiverStream::new(rx)
-        }
-    };
-    let response = match tokio::time::timeout(REGISTRATION_TIMEOUT, client.attach(outbound)).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(status)) => return lost(format!("attach failed: {status}")),
-        Err(_) => return lost("attach timed out"),
-    };
-    debug!(tasks, "stream open; Register sent");
-    let mut inbound: std::pin::Pin<
-        Box<dyn futures::Stream<Item = Result<pb::MasterMessage, tonic::Status>> + Send>,
-    > = match faults {
-        None => Box::pin(response.into_inner()),
-        Some(faults) => {
-            let (tx, rx) = mpsc::channel(OUTBOUND_CAPACITY);
-            let faults = faults.clone();
-            tokio::spawn(relay(response.into_inner(), tx, move |m| match m {
-                Ok(m) => faults.master_to_agent(m),
-                Err(_) => Fault::Pass,
-            }));
-            Box::pin(ReceiverStream::new(rx))
-        }
-    };
 
-    let mut registered = false;
-    let mut interval: Option<Duration> = None;
-    let mut ticker: Option<tokio::time::Interval> = None;
-    let mut last_heard = Instant::now();
-    loop {
-        let silence = interval.map_or(REGISTRATION_TIMEOUT, |i| i * MISSED_HEARTBEATS);
-        let tick = async {
-            match ticker.as_mut() {
-                Some(t) => {
-                    t.tick().await;
-                }
-                None => std::future::pending::<()>().await,
+    async fn run(mut self) -> LinkEnd {
+        let (endpoint, cmd_tx, faults) = (self.endpoint, self.cmd_tx, self.faults);
+        let channel = match endpoint.connect().await {
+            Ok(c) => c,
+            Err(e) => return lost(format!("cannot connect: {e}")),
+        };
+        let mut client = AgentRegistryClient::new(channel);
+
+        let (reply_tx, reply_rx) = oneshot::channel();
+        if cmd_tx
+            .send(Command::Attaching { reply: reply_tx })
+            .await
+            .is_err()
+        {
+            return LinkEnd::Shutdown;
+        }
+        let Ok(register) = reply_rx.await else {
+            return LinkEnd::Shutdown;
+        };
+        let tasks = register.tasks.len();
+        let (out_tx, out_rx) = mpsc::channel(OUTBOUND_CAPACITY);
+        let first = pb::AgentMessage {
+            message: Some(pb::agent_message::Message::Register(register)),
+        };
+        // A fresh channel always has room for the first message.
+        if out_tx.try_send(first).is_err() {
+            return lost("cannot queue Register");
+        }
+        let outbound = match faults {
+            None => ReceiverStream::new(out_rx),
+            Some(faults) => {
+                let (tx, rx) = mpsc::channel(OUTBOUND_CAPACITY);
+                let faults = faults.clone();
+                tokio::spawn(relay(ReceiverStream::new(out_rx), tx, move |m| {
+                    faults.agent_to_master(m)
+                }));
+                ReceiverStream::new(rx)
             }
         };
-        tokio::select! {
-            msg = inbound.next() => {
-                let msg = match msg {
-                    None => return LinkEnd::Lost { registered, reason: "the master closed the stream".into() },
-                    Some(Err(status)) => return LinkEnd::Lost { registered, reason: format!("stream error: {status}") },
-                    Some(Ok(m)) => m,
-                };
-                last_heard = Instant::now();
-                match msg.message {
-                    Some(Message::Registered(r)) => {
-                        let agent_id = match AgentId::parse(&r.agent_id, "registered.agent_id") {
-                            Ok(id) => id,
-                            Err(e) => return LinkEnd::Lost { registered, reason: format!("invalid Registered: {e}") },
-                        };
-                        let every = heartbeat_interval(r.heartbeat_interval_seconds);
-                        interval = Some(every);
-                        let mut t = tokio::time::interval_at(Instant::now() + every, every);
-                        t.set_missed_tick_behavior(MissedTickBehavior::Delay);
-                        ticker = Some(t);
-                        registered = true;
-                        info!(agent_id = %agent_id, heartbeat_ms = every.as_millis() as u64, "registered");
-                        let cmd = Command::Registered { agent_id, outbound: out_tx.clone() };
-                        if cmd_tx.send(cmd).await.is_err() {
-                            return LinkEnd::Shutdown;
-                        }
-                    }
-                    Some(Message::Heartbeat(_)) => {}
-                    Some(Message::Shutdown(s)) => {
-                        let _ = cmd_tx.send(Command::FromMaster(Box::new(Message::Shutdown(s)))).await;
-                        return LinkEnd::Shutdown;
-                    }
-                    Some(other) => {
-                        if !registered {
-                            warn!("master message before Registered; ignored");
-                            continue;
-                        }
-                        if cmd_tx.send(Command::FromMaster(Box::new(other))).await.is_err() {
-                            return LinkEnd::Shutdown;
-                        }
-                    }
-                    None => debug!("empty master message; ignored"),
+        let response =
+            match tokio::time::timeout(REGISTRATION_TIMEOUT, client.attach(outbound)).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
+                    return LinkEnd::NotLeader {
+                        leader: leader_hint(&status),
+                    };
                 }
+                Ok(Err(status)) => return lost(format!("attach failed: {status}")),
+                Err(_) => return lost("attach timed out"),
+            };
+        debug!(tasks, "stream open; Register sent");
+        let mut inbound: std::pin::Pin<
+            Box<dyn futures::Stream<Item = Result<pb::MasterMessage, tonic::Status>> + Send>,
+        > = match faults {
+            None => Box::pin(response.into_inner()),
+            Some(faults) => {
+                let (tx, rx) = mpsc::channel(OUTBOUND_CAPACITY);
+                let faults = faults.clone();
+                tokio::spawn(relay(response.into_inner(), tx, move |m| match m {
+                    Ok(m) => faults.master_to_agent(m),
+                    Err(_) => Fault::Pass,
+                }));
+                Box::pin(ReceiverStream::new(rx))
             }
-            () = tick => {
-                let hb = pb::AgentMessage { message: Some(pb::agent_message::Message::Heartbeat(pb::AgentHeartbeat {})) };
-                // Full means the master is not reading; the silence check decides.
-                let _ = out_tx.try_send(hb);
-            }
-            () = tokio::time::sleep_until(last_heard + silence) => {
-                return LinkEnd::Lost {
-                    registered,
-                    reason: format!("no message from the master for {} ms", silence.as_millis()),
-                };
+        };
+
+        let mut registered = false;
+        let mut interval: Option<Duration> = None;
+        let mut ticker: Option<tokio::time::Interval> = None;
+        let mut last_heard = Instant::now();
+        loop {
+            let silence = interval.map_or(REGISTRATION_TIMEOUT, |i| i * MISSED_HEARTBEATS);
+            let tick = async {
+                match ticker.as_mut() {
+                    Some(t) => {
+                        t.tick().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                msg = inbound.next() => {
+                    let msg = match msg {
+                        None => return LinkEnd::Lost { registered, reason: "the master closed the stream".into() },
+                        Some(Err(status)) => return LinkEnd::Lost { registered, reason: format!("stream error: {status}") },
+                        Some(Ok(m)) => m,
+                    };
+                    last_heard = Instant::now();
+                    let epoch = msg.epoch;
+                    if let Some(Message::Registered(r)) = &msg.message {
+                        if let Err(e) = self.fence.admit_leader(&r.registry_id, epoch) {
+                            self.stale_epoch_rejected.increment(1);
+                            warn!(master = %endpoint.uri(), "{e}; registration refused");
+                            return LinkEnd::Lost { registered, reason: e.to_string() };
+                        }
+                    } else if let Some(end) = self.stale(epoch, registered) {
+                        return end;
+                    }
+                    match msg.message {
+                        Some(Message::Registered(r)) => {
+                            let agent_id = match AgentId::parse(&r.agent_id, "registered.agent_id") {
+                                Ok(id) => id,
+                                Err(e) => return LinkEnd::Lost { registered, reason: format!("invalid Registered: {e}") },
+                            };
+                            let every = heartbeat_interval(r.heartbeat_interval_seconds);
+                            interval = Some(every);
+                            let mut t = tokio::time::interval_at(Instant::now() + every, every);
+                            t.set_missed_tick_behavior(MissedTickBehavior::Delay);
+                            ticker = Some(t);
+                            registered = true;
+                            info!(agent_id = %agent_id, heartbeat_ms = every.as_millis() as u64, "registered");
+                            let cmd = Command::Registered { agent_id, outbound: out_tx.clone() };
+                            if cmd_tx.send(cmd).await.is_err() {
+                                return LinkEnd::Shutdown;
+                            }
+                        }
+                        Some(Message::Heartbeat(_)) => {}
+                        Some(Message::Shutdown(s)) => {
+                            let _ = cmd_tx.send(Command::FromMaster(Box::new(Message::Shutdown(s)))).await;
+                            return LinkEnd::Shutdown;
+                        }
+                        Some(other) => {
+                            if !registered {
+                                warn!("master message before Registered; ignored");
+                                continue;
+                            }
+                            if cmd_tx.send(Command::FromMaster(Box::new(other))).await.is_err() {
+                                return LinkEnd::Shutdown;
+                            }
+                        }
+                        None => debug!("empty master message; ignored"),
+                    }
+                }
+                () = tick => {
+                    let hb = pb::AgentMessage { message: Some(pb::agent_message::Message::Heartbeat(pb::AgentHeartbeat {})) };
+                    // Full means the master is not reading; the silence check decides.
+                    let _ = out_tx.try_send(hb);
+                }
+                () = tokio::time::sleep_until(last_heard + silence) => {
+                    return LinkEnd::Lost {
+                        registered,
+                        reason: format!("no message from the master for {} ms", silence.as_millis()),
+                    };
+                }
             }
         }
     }

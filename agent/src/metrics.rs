@@ -38,6 +38,7 @@ pub const CHECKPOINT_ERRORS_TOTAL: &str = "corral_agent_checkpoint_errors_total"
 pub const TASKS_RECOVERED_TOTAL: &str = "corral_agent_tasks_recovered_total";
 /// Counter: successful registrations with the master (first and re-).
 pub const MASTER_CONNECTIONS_TOTAL: &str = "corral_agent_master_connections_total";
+pub const STALE_EPOCH_REJECTED_TOTAL: &str = "corral_agent_stale_epoch_rejected_total";
 /// Gauge: sandboxes of finished tasks waiting for the garbage collector.
 pub const SANDBOXES_RETAINED: &str = "corral_agent_sandboxes_retained";
 /// Counter: sandboxes of finished tasks removed by the garbage collector.
@@ -97,6 +98,7 @@ pub(crate) struct AgentMetrics {
     checkpoint_errors: Counter,
     pub(crate) tasks_recovered: Counter,
     pub(crate) master_connections: Counter,
+    pub(crate) stale_epoch_rejected: Counter,
     pub(crate) sandboxes_removed: Counter,
     pub(crate) sandboxes_retained: Gauge,
     health_checks: HashMap<(&'static str, &'static str), Counter>,
@@ -170,6 +172,7 @@ impl AgentMetrics {
             checkpoint_errors: counter(CHECKPOINT_ERRORS_TOTAL),
             tasks_recovered: counter(TASKS_RECOVERED_TOTAL),
             master_connections: counter(MASTER_CONNECTIONS_TOTAL),
+            stale_epoch_rejected: counter(STALE_EPOCH_REJECTED_TOTAL),
             sandboxes_removed: counter(SANDBOXES_REMOVED_TOTAL),
             sandboxes_retained: gauge(SANDBOXES_RETAINED, Vec::new()),
             health_checks,
@@ -191,6 +194,7 @@ impl AgentMetrics {
         metrics.checkpoint_errors.increment(0);
         metrics.tasks_recovered.increment(0);
         metrics.master_connections.increment(0);
+        metrics.stale_epoch_rejected.increment(0);
         metrics.sandboxes_removed.increment(0);
         metrics
     }
@@ -284,6 +288,10 @@ fn describe(recorder: &PrometheusRecorder) {
         (
             MASTER_CONNECTIONS_TOTAL,
             "Successful (re)registrations with the master.",
+        ),
+        (
+            STALE_EPOCH_REJECTED_TOTAL,
+            "Messages from a master refused because their leader epoch is lower than one already seen (a deposed leader).",
         ),
         (
             CHECKPOINT_ERRORS_TOTAL,
@@ -412,6 +420,7 @@ mod tests {
             STATUS_UPDATES_SENT_TOTAL,
             STATUS_UPDATE_ACKS_IGNORED_TOTAL,
             MASTER_CONNECTIONS_TOTAL,
+            STALE_EPOCH_REJECTED_TOTAL,
             STATUS_UPDATE_OLDEST_PENDING_SECONDS,
             CHECKPOINT_ERRORS_TOTAL,
             TASKS_RECOVERED_TOTAL,

@@ -24,7 +24,8 @@ pub struct LogsArgs {
     /// Framework of the task, when several frameworks have a task with this id.
     #[arg(long)]
     framework: Option<String>,
-    /// Master to ask where the task runs.
+    /// Master to ask where the task runs (HOST:PORT, or several separated
+    /// by commas).
     #[arg(long, default_value = DEFAULT_MASTER, env = "CORRAL_MASTER")]
     master: String,
 }

@@ -25,7 +25,8 @@ const LOG_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Args)]
 pub struct RunArgs {
-    /// Master to submit to.
+    /// Master to submit to: HOST:PORT, or several separated by commas (the
+    /// run follows the leader).
     #[arg(long, default_value = DEFAULT_MASTER, env = "CORRAL_MASTER")]
     master: String,
     /// CPUs for the task.

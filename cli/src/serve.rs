@@ -30,6 +30,11 @@ pub struct MasterArgs {
         env = "CORRAL_MASTER_WORK_DIR"
     )]
     work_dir: PathBuf,
+    /// HOST:PORT other masters give clients to reach this one when it
+    /// leads (with etcd; default: the listen address, or this host's name
+    /// when listening on all interfaces).
+    #[arg(long, env = "CORRAL_MASTER_ADVERTISE")]
+    advertise: Option<String>,
     #[command(flatten)]
     tuning: MasterTuning,
 }
@@ -63,9 +68,15 @@ struct MasterTuning {
     #[arg(long, value_parser = parse_duration, env = "CORRAL_AGENT_REMOVAL_TIMEOUT")]
     agent_removal_timeout: Option<Duration>,
     /// Where the master's registry lives: `embedded` (a file in the work
-    /// dir; the default) or `in-memory` (nothing survives a restart).
+    /// dir; the default), `in-memory` (nothing survives a restart), or
+    /// `etcd://h1:2379,h2:2379[/prefix]` (several masters elect a leader on
+    /// etcd and keep the registry there).
     #[arg(long, default_value = "embedded", env = "CORRAL_MASTER_REGISTRY")]
     registry: String,
+    /// With etcd: the TTL of the leader's lease, whole seconds (default 2s).
+    /// A killed leader is replaced within about this long.
+    #[arg(long, value_parser = parse_duration, env = "CORRAL_LEADER_LEASE_TTL")]
+    leader_lease_ttl: Option<Duration>,
     /// At most this many removals per duration, e.g. "1/10s" (the default).
     #[arg(long, env = "CORRAL_AGENT_REMOVAL_RATE")]
     agent_removal_rate: Option<String>,
@@ -115,8 +126,27 @@ impl MasterTuning {
         config.work_dir = match self.registry.as_str() {
             "embedded" => Some(work_dir.to_path_buf()),
             "in-memory" => None,
-            other => bail!("--registry: '{other}' is not one of embedded, in-memory"),
+            url if url.starts_with("etcd://") => {
+                let mut etcd = corral_master::EtcdConfig::parse(url)
+                    .map_err(|e| anyhow::anyhow!("--registry: {e}"))?;
+                if let Some(ttl) = self.leader_lease_ttl {
+                    if ttl.as_secs() < 1 || ttl.subsec_nanos() != 0 {
+                        bail!(
+                            "--leader-lease-ttl: must be whole seconds, at least 1s (etcd's unit)"
+                        );
+                    }
+                    etcd.lease_ttl = ttl;
+                }
+                config.etcd = Some(etcd);
+                None
+            }
+            other => bail!(
+                "--registry: '{other}' is not one of embedded, in-memory, etcd://HOST:PORT[,HOST:PORT...]"
+            ),
         };
+        if self.leader_lease_ttl.is_some() && config.etcd.is_none() {
+            bail!("--leader-lease-ttl: only with --registry etcd://...");
+        }
         if let Some(d) = self.agent_reregister_timeout {
             if d.is_zero() {
                 bail!("--agent-reregister-timeout: must be > 0");
@@ -157,7 +187,8 @@ impl MasterTuning {
 
 #[derive(Args)]
 pub struct AgentArgs {
-    /// Master to register with.
+    /// Master to register with: HOST:PORT, or several separated by commas
+    /// (the agent follows the leader).
     #[arg(long, default_value = DEFAULT_MASTER, env = "CORRAL_MASTER")]
     master: String,
     /// Address to serve the agent API and /metrics on.
@@ -314,7 +345,8 @@ impl NodeArgs {
 
 #[derive(Args)]
 pub struct BatchServeArgs {
-    /// Master to register with, HOST:PORT.
+    /// Master to register with: HOST:PORT, or several separated by commas
+    /// (the framework follows the leader).
     #[arg(long, env = "CORRAL_MASTER")]
     master: String,
     /// Address to serve the batch API and /metrics on.
@@ -358,7 +390,8 @@ impl BatchServeArgs {
 
 #[derive(Args)]
 pub struct ServiceServeArgs {
-    /// Master to register with, HOST:PORT.
+    /// Master to register with: HOST:PORT, or several separated by commas
+    /// (the framework follows the leader).
     #[arg(long, env = "CORRAL_MASTER")]
     master: String,
     /// Address to serve the service API and /metrics on.
@@ -445,7 +478,18 @@ async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener> {
 }
 
 pub async fn master(args: MasterArgs) -> Result<()> {
-    let config = args.tuning.apply(MasterConfig::default(), &args.work_dir)?;
+    let mut config = args.tuning.apply(MasterConfig::default(), &args.work_dir)?;
+    config.advertise_address = Some(match &args.advertise {
+        Some(a) => a.clone(),
+        None if args.listen.ip().is_unspecified() => {
+            let host = hostname::get()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| "localhost".to_string());
+            format!("{host}:{}", args.listen.port())
+        }
+        None => args.listen.to_string(),
+    });
     let listener = bind(args.listen, "master").await?;
     tracing::info!(address = %args.listen, "master listening");
     corral_master::run(config, listener, crate::shutdown_signal()).await?;

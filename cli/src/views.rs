@@ -9,7 +9,8 @@ use crate::DEFAULT_MASTER;
 
 #[derive(Args)]
 pub struct ViewArgs {
-    /// Master to ask.
+    /// Master to ask: HOST:PORT, or several separated by commas (a standby
+    /// redirects to the leader; a master that does not answer is skipped).
     #[arg(long, default_value = DEFAULT_MASTER, env = "CORRAL_MASTER")]
     master: String,
     /// Print JSON (for scripts) instead of a table.
@@ -26,7 +27,22 @@ pub struct TaskArgs {
     all: bool,
 }
 
-pub async fn fetch_state(master: &str) -> Result<StateSnapshot> {
+/// The leader's `/state`, from the first of `masters` (comma-separated)
+/// that answers; a standby redirects to the leader.
+pub async fn fetch_state(masters: &str) -> Result<StateSnapshot> {
+    let list = corral_proto::leader::parse_masters(masters)
+        .map_err(|e| anyhow::anyhow!("--master: {e}"))?;
+    let mut last = None;
+    for master in &list {
+        match fetch_state_from(master).await {
+            Ok(state) => return Ok(state),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("--master: no master given")))
+}
+
+async fn fetch_state_from(master: &str) -> Result<StateSnapshot> {
     let url = format!("http://{master}/state");
     let response = reqwest::get(&url)
         .await

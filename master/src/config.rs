@@ -77,6 +77,60 @@ pub struct MasterConfig {
     pub registry_max_agent_age: Duration,
     /// At most this many removed agent ids are kept.
     pub registry_max_agent_count: usize,
+    /// Several masters on etcd (`--registry etcd://…`); `None`: a single
+    /// master with the embedded store in `work_dir`.
+    pub etcd: Option<EtcdConfig>,
+    /// `host:port` other masters give clients to reach this one when it
+    /// leads; defaults to the listening address.
+    pub advertise_address: Option<String>,
+}
+
+/// Default TTL of the leader's etcd lease: a killed leader is replaced
+/// within about this long. etcd raises a TTL below 1.5 × its election
+/// timeout (1 s by default) to that minimum.
+pub const DEFAULT_LEADER_LEASE_TTL: Duration = Duration::from_secs(2);
+
+/// Where the masters meet: etcd endpoints and the key prefix they share.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdConfig {
+    pub endpoints: Vec<String>,
+    /// Key prefix of this cluster (`/corral` by default); several Corral
+    /// clusters can share one etcd under different prefixes.
+    pub prefix: String,
+    /// TTL of the leader's lease, whole seconds (etcd's unit), at least 1.
+    pub lease_ttl: Duration,
+}
+
+impl EtcdConfig {
+    /// Parses `etcd://h1:2379,h2:2379[/prefix]`.
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let rest = url
+            .strip_prefix("etcd://")
+            .ok_or_else(|| format!("{url:?}: must start with etcd://"))?;
+        let (hosts, prefix) = match rest.split_once('/') {
+            Some((hosts, path)) => (hosts, format!("/{}", path.trim_end_matches('/'))),
+            None => (rest, "/corral".to_string()),
+        };
+        if prefix == "/" {
+            return Err(format!("{url:?}: the key prefix must not be empty"));
+        }
+        let endpoints = corral_proto::leader::parse_masters(hosts)
+            .map_err(|e| format!("{url:?}: {}", e.replace("master", "endpoint")))?;
+        Ok(Self {
+            endpoints: endpoints
+                .into_iter()
+                .map(|h| {
+                    if h.contains("://") {
+                        h
+                    } else {
+                        format!("http://{h}")
+                    }
+                })
+                .collect(),
+            prefix,
+            lease_ttl: DEFAULT_LEADER_LEASE_TTL,
+        })
+    }
 }
 
 /// `N/DURATION`: at most `count` agent removals per `per`.
@@ -134,6 +188,8 @@ impl Default for MasterConfig {
             max_unreachable_percent: DEFAULT_MAX_UNREACHABLE_PERCENT,
             registry_max_agent_age: DEFAULT_REGISTRY_MAX_AGENT_AGE,
             registry_max_agent_count: DEFAULT_REGISTRY_MAX_AGENT_COUNT,
+            etcd: None,
+            advertise_address: None,
         }
     }
 }

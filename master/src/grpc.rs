@@ -13,18 +13,21 @@ use std::task::{Context, Poll};
 
 use tokio_stream::Stream;
 
+use crate::leader::Leadership;
 use crate::master::{Call, Command, MasterHandle, agent_channel};
+use crate::registry::Fence;
 
 /// An agent must say who it is this soon after opening its stream.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub(crate) struct SchedulerApi {
-    pub(crate) master: MasterHandle,
+    pub(crate) leadership: Leadership,
 }
 
 impl SchedulerApi {
     async fn call(&self, call: Call) -> Result<Response<pb::CallResponse>, Status> {
-        self.master
+        let (master, _) = self.leadership.leading().await?;
+        master
             .request(|reply| Command::Call { call, reply })
             .await??;
         Ok(Response::new(pb::CallResponse {}))
@@ -40,13 +43,16 @@ impl pb::scheduler_server::Scheduler for SchedulerApi {
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let request = request.into_inner();
-        let sub = self
-            .master
+        let (master, fence) = self.leadership.leading().await?;
+        let sub = master
             .request(|reply| Command::Subscribe { request, reply })
             .await??;
         Ok(Response::new(EventStream {
-            inner: ReceiverStream::new(sub.events),
-            master: self.master.clone(),
+            inner: Stamped {
+                inner: ReceiverStream::new(sub.events),
+                fence,
+            },
+            master,
             framework_id: Some(sub.framework_id),
             stream_id: sub.stream_id,
         }))
@@ -117,12 +123,12 @@ impl pb::scheduler_server::Scheduler for SchedulerApi {
 }
 
 pub(crate) struct AgentRegistryApi {
-    pub(crate) master: MasterHandle,
+    pub(crate) leadership: Leadership,
 }
 
 #[tonic::async_trait]
 impl pb::agent_registry_server::AgentRegistry for AgentRegistryApi {
-    type AttachStream = ReceiverStream<Result<pb::MasterMessage, Status>>;
+    type AttachStream = Stamped<pb::MasterMessage>;
 
     async fn attach(
         &self,
@@ -140,16 +146,15 @@ impl pb::agent_registry_server::AgentRegistry for AgentRegistryApi {
                 ));
             }
         };
+        let (master, fence) = self.leadership.leading().await?;
         let (tx, rx) = agent_channel();
-        let (agent_id, conn) = self
-            .master
+        let (agent_id, conn) = master
             .request(|reply| Command::AgentRegister {
                 register,
                 tx,
                 reply,
             })
             .await??;
-        let master = self.master.clone();
         tokio::spawn(async move {
             loop {
                 match inbound.message().await {
@@ -177,14 +182,63 @@ impl pb::agent_registry_server::AgentRegistry for AgentRegistryApi {
                 .send(Command::AgentDisconnected { agent_id, conn })
                 .await;
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(Stamped {
+            inner: ReceiverStream::new(rx),
+            fence,
+        }))
+    }
+}
+
+/// A message from the leading master: it carries the leader's epoch, and
+/// the first one of a stream (`Registered`, `Subscribed`) the registry's id.
+pub(crate) trait Fenced {
+    fn stamp(&mut self, fence: &Fence);
+}
+
+impl Fenced for pb::MasterMessage {
+    fn stamp(&mut self, fence: &Fence) {
+        self.epoch = fence.epoch;
+        if let Some(pb::master_message::Message::Registered(r)) = &mut self.message {
+            r.registry_id.clone_from(&fence.registry_id);
+        }
+    }
+}
+
+impl Fenced for pb::Event {
+    fn stamp(&mut self, fence: &Fence) {
+        self.epoch = fence.epoch;
+        if let Some(pb::event::Event::Subscribed(s)) = &mut self.event {
+            s.registry_id.clone_from(&fence.registry_id);
+        }
+    }
+}
+
+/// A stream from the master's actor, each message stamped with the fence.
+pub(crate) struct Stamped<T> {
+    inner: ReceiverStream<Result<T, Status>>,
+    fence: Fence,
+}
+
+impl<T: Fenced> Stream for Stamped<T> {
+    type Item = Result<T, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let polled = Pin::new(&mut self.inner).poll_next(cx);
+        polled.map(|item| {
+            item.map(|message| {
+                message.map(|mut m| {
+                    m.stamp(&self.fence);
+                    m
+                })
+            })
+        })
     }
 }
 
 /// A framework's event stream. tonic drops it when the scheduler goes away,
 /// and that is how the master learns of the disconnection.
 pub(crate) struct EventStream {
-    inner: ReceiverStream<Result<pb::Event, Status>>,
+    inner: Stamped<pb::Event>,
     master: MasterHandle,
     framework_id: Option<corral_proto::FrameworkId>,
     stream_id: String,

@@ -840,7 +840,9 @@ impl Master {
             message: Some(pb::master_message::Message::Registered(pb::Registered {
                 agent_id: id.to_string(),
                 heartbeat_interval_seconds: self.config.agent_heartbeat_interval.as_secs_f64(),
+                ..Default::default()
             })),
+            ..Default::default()
         };
         tx.try_send(Ok(registered))
             .map_err(|_| Status::unavailable("agent stream closed during registration"))?;
@@ -1086,6 +1088,7 @@ impl Master {
                     message: Some(pb::master_message::Message::Heartbeat(
                         pb::MasterHeartbeat {},
                     )),
+                    ..Default::default()
                 },
             );
         }
@@ -1363,7 +1366,9 @@ impl Master {
                 framework_id: id.to_string(),
                 stream_id: stream_id.clone(),
                 heartbeat_interval_seconds: self.config.framework_heartbeat_interval.as_secs_f64(),
+                ..Default::default()
             })),
+            ..Default::default()
         };
         tx.try_send(Ok(subscribed))
             .map_err(|_| Status::internal("could not queue the subscribed event"))?;
@@ -1451,6 +1456,7 @@ impl Master {
                 &id,
                 pb::Event {
                     event: Some(pb::event::Event::Heartbeat(pb::Heartbeat {})),
+                    ..Default::default()
                 },
             );
         }
@@ -1530,6 +1536,7 @@ impl Master {
                 event: Some(pb::event::Event::Update(pb::Update {
                     status: Some(status),
                 })),
+                ..Default::default()
             },
         );
     }
@@ -1594,6 +1601,7 @@ impl Master {
                 &fid,
                 pb::Event {
                     event: Some(pb::event::Event::Offers(pb::Offers { offers })),
+                    ..Default::default()
                 },
             );
         }
@@ -1619,6 +1627,7 @@ impl Master {
                 event: Some(pb::event::Event::Rescind(pb::Rescind {
                     offer_id: id.to_string(),
                 })),
+                ..Default::default()
             },
         );
         self.allocation_pending = true;
@@ -1944,6 +1953,7 @@ impl Master {
                 framework: Some(self.framework_info(fid)),
                 task: Some(task.info.clone()),
             })),
+            ..Default::default()
         };
         let id = task.id.clone();
         self.insert_staging(fid, agent_id, task);
@@ -1978,6 +1988,7 @@ impl Master {
                     task_group: Some(group.clone()),
                 },
             )),
+            ..Default::default()
         };
         self.send_to_agent(agent_id, message);
     }
@@ -2046,6 +2057,7 @@ impl Master {
             message: Some(pb::master_message::Message::CreateVolume(
                 volume.to_proto(&key),
             )),
+            ..Default::default()
         };
         self.dirty.volumes.insert(key.clone());
         self.volumes.insert(key, volume);
@@ -2161,6 +2173,7 @@ impl Master {
                 message: Some(pb::master_message::Message::DestroyVolume(
                     volume.to_proto(key),
                 )),
+                ..Default::default()
             };
             self.send_to_agent(&volume.agent_id, message);
         } else if let Some(agent) = self.agents.get_mut(&volume.agent_id) {
@@ -2197,6 +2210,7 @@ impl Master {
                     message: Some(pb::master_message::Message::DestroyVolume(
                         volume.to_proto(&key),
                     )),
+                    ..Default::default()
                 };
                 self.send_to_agent(id, message);
                 continue;
@@ -2719,6 +2733,7 @@ impl Master {
             volumes,
             gone_agents: self.gone_agents.len(),
             agent_removal_halted: self.removal_halted,
+            ..Default::default()
         }
     }
 }
@@ -2785,6 +2800,7 @@ fn shutdown_message(message: &str) -> pb::MasterMessage {
         message: Some(pb::master_message::Message::Shutdown(pb::Shutdown {
             message: message.to_string(),
         })),
+        ..Default::default()
     }
 }
 
@@ -2795,6 +2811,7 @@ fn kill_message(fid: &FrameworkId, tid: &TaskId, grace: Option<f64>) -> pb::Mast
             task_id: tid.to_string(),
             kill_grace_period_seconds: grace,
         })),
+        ..Default::default()
     }
 }
 
@@ -2805,6 +2822,7 @@ fn shutdown_framework_message(fid: &FrameworkId) -> pb::MasterMessage {
                 framework_id: fid.to_string(),
             },
         )),
+        ..Default::default()
     }
 }
 
@@ -2817,6 +2835,7 @@ fn ack_message(fid: &FrameworkId, tid: &TaskId, uuid: Vec<u8>) -> pb::MasterMess
                 uuid,
             },
         )),
+        ..Default::default()
     }
 }
 
@@ -2825,6 +2844,7 @@ fn error_event(message: &str) -> pb::Event {
         event: Some(pb::event::Event::Error(pb::Error {
             message: message.to_string(),
         })),
+        ..Default::default()
     }
 }
 

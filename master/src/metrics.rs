@@ -27,6 +27,12 @@ pub const AGENT_REMOVALS_TOTAL: &str = "corral_master_agent_removals_total";
 pub const AGENT_REMOVAL_HALTED: &str = "corral_master_agent_removal_halted";
 pub const REGISTRY_COMMIT_DURATION: &str = "corral_master_registry_commit_duration_seconds";
 pub const REGISTRY_CHANGES_TOTAL: &str = "corral_master_registry_changes_total";
+pub const ELECTED: &str = "corral_master_elected";
+pub const LEADER_EPOCH: &str = "corral_master_leader_epoch";
+pub const LEADERSHIP_LOST_TOTAL: &str = "corral_master_leadership_lost_total";
+
+/// Why a leading master stopped leading (`corral_master_leadership_lost_total`).
+pub const LEADERSHIP_LOST_REASONS: [&str; 3] = ["lease", "registry", "etcd"];
 
 /// Agent states exported by `corral_master_agents`.
 pub const AGENT_STATES: [&str; 5] = [
@@ -134,6 +140,18 @@ impl Metrics {
                 "Framework calls refused as invalid, by call."
             );
             describe_counter!(STATUS_UPDATES_TOTAL, "Status updates received from agents.");
+            describe_gauge!(
+                ELECTED,
+                "1 while this master leads (a single master always does), 0 on a standby."
+            );
+            describe_gauge!(
+                LEADER_EPOCH,
+                "This master's epoch (fencing token) while it leads; 0 on a standby."
+            );
+            describe_counter!(
+                LEADERSHIP_LOST_TOTAL,
+                "Times this master stopped leading, by reason (lease: not renewed in time; registry: a write was fenced off; etcd: the etcd link failed)."
+            );
         });
         m
     }
@@ -181,9 +199,18 @@ impl Metrics {
         self.with(|| metrics::histogram!(ALLOCATION_DURATION).record(seconds));
     }
 
+    pub fn leadership_lost(&self, reason: &'static str) {
+        self.with(|| metrics::counter!(LEADERSHIP_LOST_TOTAL, "reason" => reason).increment(1));
+    }
+
     /// Sets the gauges from a state snapshot and renders the text format.
-    pub fn render(&self, s: &StateSnapshot) -> String {
+    pub fn render(&self, s: &StateSnapshot, elected: bool) -> String {
         self.with(|| {
+            metrics::gauge!(ELECTED).set(f64::from(u8::from(elected)));
+            metrics::gauge!(LEADER_EPOCH).set(s.epoch as f64);
+            for reason in LEADERSHIP_LOST_REASONS {
+                metrics::counter!(LEADERSHIP_LOST_TOTAL, "reason" => reason).increment(0);
+            }
             for state in AGENT_STATES {
                 let n = if state == "gone" {
                     s.gone_agents

@@ -43,6 +43,30 @@ const REMOVED_FRAMEWORKS: TableDefinition<'_, &str, f64> =
 const TASKS: TableDefinition<'_, (&str, &str), &[u8]> = TableDefinition::new("tasks");
 const VOLUMES: TableDefinition<'_, (&str, &str), &[u8]> = TableDefinition::new("volumes");
 const FORMAT_KEY: &str = "format";
+/// In META: the leader epoch, bumped each time a master opens the store.
+const EPOCH_KEY: &str = "epoch";
+const IDENTITY: TableDefinition<'_, &str, &str> = TableDefinition::new("identity");
+const REGISTRY_ID_KEY: &str = "registry_id";
+
+/// The fencing token a leading master stamps on every message: the
+/// registry it leads (so epochs of two clusters never compare) and its
+/// epoch there, which grows with every election or restart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    pub registry_id: String,
+    pub epoch: u64,
+}
+
+impl Fence {
+    /// For a master without a registry (no work dir): nothing to fence
+    /// across restarts, so a fresh id each time.
+    pub fn ephemeral() -> Self {
+        Self {
+            registry_id: uuid::Uuid::new_v4().simple().to_string(),
+            epoch: 1,
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -65,6 +89,9 @@ pub enum RegistryError {
          written by another Corral version"
     )]
     UnknownFormat { path: PathBuf, found: u32 },
+    /// Another master was elected: this one's writes are refused.
+    #[error("registry {path}: this master (epoch {epoch}) is no longer the leader")]
+    Deposed { path: PathBuf, epoch: u64 },
 }
 
 /// Where an agent stands. Stored as a number; an unknown one is an error.
@@ -209,15 +236,21 @@ pub trait Registry: Send + Sync + 'static {
     /// Everything stored. A record that does not decode is an error naming
     /// it: guessing would lose or invent state.
     fn load(&self) -> Result<Stored, RegistryError>;
-    /// Applies `changes` atomically and durably, in order (a later change to
-    /// one record wins).
+    /// Applies `changes` durably, in order (a later change to one record
+    /// wins); each record changes atomically (etcd splits a large batch
+    /// into several transactions). Refused with `Deposed` once another
+    /// master leads.
     fn apply(&self, changes: &[Change]) -> Result<(), RegistryError>;
+    /// This master's fencing token in this registry (its epoch grows
+    /// with every election or restart).
+    fn fence(&self) -> Fence;
 }
 
 /// The default backend: one redb file (commits fsync).
 pub struct EmbeddedRegistry {
     db: Database,
     path: PathBuf,
+    fence: Fence,
 }
 
 impl EmbeddedRegistry {
@@ -231,7 +264,14 @@ impl EmbeddedRegistry {
         std::fs::create_dir_all(dir)
             .map_err(|e| fail(format!("cannot create {}: {e}", dir.display())))?;
         let db = Database::create(&path).map_err(|e| fail(e.to_string()))?;
-        let registry = Self { db, path };
+        let mut registry = Self {
+            db,
+            path,
+            fence: Fence {
+                registry_id: String::new(),
+                epoch: 0,
+            },
+        };
         let found = registry.format()?;
         match found {
             None => registry.write(|txn| {
@@ -251,7 +291,37 @@ impl EmbeddedRegistry {
                 });
             }
         }
+        registry.fence = registry.next_fence()?;
         Ok(registry)
+    }
+
+    /// Bumps the stored epoch (one master per store: each open is a new
+    /// leadership) and reads, or creates, the registry's id.
+    fn next_fence(&self) -> Result<Fence, RegistryError> {
+        let mut fence = None;
+        self.write(|txn| {
+            let mut meta = txn.open_table(META)?;
+            let epoch = meta.get(EPOCH_KEY)?.map_or(0, |v| v.value()) + 1;
+            meta.insert(EPOCH_KEY, epoch)?;
+            let mut identity = txn.open_table(IDENTITY)?;
+            let stored = identity
+                .get(REGISTRY_ID_KEY)?
+                .map(|v| v.value().to_string());
+            let registry_id = match stored {
+                Some(id) => id,
+                None => {
+                    let id = uuid::Uuid::new_v4().simple().to_string();
+                    identity.insert(REGISTRY_ID_KEY, id.as_str())?;
+                    id
+                }
+            };
+            fence = Some(Fence {
+                registry_id,
+                epoch: u64::from(epoch),
+            });
+            Ok(())
+        })?;
+        fence.ok_or_else(|| self.storage("no fence written"))
     }
 
     pub fn path(&self) -> &Path {
@@ -312,6 +382,10 @@ fn decode<M: Message + Default>(
 }
 
 impl Registry for EmbeddedRegistry {
+    fn fence(&self) -> Fence {
+        self.fence.clone()
+    }
+
     fn load(&self) -> Result<Stored, RegistryError> {
         let txn = self.db.begin_read().map_err(|e| self.storage(e))?;
         let mut out = Stored::default();
@@ -609,6 +683,20 @@ mod tests {
         assert_eq!(s.tasks, vec![(("f1".to_string(), "t1".to_string()), task)]);
         assert_eq!(s.volumes.len(), 1);
         assert_eq!(s.volumes[0].1.disk_mib, 64.0);
+    }
+
+    #[test]
+    fn each_open_is_a_new_epoch_of_the_same_registry() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = EmbeddedRegistry::open(dir.path()).unwrap().fence();
+        let second = EmbeddedRegistry::open(dir.path()).unwrap().fence();
+        assert_eq!((first.epoch, second.epoch), (1, 2));
+        assert_eq!(first.registry_id, second.registry_id);
+        assert_eq!(first.registry_id.len(), 32);
+        let other = tempfile::tempdir().unwrap();
+        let elsewhere = EmbeddedRegistry::open(other.path()).unwrap().fence();
+        assert_ne!(elsewhere.registry_id, first.registry_id);
+        assert_eq!(elsewhere.epoch, 1);
     }
 
     #[test]

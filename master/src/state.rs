@@ -28,6 +28,11 @@ pub struct StateSnapshot {
     /// Removal of unreachable agents is halted: too many are unreachable.
     #[serde(default)]
     pub agent_removal_halted: bool,
+    /// The leading master's epoch (fencing token) in its registry.
+    #[serde(default)]
+    pub epoch: u64,
+    #[serde(default)]
+    pub registry_id: String,
 }
 
 /// A persistent volume. Its disk counts in its agent's and framework's

@@ -6,11 +6,13 @@
 //!   `VolumeId`).
 //! - [`resources`]: fixed-point resource amounts, port ranges, parsing of the
 //!   `cpus:4;mem:8192;ports:[31000-32000]` text form, and validation of wire values.
+//! - [`leader`]: master lists, the standby's leader hint, and the epoch fence.
 //! - [`attributes`]: agent attributes and their text form (`rack:r1;zone:a`).
 //! - [`task`]: task state helpers (terminal states, names, timestamps).
 
 pub mod attributes;
 pub mod ids;
+pub mod leader;
 pub mod resources;
 pub mod task;
 

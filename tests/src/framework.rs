@@ -60,6 +60,7 @@ impl TestFramework {
             .map_err(|_| Status::deadline_exceeded("no subscribed event"))??;
         let Some(pb::Event {
             event: Some(pb::event::Event::Subscribed(sub)),
+            ..
         }) = first
         else {
             return Err(Status::internal(format!(

@@ -14,6 +14,7 @@
 pub mod batch;
 pub mod faults;
 mod framework;
+pub mod ha;
 pub mod images;
 pub mod process;
 mod proxy;
@@ -212,6 +213,38 @@ pub struct Cluster {
     http: reqwest::Client,
 }
 
+/// Config of agent `index` with its work dir in `dir`: fast status update
+/// retries for tests, its own cgroup subtree and pod network. The master
+/// is left empty.
+pub fn agent_config_in(dir: &Path, index: usize, resources: &str, attributes: &str) -> AgentConfig {
+    let mut config = AgentConfig::new(String::new(), dir.join(format!("agent{index}")));
+    config.resources = Some(Resources::parse(resources).expect("resources"));
+    config.attributes = corral_proto::attributes::parse(attributes).expect("attributes");
+    config.hostname = format!("agent{index}");
+    config.status_update_retry_initial = Duration::from_millis(300);
+    config.status_update_retry_max = Duration::from_secs(2);
+    config.reconnect_backoff_max = Duration::from_millis(300);
+    config.default_kill_grace = Duration::from_secs(2);
+    // Each agent its own cgroup subtree: agents sweep theirs for orphans
+    // at start, and tests run in parallel.
+    config.cgroup_root = format!(
+        "corral-test-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    );
+    // Its own pod bridge and address range: tests run in parallel, and
+    // each agent removes its bridge when it stops.
+    static AGENTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = AGENTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    config.pod_bridge = format!("ct{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    config.pod_cidr = corral_agent::network::PodCidr::parse(&format!(
+        "10.{}.{}.0/24",
+        200 + std::process::id() % 50,
+        n % 256
+    ))
+    .expect("pod cidr");
+    config
+}
+
 /// A listener with SO_REUSEADDR, so a restarted master can take the same
 /// port while the old one's connections are in TIME_WAIT (sockets accepted
 /// from it inherit the option, which Linux requires of both sides).
@@ -276,34 +309,7 @@ impl Cluster {
 
     /// Config of the next agent: fast status update retries for tests.
     pub fn agent_config(&self, resources: &str, attributes: &str) -> AgentConfig {
-        let index = self.agents.len();
-        let mut config =
-            AgentConfig::new(String::new(), self.dir.path().join(format!("agent{index}")));
-        config.resources = Some(Resources::parse(resources).expect("resources"));
-        config.attributes = corral_proto::attributes::parse(attributes).expect("attributes");
-        config.hostname = format!("agent{index}");
-        config.status_update_retry_initial = Duration::from_millis(300);
-        config.status_update_retry_max = Duration::from_secs(2);
-        config.reconnect_backoff_max = Duration::from_millis(300);
-        config.default_kill_grace = Duration::from_secs(2);
-        // Each agent its own cgroup subtree: agents sweep theirs for orphans
-        // at start, and tests run in parallel.
-        config.cgroup_root = format!(
-            "corral-test-{}",
-            &uuid::Uuid::new_v4().simple().to_string()[..12]
-        );
-        // Its own pod bridge and address range: tests run in parallel, and
-        // each agent removes its bridge when it stops.
-        static AGENTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = AGENTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        config.pod_bridge = format!("ct{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
-        config.pod_cidr = corral_agent::network::PodCidr::parse(&format!(
-            "10.{}.{}.0/24",
-            200 + std::process::id() % 50,
-            n % 256
-        ))
-        .expect("pod cidr");
-        config
+        agent_config_in(self.dir.path(), self.agents.len(), resources, attributes)
     }
 
     /// Starts one more agent; returns its index.

@@ -1,12 +1,13 @@
-//! Agents as real processes, for tests that `kill -9` them: the test binary
-//! re-executes itself, and its entry point (a `#[test]` that does nothing
-//! unless [`CHILD_ENV`] is set) runs [`child_agent_main`]. The master and
-//! the frameworks stay in the test process.
+//! Agents (and masters, [`crate::ha`]) as real processes, for tests that
+//! `kill -9` them: the test binary re-executes itself, and its entry point
+//! (a `#[test]` that does nothing unless [`CHILD_ENV`] or
+//! [`crate::ha::CHILD_MASTER_ENV`] is set) runs [`child_main`].
 //!
-//! A child agent stops cleanly (killing its tasks) on SIGTERM, when the
+//! A child stops cleanly (an agent kills its tasks) on SIGTERM, when the
 //! test process that started it is gone, or after [`CHILD_LIFETIME`]; so a
 //! failed test leaves no agent and, once that agent stopped, no container.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -45,13 +46,30 @@ impl AgentSpec {
     /// Agent `index` of `cluster`, connecting straight to its master (no
     /// proxy), with [`Cluster::agent_config`]'s test settings.
     pub fn new(cluster: &Cluster, resources: &str) -> Self {
-        let config = cluster.agent_config(resources, "");
+        Self::from_config(
+            cluster.agent_config(resources, ""),
+            cluster.master.to_string(),
+            resources,
+        )
+    }
+
+    /// Agent `index` with its work dir in `dir`, registering with `master`
+    /// (one `host:port`, or several separated by commas).
+    pub fn in_dir(dir: &Path, index: usize, master: String, resources: &str) -> Self {
+        Self::from_config(
+            crate::agent_config_in(dir, index, resources, ""),
+            master,
+            resources,
+        )
+    }
+
+    fn from_config(config: AgentConfig, master: String, resources: &str) -> Self {
         // A port for the agent's API that stays its own across restarts.
         let address = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port");
         Self {
-            master: cluster.master.to_string(),
+            master,
             address,
             work_dir: config.work_dir,
             cgroup_root: config.cgroup_root,
@@ -78,20 +96,39 @@ impl AgentSpec {
     }
 }
 
-/// Runs the agent of [`CHILD_ENV`], if it is set (in a re-executed child);
-/// returns at once otherwise.
-pub fn child_agent_main() {
+/// Runs the child this process was re-executed as, if any; returns at
+/// once in the test process itself.
+pub fn child_main() {
+    child_agent_main();
+    crate::ha::child_master_main();
+}
+
+fn child_agent_main() {
     let Ok(spec) = std::env::var(CHILD_ENV) else {
         return;
     };
     let spec: AgentSpec = serde_json::from_str(&spec).expect("child agent spec");
+    run_child("agent", |stop| async move {
+        let listener = bind_reusable(spec.address).expect("bind the agent's address");
+        corral_agent::run(spec.config(), listener, stop)
+            .await
+            .map_err(|e| e.to_string())
+    });
+}
+
+/// Runs `serve` on a runtime of its own until SIGTERM, the parent's exit,
+/// or [`CHILD_LIFETIME`]; exits the process with 1 if it fails.
+pub(crate) fn run_child<F, Fut>(what: &str, serve: F)
+where
+    F: FnOnce(std::pin::Pin<Box<dyn Future<Output = ()> + Send>>) -> Fut,
+    Fut: Future<Output = Result<(), String>>,
+{
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("runtime");
     let result = runtime.block_on(async {
-        let listener = bind_reusable(spec.address).expect("bind the agent's address");
         let parent = std::os::unix::process::parent_id();
         let stop = async move {
             let mut term =
@@ -108,12 +145,50 @@ pub fn child_agent_main() {
                 () = tokio::time::sleep(CHILD_LIFETIME) => {}
             }
         };
-        corral_agent::run(spec.config(), listener, stop).await
+        serve(Box::pin(stop)).await
     });
     if let Err(e) = result {
-        eprintln!("child agent failed: {e}");
+        eprintln!("child {what} failed: {e}");
         std::process::exit(1);
     }
+}
+
+/// Re-executes this test binary to run only the test `entry`, with `spec`
+/// as JSON in `env`.
+pub(crate) fn spawn_child(entry: &str, env: &str, spec: &impl Serialize) -> Child {
+    let exe = std::env::current_exe().expect("the test binary");
+    Command::new(exe)
+        .args([entry, "--exact", "--nocapture", "--test-threads", "1"])
+        .env(env, serde_json::to_string(spec).expect("spec"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn the child")
+}
+
+/// SIGTERM (preceded by SIGCONT with `resume`, for a paused child), then
+/// up to [`WAIT`] for it to exit; kills it after that.
+pub(crate) fn terminate(
+    child: &mut Option<Child>,
+    resume: bool,
+) -> Option<std::process::ExitStatus> {
+    let mut child = child.take()?;
+    let pid = Pid::from_raw(i32::try_from(child.id()).ok()?);
+    let _ = kill(pid, Signal::SIGTERM);
+    if resume {
+        let _ = kill(pid, Signal::SIGCONT);
+    }
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            Err(_) => break,
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
 }
 
 /// A child agent process.
@@ -124,16 +199,9 @@ pub struct AgentProcess {
 
 impl AgentProcess {
     /// Starts the agent of `spec` in this test binary, re-executed to run
-    /// only the test named `entry` (which calls [`child_agent_main`]).
+    /// only the test named `entry` (which calls [`child_main`]).
     pub fn spawn(entry: &str, spec: &AgentSpec) -> Self {
-        let exe = std::env::current_exe().expect("the test binary");
-        let child = Command::new(exe)
-            .args([entry, "--exact", "--nocapture", "--test-threads", "1"])
-            .env(CHILD_ENV, serde_json::to_string(spec).expect("spec"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn the child agent");
+        let child = spawn_child(entry, CHILD_ENV, spec);
         Self {
             spec: spec.clone(),
             child: Some(child),
@@ -166,20 +234,13 @@ impl AgentProcess {
     }
 
     fn terminate(&mut self) -> Option<std::process::ExitStatus> {
-        let mut child = self.child.take()?;
-        let pid = Pid::from_raw(i32::try_from(child.id()).ok()?);
-        let _ = kill(pid, Signal::SIGTERM);
-        let deadline = Instant::now() + WAIT;
-        while Instant::now() < deadline {
-            match child.try_wait() {
-                Ok(Some(status)) => return Some(status),
-                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-                Err(_) => break,
-            }
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        None
+        terminate(&mut self.child, false)
+    }
+
+    /// The agent's `/metrics`, if it answers.
+    pub async fn metrics(&self) -> Option<String> {
+        let url = format!("http://{}/metrics", self.spec.address);
+        reqwest::get(url).await.ok()?.text().await.ok()
     }
 
     pub fn work_dir(&self) -> &Path {

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use corral_proto::pb::TaskState;
-use corral_tests::process::{AgentProcess, AgentSpec, child_agent_main};
+use corral_tests::process::{AgentProcess, AgentSpec, child_main};
 use corral_tests::{Cluster, WAIT, metric_value, shell_task, wait_for};
 
 const CHILD_ENTRY: &str = "child_agent_entry_point_runs_only_when_re_executed";
@@ -23,7 +23,7 @@ const TASK_MEM_MIB: f64 = 16.0;
 /// Runs only in the re-executed child.
 #[test]
 fn child_agent_entry_point_runs_only_when_re_executed() {
-    child_agent_main();
+    child_main();
 }
 
 /// A task's container as the agent checkpointed it.
@@ -76,11 +76,6 @@ fn memory_limit(cgroup_root: &str, container_id: &str) -> u64 {
         .unwrap_or_else(|e| panic!("{text}: {e}"))
 }
 
-async fn agent_metrics(agent: &AgentProcess) -> Option<String> {
-    let url = format!("http://{}/metrics", agent.spec.address);
-    reqwest::get(url).await.ok()?.text().await.ok()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_agent_ten_times_keeps_its_tasks_running_on_the_same_pids() {
     let cluster = Cluster::start(0).await;
@@ -116,7 +111,7 @@ async fn killing_the_agent_ten_times_keeps_its_tasks_running_on_the_same_pids() 
             &format!("the agent to recover after crash {crash}"),
             WAIT,
             || async {
-                let text = agent_metrics(&agent).await?;
+                let text = agent.metrics().await?;
                 let recovered = metric_value(&text, "corral_agent_tasks_recovered_total")?;
                 let registered = metric_value(&text, "corral_agent_master_connections_total")?;
                 let running = metric_value(&text, r#"corral_agent_tasks{state="TASK_RUNNING"}"#)?;

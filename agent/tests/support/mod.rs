@@ -63,14 +63,18 @@ pub struct Conn {
 impl Conn {
     pub fn send(&self, msg: Message) {
         let to = self.to_agent.as_ref().expect("stream still open");
-        to.send(Ok(pb::MasterMessage { message: Some(msg) }))
-            .expect("agent stream open");
+        to.send(Ok(pb::MasterMessage {
+            epoch: 0,
+            message: Some(msg),
+        }))
+        .expect("agent stream open");
     }
 
     /// Answers the registration. A long heartbeat interval keeps the agent
     /// from dropping a master that sends no heartbeats of its own.
     pub fn registered(&self, agent_id: &str, heartbeat_interval_seconds: f64) {
         self.send(Message::Registered(pb::Registered {
+            registry_id: String::new(),
             agent_id: agent_id.to_string(),
             heartbeat_interval_seconds,
         }));

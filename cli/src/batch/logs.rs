@@ -32,7 +32,8 @@ pub(crate) struct BatchLogsArgs {
     /// tasks with the same ids.
     #[arg(long)]
     framework: Option<String>,
-    /// Master to ask where the tasks ran.
+    /// Master to ask where the tasks ran (HOST:PORT, or several separated
+    /// by commas).
     #[arg(long, default_value = DEFAULT_MASTER, env = "CORRAL_MASTER")]
     master: String,
     #[command(flatten)]

@@ -267,7 +267,11 @@ impl Actor {
             }
             Command::Metrics { reply } => {
                 let states: Vec<_> = self.jobs.job_states().into_iter().collect();
-                let _ = reply.send(self.metrics.render(&states, self.jobs.totals()));
+                let _ = reply.send(self.metrics.render(
+                    &states,
+                    self.jobs.totals(),
+                    self.client.stale_epoch_rejected(),
+                ));
             }
             Command::UseClient(client) => {
                 self.client = client;

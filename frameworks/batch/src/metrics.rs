@@ -19,6 +19,7 @@ pub const LAUNCHES_TOTAL: &str = "corral_batch_task_launches_total";
 pub const ATTEMPTS_ENDED_TOTAL: &str = "corral_batch_task_attempts_ended_total";
 pub const STORE_COMMIT_DURATION: &str = "corral_batch_store_commit_duration_seconds";
 pub const OFFERS_TOTAL: &str = "corral_batch_offers_total";
+pub const STALE_EPOCH_REJECTED_TOTAL: &str = "corral_batch_stale_epoch_rejected_total";
 
 /// Commits take a few milliseconds (one fsync); slower ones mean a slow disk.
 const COMMIT_BUCKETS: [f64; 10] = [
@@ -54,6 +55,10 @@ impl Metrics {
             describe_gauge!(
                 TASKS,
                 "Tasks of active and recent runs by state (waiting = in retry backoff)."
+            );
+            describe_counter!(
+                STALE_EPOCH_REJECTED_TOTAL,
+                "Events from a master refused because their leader epoch is lower than one already seen (a deposed leader)."
             );
             describe_counter!(LAUNCHES_TOTAL, "Task attempts launched.");
             describe_counter!(
@@ -98,8 +103,14 @@ impl Metrics {
     }
 
     /// Sets the gauges from the current jobs and renders everything.
-    pub fn render(&self, jobs: &[(pb::JobState, usize)], tasks: Counts) -> String {
+    pub fn render(
+        &self,
+        jobs: &[(pb::JobState, usize)],
+        tasks: Counts,
+        stale_epoch_rejected: u64,
+    ) -> String {
         self.with(|| {
+            metrics::counter!(STALE_EPOCH_REJECTED_TOTAL).absolute(stale_epoch_rejected);
             for state in JOB_STATES {
                 let n = jobs
                     .iter()

@@ -51,6 +51,8 @@ pub(crate) struct Session {
 }
 
 pub(crate) struct Shared {
+    /// Events refused for their old leader epoch (from a deposed leader).
+    pub(crate) stale_epoch_rejected: std::sync::atomic::AtomicU64,
     session: Mutex<Option<Session>>,
     /// Survives lost subscriptions: re-subscribing reuses it.
     framework_id: Mutex<Option<FrameworkId>>,
@@ -86,6 +88,7 @@ impl SchedulerClient {
         let (control, _) = watch::channel(Control::Running);
         Self {
             shared: Arc::new(Shared {
+                stale_epoch_rejected: std::sync::atomic::AtomicU64::new(0),
                 session: Mutex::new(None),
                 framework_id: Mutex::new(framework_id),
                 control,
@@ -111,6 +114,15 @@ impl SchedulerClient {
     /// in `DriverConfig::framework.id` for a failover).
     pub fn framework_id(&self) -> Option<FrameworkId> {
         lock(&self.shared.framework_id).clone()
+    }
+
+    /// How many events the driver refused because their leader epoch was
+    /// lower than one it had seen: messages of a deposed leader. Frameworks
+    /// export it as `corral_<framework>_stale_epoch_rejected_total`.
+    pub fn stale_epoch_rejected(&self) -> u64 {
+        self.shared
+            .stale_epoch_rejected
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// True while the driver holds a live subscription.

@@ -23,6 +23,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::time::Duration;
 
+use corral_proto::leader::{EpochFence, MasterList, leader_hint};
 use corral_proto::pb::{self, event::Event};
 use corral_proto::{AgentId, FrameworkId, OfferId};
 use futures::StreamExt;
@@ -49,6 +50,12 @@ pub const DEFAULT_MISSED_HEARTBEATS: u32 = 5;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connect + `Subscribe` + first event; past this the attempt is retried.
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(15);
+/// HTTP/2 pings when the master has sent nothing for this long; no answer
+/// within [`KEEP_ALIVE_TIMEOUT`] ends the connection. A frozen master (a
+/// paused process, a hung host) accepts connections in the kernel but never
+/// answers: this is what notices, even before `Subscribed`.
+const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(2);
+const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Cap on the heartbeat interval the master announces, so an absurd value
 /// cannot disable loss detection or overflow the deadline arithmetic.
 const MAX_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(3600);
@@ -71,7 +78,9 @@ const MAX_CALLS_IN_FLIGHT: usize = 64;
 /// How to reach the master and who the framework is.
 #[derive(Debug, Clone)]
 pub struct DriverConfig {
-    /// `host:port` of the master (an `http://` URL is accepted too).
+    /// `host:port` of the master (an `http://` URL is accepted too), or of
+    /// several masters separated by commas: the driver finds the leader,
+    /// follows it when it changes, and drops events of a deposed leader.
     pub master: String,
     /// Sent on every `Subscribe`. Set `id` to fail over to an existing
     /// framework; the driver fills it in itself when re-subscribing.
@@ -159,7 +168,7 @@ impl Driver {
     }
 
     async fn run_inner<S: Scheduler + ?Sized>(&self, scheduler: &mut S) -> Result<(), DriverError> {
-        let endpoint = endpoint_for(&self.config.master)?;
+        let masters = masters_for(&self.config.master)?;
         if !self.config.framework.id.is_empty() {
             FrameworkId::parse(&self.config.framework.id, "framework_info.id")
                 .map_err(|e| DriverError::InvalidArgument(e.to_string()))?;
@@ -167,7 +176,8 @@ impl Driver {
         let (jobs_tx, jobs_rx) = mpsc::channel(BACKGROUND_QUEUE);
         let mut runner = Runner {
             config: &self.config,
-            endpoint,
+            masters,
+            fence: EpochFence::new(),
             client: self.client.clone(),
             control: self.client.shared.control.subscribe(),
             jobs: jobs_tx,
@@ -181,6 +191,22 @@ impl Driver {
             never = background(jobs_rx, MAX_CALLS_IN_FLIGHT, send) => match never {},
         }
     }
+}
+
+/// `host:port`, or several separated by commas, each checked.
+fn masters_for(text: &str) -> Result<MasterList, DriverError> {
+    let invalid = |reason: String| DriverError::InvalidMaster {
+        address: text.to_string(),
+        reason,
+    };
+    if text.trim().is_empty() {
+        return Err(invalid("must not be empty".to_string()));
+    }
+    let masters = corral_proto::leader::parse_masters(text).map_err(invalid)?;
+    for m in &masters {
+        endpoint_for(m)?;
+    }
+    Ok(MasterList::new(masters))
 }
 
 /// `host:port` (or a URL) to a gRPC endpoint.
@@ -198,7 +224,12 @@ fn endpoint_for(master: &str) -> Result<Endpoint, DriverError> {
         format!("http://{master}")
     };
     let endpoint = Endpoint::from_shared(uri).map_err(|e| invalid(e.to_string()))?;
-    Ok(endpoint.connect_timeout(CONNECT_TIMEOUT).tcp_nodelay(true))
+    Ok(endpoint
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
+        .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
+        .keep_alive_while_idle(true))
 }
 
 /// Work for the background queue.
@@ -299,6 +330,9 @@ struct Subscription {
 enum AttemptError {
     /// Worth retrying after backoff.
     Transient(DriverError),
+    /// A standby answered; try the leader it named (or the next master)
+    /// at once.
+    NotLeader(DriverError),
     /// Stop the driver: `(error for run, message for scheduler.error)`.
     Fatal(DriverError, String),
 }
@@ -312,7 +346,9 @@ enum SessionEnd {
 
 struct Runner<'a> {
     config: &'a DriverConfig,
-    endpoint: Endpoint,
+    masters: MasterList,
+    /// The highest leader epoch seen, per registry.
+    fence: EpochFence,
     client: SchedulerClient,
     control: watch::Receiver<Control>,
     jobs: mpsc::Sender<Job>,
@@ -326,11 +362,14 @@ impl Runner<'_> {
             self.config.reconnect_backoff_max,
         );
         let mut first_attempt = true;
+        // Standby answers followed in a row: bounded, so two standbys that
+        // name each other cannot make a busy loop.
+        let mut redirects = 0;
         loop {
             if self.control_now().is_done() {
                 return Ok(());
             }
-            if !first_attempt {
+            if !first_attempt && redirects == 0 {
                 let delay = backoff.next_delay(&mut rand::rng());
                 tracing::debug!(?delay, "re-subscribing after backoff");
                 let mut control = self.control.clone();
@@ -350,7 +389,16 @@ impl Runner<'_> {
             };
             let subscription = match attempt {
                 Ok(subscription) => subscription,
+                Err(AttemptError::NotLeader(error)) => {
+                    tracing::debug!(%error, "not the leader; trying the next master");
+                    redirects += 1;
+                    if redirects > self.masters.masters().len() * 2 {
+                        redirects = 0;
+                    }
+                    continue;
+                }
                 Err(AttemptError::Transient(error)) => {
+                    redirects = 0;
                     tracing::warn!(master = %self.config.master, %error, "subscribe failed; will retry");
                     continue;
                 }
@@ -360,6 +408,7 @@ impl Runner<'_> {
                 }
             };
             backoff.reset();
+            redirects = 0;
             match self.serve(scheduler, subscription).await {
                 SessionEnd::Stopped => return Ok(()),
                 SessionEnd::Lost(why) => {
@@ -374,11 +423,18 @@ impl Runner<'_> {
         }
     }
 
+    fn count_stale(&self) {
+        self.client
+            .shared
+            .stale_epoch_rejected
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
     fn control_now(&self) -> Control {
         *self.control.borrow()
     }
 
-    async fn subscribe_once(&self) -> Result<Subscription, AttemptError> {
+    async fn subscribe_once(&mut self) -> Result<Subscription, AttemptError> {
         match tokio::time::timeout(SUBSCRIBE_TIMEOUT, self.try_subscribe()).await {
             Ok(result) => result,
             Err(_) => Err(AttemptError::Transient(DriverError::Timeout {
@@ -388,15 +444,17 @@ impl Runner<'_> {
         }
     }
 
-    async fn try_subscribe(&self) -> Result<Subscription, AttemptError> {
+    async fn try_subscribe(&mut self) -> Result<Subscription, AttemptError> {
         let mut info = self.config.framework.clone();
         let known_id = self.client.framework_id();
         if let Some(id) = &known_id {
             info.id = id.to_string();
         }
-        let channel = self.endpoint.connect().await.map_err(|source| {
+        let target = self.masters.next_target();
+        let endpoint = endpoint_for(&target).map_err(AttemptError::Transient)?;
+        let channel = endpoint.connect().await.map_err(|source| {
             AttemptError::Transient(DriverError::Transport {
-                master: self.config.master.clone(),
+                master: target.clone(),
                 source,
             })
         })?;
@@ -407,14 +465,32 @@ impl Runner<'_> {
                 framework_info: Some(info),
             })
             .await
-            .map_err(|status| classify(status, &framework_id))?;
+            .map_err(|status| {
+                if status.code() == tonic::Code::Unavailable {
+                    if let Some(leader) = leader_hint(&status) {
+                        self.masters.redirect(leader);
+                    }
+                    return AttemptError::NotLeader(DriverError::from_status(status));
+                }
+                classify(status, &framework_id)
+            })?;
         let mut stream = response.into_inner();
         let first = stream
             .message()
             .await
             .map_err(|status| classify(status, &framework_id))?;
+        let epoch = first.as_ref().map_or(0, |e| e.epoch);
         let subscribed = match first.and_then(|e| e.event) {
-            Some(Event::Subscribed(s)) => s,
+            Some(Event::Subscribed(s)) => {
+                if let Err(e) = self.fence.admit_leader(&s.registry_id, epoch) {
+                    self.count_stale();
+                    tracing::warn!(master = %target, "{e}; subscription refused");
+                    return Err(AttemptError::Transient(DriverError::Protocol(
+                        e.to_string(),
+                    )));
+                }
+                s
+            }
             Some(Event::Error(e)) => {
                 return Err(AttemptError::Fatal(
                     DriverError::Terminated {
@@ -449,6 +525,7 @@ impl Runner<'_> {
                 "master assigned a different framework id on re-subscription"
             );
         }
+        self.masters.connected(&target);
         Ok(Subscription {
             grpc,
             stream,
@@ -500,7 +577,9 @@ impl Runner<'_> {
                 Some(Ok(Some(event))) => event,
                 Some(Ok(None)) => break SessionEnd::Lost("the master closed the stream".into()),
                 Some(Err(status)) => match classify(status, framework_id.as_str()) {
-                    AttemptError::Transient(error) => break SessionEnd::Lost(error.to_string()),
+                    AttemptError::Transient(error) | AttemptError::NotLeader(error) => {
+                        break SessionEnd::Lost(error.to_string());
+                    }
                     AttemptError::Fatal(error, message) => break SessionEnd::Fatal(error, message),
                 },
                 None => {
@@ -511,6 +590,11 @@ impl Runner<'_> {
                     ));
                 }
             };
+            if let Err(e) = self.fence.admit(event.epoch) {
+                self.count_stale();
+                tracing::warn!("{e}; event dropped, looking for the leader");
+                break SessionEnd::Lost(e.to_string());
+            }
             if let Some(end) = self.dispatch(scheduler, event, &framework_id).await {
                 break end;
             }

@@ -351,7 +351,10 @@ impl Actor {
                 let _ = reply.send(self.services.status(&name, now));
             }
             Command::Metrics { reply } => {
-                let _ = reply.send(self.metrics.render(&self.services.list(now)));
+                let _ = reply.send(
+                    self.metrics
+                        .render(&self.services.list(now), self.client.stale_epoch_rejected()),
+                );
             }
             Command::UseClient(client) => {
                 self.client = client;

@@ -20,6 +20,7 @@ pub const TASKS_ENDED_TOTAL: &str = "corral_service_tasks_ended_total";
 pub const ROLLOUTS_TOTAL: &str = "corral_service_rollouts_total";
 pub const STORE_COMMIT_DURATION: &str = "corral_service_store_commit_duration_seconds";
 pub const OFFERS_TOTAL: &str = "corral_service_offers_total";
+pub const STALE_EPOCH_REJECTED_TOTAL: &str = "corral_service_stale_epoch_rejected_total";
 
 /// Commits take a few milliseconds (one fsync); slower ones mean a slow disk.
 const COMMIT_BUCKETS: [f64; 10] = [
@@ -68,6 +69,10 @@ impl Metrics {
             describe_gauge!(
                 INSTANCES,
                 "Instances by state (staging = not yet running; healthy counts running instances that pass their checks, running the others)."
+            );
+            describe_counter!(
+                STALE_EPOCH_REJECTED_TOTAL,
+                "Events from a master refused because their leader epoch is lower than one already seen (a deposed leader)."
             );
             describe_counter!(
                 LAUNCHES_TOTAL,
@@ -130,7 +135,10 @@ impl Metrics {
     }
 
     /// Sets the gauges from the current services and renders everything.
-    pub fn render(&self, services: &[ServiceStatus]) -> String {
+    pub fn render(&self, services: &[ServiceStatus], stale_epoch_rejected: u64) -> String {
+        self.with(|| {
+            metrics::counter!(STALE_EPOCH_REJECTED_TOTAL).absolute(stale_epoch_rejected);
+        });
         let mut counts = [0u32; INSTANCE_STATES.len()];
         for i in services.iter().flat_map(|s| &s.instances) {
             let slot = match i.state {

@@ -64,7 +64,10 @@ impl Events {
     pub fn send(&self, event: Event) {
         // The driver may already have dropped the stream; tests then notice
         // through what the driver does next.
-        let _ = self.tx.send(Ok(pb::Event { event: Some(event) }));
+        let _ = self.tx.send(Ok(pb::Event {
+            epoch: 0,
+            event: Some(event),
+        }));
     }
 
     /// Ends the stream with an error status.
@@ -172,7 +175,9 @@ impl SchedulerService for Service {
         let stream_id = format!("stream-{}", script.subscriptions);
         let (tx, rx) = mpsc::unbounded_channel();
         let _ = tx.send(Ok(pb::Event {
+            epoch: 0,
             event: Some(Event::Subscribed(pb::Subscribed {
+                registry_id: String::new(),
                 framework_id: framework_id.clone(),
                 stream_id: stream_id.clone(),
                 heartbeat_interval_seconds: self.heartbeat_interval_seconds,
@@ -246,6 +251,7 @@ impl SchedulerService for Service {
         let current = self.script.lock().expect("script lock").current.take();
         if let Some(tx) = current.and_then(|weak| weak.upgrade()) {
             let _ = tx.send(Ok(pb::Event {
+                epoch: 0,
                 event: Some(Event::Error(pb::Error {
                     message: "framework was torn down".into(),
                 })),
