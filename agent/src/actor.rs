@@ -6,7 +6,7 @@
 //! deadlines of the actor's own loop, so they cost no task or thread each,
 //! go away with the task and follow `tokio::time::pause` in tests.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -277,7 +277,7 @@ impl Task {
     }
 
     /// A task read back from the checkpoint: nothing of it runs under this
-    /// agent (yet); its pod, if it had one, is not re-adopted.
+    /// agent (yet); `recover` joins it to its pod, if that was recovered.
     fn recovered(
         work_dir: &Path,
         framework_id: FrameworkId,
@@ -533,16 +533,45 @@ impl Actor {
     /// of a recovered task runs under this agent: a task that had not ended
     /// is reported ended now (behind its restored updates); its container,
     /// if any survived, was destroyed with the orphans at start.
+    ///
+    /// `pods` are the checkpointed pods whose network survived, reopened:
+    /// their tasks' containers are re-adopted into them, and restart in
+    /// them by the pod's policy. A pod task that cannot be re-adopted fails
+    /// its pod (the pod is a unit), as do the tasks of a pod not in `pods`.
     pub(crate) fn recover(
         &mut self,
         agent_id: Option<AgentId>,
         replaces_agent_id: Option<String>,
         tasks: Vec<pb::TaskCheckpoint>,
+        pods: Vec<(pb::PodCheckpoint, PodLaunch)>,
     ) {
         self.agent_id = agent_id;
         self.replaces_agent_id = replaces_agent_id;
         let now = Instant::now().into_std();
         let wall = now_seconds();
+        for (record, launch) in pods {
+            let persistent = record
+                .persistent_volumes
+                .iter()
+                .filter_map(|id| VolumeId::parse(id, "pod_checkpoint.persistent_volumes").ok())
+                .collect();
+            info!(pod_id = %record.pod_id, ip = %launch.ip, "pod recovered from the checkpoint");
+            self.pods.insert(
+                record.pod_id.clone(),
+                Pod {
+                    framework_id: record.framework_id,
+                    keys: Vec::new(),
+                    persistent,
+                    policy: pod::Policy::from_proto(record.restart_policy),
+                    dir: pod::pod_dir(&self.identity.work_dir, &record.pod_id),
+                    launch: Some(launch),
+                    failed: false,
+                    tearing_down: false,
+                    _prepare: None,
+                },
+            );
+        }
+        let pod_ids: HashSet<String> = self.pods.keys().cloned().collect();
         let mut to_end = Vec::new();
         for record in tasks {
             let (Some(framework), Some(info)) = (record.framework, record.task) else {
@@ -575,11 +604,17 @@ impl Actor {
             self.frameworks.insert(framework_id.to_string(), framework);
             let mut task =
                 Task::recovered(&self.identity.work_dir, framework_id, task_id, info, state);
+            if let Some(pod) = self.pods.get_mut(&record.pod_id) {
+                pod.keys.push(key.clone());
+                task.pod = Some(record.pod_id.clone());
+                task.restarts = Some(pod::Restarts::new(now));
+            }
             if !is_terminal(state) {
                 match readoptable(
                     &record.pod_id,
                     record.container.as_ref(),
                     self.launcher.containerizer.is_some(),
+                    &pod_ids,
                 ) {
                     Some(checkpoint) => {
                         // Like a launch: kills wait until it is back.
@@ -592,7 +627,11 @@ impl Actor {
             }
             self.tasks.insert(key, task);
         }
+        let mut failed_pods = Vec::new();
         for (key, container) in to_end {
+            if let Some(pod_id) = self.tasks.get(&key).and_then(|t| t.pod.clone()) {
+                failed_pods.push(pod_id);
+            }
             let message = match container {
                 None => "the agent restarted before the task started".to_string(),
                 Some(c) if c.container_id.is_empty() => {
@@ -610,6 +649,13 @@ impl Actor {
                 None,
                 None,
             );
+        }
+        for pod_id in failed_pods {
+            self.fail_pod(&pod_id);
+        }
+        // A pod with nothing left alive goes now (its tasks all ended).
+        for pod_id in pod_ids {
+            self.maybe_tear_down(&pod_id);
         }
     }
 
@@ -643,6 +689,7 @@ impl Actor {
             return;
         };
         task.launching = false;
+        let pod_id = task.pod.clone();
         let recovered = match result.0 {
             Ok(recovered) => recovered,
             Err(why) => {
@@ -658,6 +705,9 @@ impl Actor {
                     None,
                     None,
                 );
+                if let Some(pod_id) = pod_id {
+                    self.fail_pod(&pod_id);
+                }
                 return;
             }
         };
@@ -811,6 +861,7 @@ impl Actor {
             Command::PodReady { pod_id, result } => self.pod_ready(&pod_id, result),
             Command::PodGone { pod_id } => {
                 self.pods.remove(&pod_id);
+                self.checkpoint.remove_pod(&pod_id);
             }
             Command::State { reply } => {
                 let _ = reply.send(self.state_view());
@@ -1212,6 +1263,21 @@ impl Actor {
             Ok(launch) => {
                 info!(pod_id, ip = %launch.ip, "pod network ready");
                 pod.launch = Some(launch.clone());
+                // Before any of its containers starts: a restarted agent
+                // re-adopts a container only into a recorded pod.
+                let record = pb::PodCheckpoint {
+                    pod_id: pod_id.to_string(),
+                    framework_id: pod.framework_id.clone(),
+                    restart_policy: pod.policy.to_proto() as i32,
+                    ip: launch.ip.clone(),
+                    volumes: launch
+                        .volumes
+                        .iter()
+                        .map(|(name, dir)| (name.clone(), dir.display().to_string()))
+                        .collect(),
+                    persistent_volumes: pod.persistent.iter().map(ToString::to_string).collect(),
+                };
+                self.checkpoint.put_pod(record);
                 let keys = pod.keys.clone();
                 for key in keys {
                     self.launch(&key, Some(launch.clone()));
@@ -2139,9 +2205,11 @@ fn readoptable(
     pod_id: &str,
     container: Option<&pb::ContainerCheckpoint>,
     have_containerizer: bool,
+    pods: &HashSet<String>,
 ) -> Option<LaunchCheckpoint> {
     let c = container?;
-    if !pod_id.is_empty() || c.container_id.is_empty() || !have_containerizer {
+    let pod_lost = !pod_id.is_empty() && !pods.contains(pod_id);
+    if pod_lost || c.container_id.is_empty() || !have_containerizer {
         return None;
     }
     match serde_json::from_slice::<LaunchCheckpoint>(&c.launcher_data) {
@@ -2158,16 +2226,38 @@ fn readoptable(
 }
 
 /// The containers the recovered tasks name that the agent will try to
-/// re-adopt: the orphan sweep at start leaves them alone.
+/// re-adopt (a pod task's only if its pod is among `pods`, those whose
+/// network survived): the orphan sweep at start leaves them alone.
 pub(crate) fn readoptable_containers(
     tasks: &[pb::TaskCheckpoint],
     have_containerizer: bool,
-) -> std::collections::HashSet<String> {
+    pods: &HashSet<String>,
+) -> HashSet<String> {
     tasks
         .iter()
         .filter(|t| !is_terminal(t.state()))
-        .filter_map(|t| readoptable(&t.pod_id, t.container.as_ref(), have_containerizer))
+        .filter_map(|t| readoptable(&t.pod_id, t.container.as_ref(), have_containerizer, pods))
         .map(|c| c.container.id)
+        .collect()
+}
+
+/// The checkpointed pods worth recovering: those with a task that may
+/// still run in a container.
+pub(crate) fn pods_to_recover(
+    tasks: &[pb::TaskCheckpoint],
+    pods: &[pb::PodCheckpoint],
+) -> Vec<pb::PodCheckpoint> {
+    pods.iter()
+        .filter(|p| {
+            tasks.iter().any(|t| {
+                t.pod_id == p.pod_id
+                    && !is_terminal(t.state())
+                    && t.container
+                        .as_ref()
+                        .is_some_and(|c| !c.container_id.is_empty())
+            })
+        })
+        .cloned()
         .collect()
 }
 

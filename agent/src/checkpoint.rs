@@ -10,8 +10,9 @@
 //! - `journal`: the checkpoint, an append-only sequence of
 //!   [`pb::CheckpointRecord`]s: the agent's id and boot id, each task's
 //!   framework, info, state, container and unacknowledged updates, and the
-//!   removal of a task whose end was acknowledged. The last record about
-//!   the agent or a task wins.
+//!   removal of a task whose end was acknowledged; each pod whose network
+//!   is set up (its address, volumes, restart policy), and its removal.
+//!   The last record about the agent, a task or a pod wins.
 //! - `corrupt/`: copies of journals in which a `--strict=false` agent found
 //!   damaged records, for a human to look at.
 //!
@@ -262,12 +263,13 @@ fn acquire_lock(layout: &Layout, wait: Duration) -> Result<File, CheckpointError
     }
 }
 
-/// What the journal is about: the agent, or one task. Ordered so that the
-/// agent's record comes first in a compacted journal.
+/// What the journal is about: the agent, one task, or one pod. Ordered so
+/// that the agent's record comes first in a compacted journal.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum Key {
     Agent,
     Task(String, String),
+    Pod(String),
 }
 
 /// The live records (sealed, as they are written) of a checkpoint: what a
@@ -286,6 +288,8 @@ pub(crate) struct Recovered {
     pub(crate) boot_id: String,
     /// The tasks to recover (empty unless `agent_id` is set).
     pub(crate) tasks: Vec<pb::TaskCheckpoint>,
+    /// The pods their tasks name (empty unless `agent_id` is set).
+    pub(crate) pods: Vec<pb::PodCheckpoint>,
     /// Damage skipped with `--strict=false`, with why.
     pub(crate) skipped: Vec<CheckpointError>,
     /// The work dir's lock, for the writer to hold.
@@ -356,6 +360,11 @@ fn decode_record(payload: &[u8]) -> Result<(Key, Option<Record>), String> {
             .map(|_| Key::Task(fw.to_string(), task.to_string()))
             .map_err(|e| e.to_string())
     };
+    let pod_key = |pod_id: &str| {
+        crate::network::validate_pod_id(pod_id)
+            .map(|()| Key::Pod(pod_id.to_string()))
+            .map_err(|e| format!("pod_id: {e}"))
+    };
     match record {
         Record::Agent(a) => Ok((Key::Agent, Some(Record::Agent(a)))),
         Record::Task(t) => {
@@ -364,6 +373,8 @@ fn decode_record(payload: &[u8]) -> Result<(Key, Option<Record>), String> {
             Ok((task_key(fw, task)?, Some(Record::Task(t))))
         }
         Record::TaskRemoved(k) => Ok((task_key(&k.framework_id, &k.task_id)?, None)),
+        Record::Pod(p) => Ok((pod_key(&p.pod_id)?, Some(Record::Pod(p)))),
+        Record::PodRemoved(id) => Ok((pod_key(&id)?, None)),
     }
 }
 
@@ -433,6 +444,7 @@ fn scan(bytes: &[u8]) -> Scan {
 struct Applied {
     agent: Option<pb::AgentCheckpoint>,
     tasks: BTreeMap<Key, pb::TaskCheckpoint>,
+    pods: BTreeMap<Key, pb::PodCheckpoint>,
     live: Live,
     /// Errors for the damage, naming the journal and where it is.
     damage: Vec<CheckpointError>,
@@ -454,9 +466,13 @@ fn apply(path: &Path, scan: Scan) -> Applied {
             Some(Record::Task(t)) => {
                 out.tasks.insert(entry.key.clone(), t);
             }
+            Some(Record::Pod(p)) => {
+                out.pods.insert(entry.key.clone(), p);
+            }
             // A removal (`decode_record` gives it no content).
-            Some(Record::TaskRemoved(_)) | None => {
+            Some(Record::TaskRemoved(_) | Record::PodRemoved(_)) | None => {
                 out.tasks.remove(&entry.key);
+                out.pods.remove(&entry.key);
                 out.live.0.remove(&entry.key);
                 continue;
             }
@@ -467,15 +483,20 @@ fn apply(path: &Path, scan: Scan) -> Applied {
         let untrusted: Vec<Key> = out
             .tasks
             .keys()
+            .chain(out.pods.keys())
             .filter(|k| last_offset.get(*k).is_some_and(|at| *at < damage))
             .cloned()
             .collect();
         for key in untrusted {
-            if let Key::Task(fw, task) = &key {
-                warn!(framework_id = %fw, task_id = %task,
-                      "dropping a task whose latest record may be in the journal's damaged part");
+            match &key {
+                Key::Task(fw, task) => warn!(framework_id = %fw, task_id = %task,
+                      "dropping a task whose latest record may be in the journal's damaged part"),
+                Key::Pod(pod_id) => warn!(pod_id = %pod_id,
+                      "dropping a pod whose latest record may be in the journal's damaged part"),
+                Key::Agent => {}
             }
             out.tasks.remove(&key);
+            out.pods.remove(&key);
             out.live.0.remove(&key);
         }
     }
@@ -496,6 +517,7 @@ fn apply(path: &Path, scan: Scan) -> Applied {
 pub struct CheckpointContents {
     pub agent: Option<pb::AgentCheckpoint>,
     pub tasks: Vec<pb::TaskCheckpoint>,
+    pub pods: Vec<pb::PodCheckpoint>,
 }
 
 /// Reads the checkpoint in `work_dir` as a strict agent would: damage is
@@ -523,6 +545,7 @@ pub fn read_checkpoint(work_dir: &Path) -> Result<CheckpointContents, Checkpoint
     Ok(CheckpointContents {
         agent: applied.agent,
         tasks: applied.tasks.into_values().collect(),
+        pods: applied.pods.into_values().collect(),
     })
 }
 
@@ -544,6 +567,7 @@ pub(crate) fn recover(
         replaces_agent_id: replaces,
         boot_id: boot_id.clone(),
         tasks: Vec::new(),
+        pods: Vec::new(),
         skipped,
         lock,
         live: Live::default(),
@@ -606,6 +630,7 @@ pub(crate) fn recover(
         replaces_agent_id: None,
         boot_id,
         tasks: applied.tasks.into_values().collect(),
+        pods: applied.pods.into_values().collect(),
         skipped,
         lock,
         live: applied.live,
@@ -792,6 +817,15 @@ impl Checkpointer {
         )
     }
 
+    pub(crate) fn put_pod(&mut self, pod: pb::PodCheckpoint) -> u64 {
+        let key = Key::Pod(pod.pod_id.clone());
+        self.send(key, Op::Put(seal_record(Record::Pod(pod))))
+    }
+
+    pub(crate) fn remove_pod(&mut self, pod_id: &str) -> u64 {
+        self.send(Key::Pod(pod_id.to_string()), Op::Remove)
+    }
+
     pub(crate) fn put_agent(&mut self, agent: &pb::AgentCheckpoint) -> u64 {
         let bytes = seal_record(Record::Agent(agent.clone()));
         self.send(Key::Agent, Op::Put(bytes))
@@ -850,6 +884,9 @@ impl Journal {
                     })),
                     true,
                 ),
+                (Op::Remove, Key::Pod(pod_id)) => {
+                    (seal_record(Record::PodRemoved(pod_id.clone())), true)
+                }
                 (Op::Remove, Key::Agent) => continue,
             };
             buf.extend_from_slice(&record);
@@ -1235,6 +1272,60 @@ mod tests {
             (r.agent_id, r.replaces_agent_id, r.skipped.len()),
             (None, None, 1)
         );
+    }
+
+    fn pod(id: &str, ip: &str) -> pb::PodCheckpoint {
+        pb::PodCheckpoint {
+            pod_id: id.into(),
+            framework_id: "fw".into(),
+            restart_policy: pb::PodRestartPolicy::Always as i32,
+            ip: ip.into(),
+            volumes: [("data".to_string(), format!("/w/pods/{id}/volumes/data"))].into(),
+            persistent_volumes: vec!["db-0".into()],
+        }
+    }
+
+    #[test]
+    fn pods_are_recovered_their_removal_sticks_and_compaction_keeps_them() {
+        let (dir, layout) = layout();
+        let boot_id = boot(dir.path(), "b");
+        with_writer(&layout, |c| {
+            c.put_agent(&agent("agent-1", "b"));
+            c.put_pod(pod("p1", "10.88.0.2"));
+            c.put_pod(pod("p2", "10.88.0.3"));
+            c.put_pod(pod("p1", "10.88.0.9"));
+            c.remove_pod("p2");
+        });
+        let r = recover(&layout, &boot_id, true).unwrap();
+        assert_eq!(r.pods, vec![pod("p1", "10.88.0.9")], "the last record wins");
+        assert_eq!(read_checkpoint(dir.path()).unwrap().pods.len(), 1);
+        let (c, stopped) =
+            Checkpointer::start(layout.clone(), r.lock, r.live, metrics(), |_| {}).unwrap();
+        drop(c);
+        stopped.0.unwrap().join().unwrap();
+        let compacted = read_checkpoint(dir.path()).unwrap();
+        assert_eq!(compacted.pods, vec![pod("p1", "10.88.0.9")]);
+    }
+
+    #[test]
+    fn a_pod_record_with_an_invalid_id_is_damage() {
+        let (dir, layout) = layout();
+        let boot_id = boot(dir.path(), "b");
+        let records = vec![
+            put_agent("agent-1", "b"),
+            (
+                Key::Pod("x".into()),
+                Op::Put(seal_record(Record::Pod(pod("../escape", "10.88.0.2")))),
+            ),
+            put_task("good"),
+        ];
+        drop(journal_of(&layout, records));
+        let err = recover(&layout, &boot_id, true).unwrap_err();
+        assert!(err.to_string().contains("pod_id"), "{err}");
+        // Not strict: the rest is recovered.
+        let r = recover(&layout, &boot_id, false).unwrap();
+        assert!(r.pods.is_empty());
+        assert_eq!(ids(&r.tasks), ["good"]);
     }
 
     #[test]

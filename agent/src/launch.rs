@@ -91,38 +91,12 @@ pub(crate) struct PodLaunch {
     pub(crate) volumes: HashMap<String, PathBuf>,
 }
 
-/// A pod's [`PodLaunch`] as persisted: the namespace is pinned at
-/// `<netns_dir>/<pod_id>` by the pod network, so it is reopened from
-/// there ([`recover_pod`]), not stored.
-// The actor persists and recovers pods with these once pod recovery is
-// part of its startup (the pod network's sweep keeps recovered pods then).
-#[allow(dead_code)]
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub(crate) struct PodCheckpoint {
-    pub(crate) pod_id: String,
-    pub(crate) ip: String,
-    pub(crate) volumes: HashMap<String, PathBuf>,
-}
-
-#[allow(dead_code)]
-impl PodLaunch {
-    /// What to persist for the pod `pod_id` to rebuild this after a restart.
-    pub(crate) fn checkpoint(&self, pod_id: &str) -> PodCheckpoint {
-        PodCheckpoint {
-            pod_id: pod_id.to_string(),
-            ip: self.ip.clone(),
-            volumes: self.volumes.clone(),
-        }
-    }
-}
-
 /// The pod's [`PodLaunch`] again, after an agent restart: its namespace
 /// reopened from the network's pin (the sweep of old pod networks at start
-/// must then keep the pods being recovered).
-#[allow(dead_code)]
+/// keeps the pods being recovered).
 pub(crate) fn recover_pod(
     network: Option<&PodNetwork>,
-    checkpoint: &PodCheckpoint,
+    checkpoint: &pb::PodCheckpoint,
 ) -> Result<PodLaunch, String> {
     let network = network.ok_or("this agent has no pod network")?;
     crate::network::validate_pod_id(&checkpoint.pod_id)
@@ -138,7 +112,11 @@ pub(crate) fn recover_pod(
     Ok(PodLaunch {
         ip: checkpoint.ip.clone(),
         netns: Arc::new(OwnedFd::from(netns)),
-        volumes: checkpoint.volumes.clone(),
+        volumes: checkpoint
+            .volumes
+            .iter()
+            .map(|(name, dir)| (name.clone(), PathBuf::from(dir)))
+            .collect(),
     })
 }
 
@@ -1342,13 +1320,12 @@ mod tests {
             serde_json::from_slice::<LaunchCheckpoint>(&text).unwrap(),
             launch
         );
-        let pod = PodCheckpoint {
+        let pod = pb::PodCheckpoint {
             pod_id: "p1".into(),
             ip: "10.88.0.2".into(),
-            volumes: [("www".to_string(), PathBuf::from("/w/pods/p1/www"))].into(),
+            volumes: [("www".to_string(), "/w/pods/p1/www".to_string())].into(),
+            ..Default::default()
         };
-        let text = serde_json::to_vec(&pod).unwrap();
-        assert_eq!(serde_json::from_slice::<PodCheckpoint>(&text).unwrap(), pod);
         let err = recover_pod(None, &pod).unwrap_err();
         assert!(err.contains("no pod network"), "{err}");
     }

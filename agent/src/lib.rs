@@ -196,30 +196,43 @@ pub async fn run(
         std::sync::Arc::new(move || in_use_view.iter().flat_map(|e| e.value().clone()).collect()),
     );
 
+    // Pods need a bridge (CAP_NET_ADMIN, the bridge and veth drivers); an
+    // agent that cannot make one still runs tasks, and refuses pods saying
+    // why. First of all: which recorded pods kept their network decides
+    // which pod containers are re-adopted and which are orphans.
+    let (network, pods_unavailable, recovered_pods) = match config.isolation {
+        Isolation::None => (
+            None,
+            Some("this agent runs with --isolation=none".to_string()),
+            Vec::new(),
+        ),
+        Isolation::Container => {
+            let wanted = actor::pods_to_recover(&recovered.tasks, &recovered.pods);
+            match start_pod_network(&config, wanted).await {
+                Ok((net, pods)) => (Some(std::sync::Arc::new(net)), None, pods),
+                Err(e) => {
+                    warn!(parent: &span, error = %e, "no pod network: pods will be refused");
+                    (
+                        None,
+                        Some(format!("this agent has no pod network: {e}")),
+                        Vec::new(),
+                    )
+                }
+            }
+        }
+    };
+    let pod_ids: std::collections::HashSet<String> = recovered_pods
+        .iter()
+        .map(|(p, _)| p.pod_id.clone())
+        .collect();
     let containerizer = match config.isolation {
         Isolation::None => None,
         Isolation::Container => {
-            let known = actor::readoptable_containers(&recovered.tasks, true);
+            let known = actor::readoptable_containers(&recovered.tasks, true, &pod_ids);
             Some(std::sync::Arc::new(
                 start_containerizer(&config, known).await?,
             ))
         }
-    };
-    // Pods need a bridge (CAP_NET_ADMIN, the bridge and veth drivers); an
-    // agent that cannot make one still runs tasks, and refuses pods saying
-    // why.
-    let (network, pods_unavailable) = match config.isolation {
-        Isolation::None => (
-            None,
-            Some("this agent runs with --isolation=none".to_string()),
-        ),
-        Isolation::Container => match start_pod_network(&config).await {
-            Ok(net) => (Some(std::sync::Arc::new(net)), None),
-            Err(e) => {
-                warn!(parent: &span, error = %e, "no pod network: pods will be refused");
-                (None, Some(format!("this agent has no pod network: {e}")))
-            }
-        },
     };
     let pod_network = network.clone();
     let mut attributes = config.attributes.clone();
@@ -299,6 +312,7 @@ pub async fn run(
         recovered.agent_id,
         recovered.replaces_agent_id,
         recovered.tasks,
+        recovered_pods,
     );
     // Other tasks of an earlier run are gone (orphans were swept): their
     // sandboxes wait out the rest of their delay. Recovered tasks keep
@@ -391,10 +405,20 @@ pub async fn run(
     result
 }
 
-/// The pod network, after sweeping what pods of an earlier run left
-/// (until agent recovery re-adopts pods, none of them survives a
-/// restart): their namespaces, veths, addresses and directories.
-async fn start_pod_network(config: &AgentConfig) -> Result<network::PodNetwork, AgentError> {
+/// The pod network, with the pods of an earlier run that are `wanted`
+/// (recorded, with containers to re-adopt) and whose network is whole:
+/// their namespaces reopened. Everything else pods of an earlier run left
+/// is swept: namespaces, veths, addresses and directories.
+async fn start_pod_network(
+    config: &AgentConfig,
+    wanted: Vec<corral_proto::pb::PodCheckpoint>,
+) -> Result<
+    (
+        network::PodNetwork,
+        Vec<(corral_proto::pb::PodCheckpoint, launch::PodLaunch)>,
+    ),
+    AgentError,
+> {
     let net_config = network::PodNetworkConfig::for_work_dir(
         &config.work_dir,
         config.pod_bridge.clone(),
@@ -403,7 +427,29 @@ async fn start_pod_network(config: &AgentConfig) -> Result<network::PodNetwork, 
     let net = network::PodNetwork::new(net_config)
         .await
         .map_err(|e| AgentError::Isolation(format!("pod network: {e}")))?;
-    match net.sweep(&std::collections::HashSet::new()).await {
+    let mut pods = Vec::new();
+    if !wanted.is_empty() {
+        let whole = match net.recover().await {
+            Ok(whole) => whole,
+            Err(e) => {
+                warn!(error = %e, "cannot read the pod networks of an earlier run");
+                Vec::new()
+            }
+        };
+        for record in wanted {
+            if !whole.iter().any(|w| w.pod_id == record.pod_id) {
+                warn!(pod_id = %record.pod_id, "a recorded pod's network is gone; its tasks end");
+                continue;
+            }
+            match launch::recover_pod(Some(&net), &record) {
+                Ok(launch) => pods.push((record, launch)),
+                Err(e) => warn!(pod_id = %record.pod_id, error = %e, "cannot recover a pod"),
+            }
+        }
+    }
+    let keep: std::collections::HashSet<String> =
+        pods.iter().map(|(p, _)| p.pod_id.clone()).collect();
+    match net.sweep(&keep).await {
         Ok(swept) if !swept.is_empty() => {
             warn!(
                 pods = swept.len(),
@@ -416,13 +462,19 @@ async fn start_pod_network(config: &AgentConfig) -> Result<network::PodNetwork, 
     net.ensure_bridge()
         .await
         .map_err(|e| AgentError::Isolation(format!("pod network: {e}")))?;
-    let pods = config.work_dir.join("pods");
-    if pods.exists()
-        && let Err(e) = std::fs::remove_dir_all(&pods)
-    {
-        warn!(path = %pods.display(), error = %e, "cannot remove old pod dirs");
+    // The directories (emptyDir volumes) of pods not recovered.
+    let dirs = config.work_dir.join("pods");
+    if let Ok(entries) = std::fs::read_dir(&dirs) {
+        for entry in entries.flatten() {
+            if keep.contains(entry.file_name().to_string_lossy().as_ref()) {
+                continue;
+            }
+            if let Err(e) = std::fs::remove_dir_all(entry.path()) {
+                warn!(path = %entry.path().display(), error = %e, "cannot remove an old pod dir");
+            }
+        }
     }
-    Ok(net)
+    Ok((net, pods))
 }
 
 /// The containerizer, after sweeping orphans: containers in our cgroup

@@ -30,6 +30,14 @@ pub(crate) enum Policy {
 }
 
 impl Policy {
+    pub(crate) fn to_proto(self) -> pb::PodRestartPolicy {
+        match self {
+            Policy::Always => pb::PodRestartPolicy::Always,
+            Policy::OnFailure => pb::PodRestartPolicy::OnFailure,
+            Policy::Never => pb::PodRestartPolicy::Never,
+        }
+    }
+
     pub(crate) fn from_proto(value: i32) -> Policy {
         match pb::PodRestartPolicy::try_from(value) {
             Ok(pb::PodRestartPolicy::OnFailure) => Policy::OnFailure,

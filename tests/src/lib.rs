@@ -514,3 +514,41 @@ pub fn metric_value(text: &str, name_and_labels: &str) -> Option<f64> {
         (key == name_and_labels).then(|| value.parse().ok())?
     })
 }
+
+/// GET `http://ip:port/path` from the host; `None` until it answers 200.
+pub async fn http_get(ip: &str, port: u16, path: &str) -> Option<String> {
+    let response = reqwest::Client::new()
+        .get(format!("http://{ip}:{port}{path}"))
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await
+        .ok()?;
+    if !response.status().is_success() {
+        return None;
+    }
+    response.text().await.ok()
+}
+
+/// An `emptyDir` pod volume.
+pub fn empty_dir(name: &str) -> corral_proto::pb::PodVolume {
+    use corral_proto::pb;
+    pb::PodVolume {
+        name: name.into(),
+        source: Some(pb::pod_volume::Source::EmptyDir(pb::EmptyDirVolume {})),
+    }
+}
+
+/// A shell task of a pod that mounts the pod volume `shared` at /data.
+pub fn pod_task(id: &str, command: &str) -> corral_proto::pb::TaskInfo {
+    use corral_proto::pb;
+    let mut t = shell_task(id, command, 0.1, 32.0);
+    t.container = Some(pb::ContainerInfo {
+        volumes: vec![pb::Volume {
+            pod_volume: "shared".into(),
+            container_path: "/data".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    });
+    t
+}

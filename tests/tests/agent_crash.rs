@@ -2,7 +2,8 @@
 //! container tasks run: the containers outlive every crash, each restarted
 //! agent re-adopts them (same pids, memory limits still set), re-registers
 //! with the same id, and the framework sees no FAILED or LOST update; a
-//! kill from the scheduler still works afterwards.
+//! kill from the scheduler still works afterwards. A pod is re-adopted the
+//! same way, with its network namespace and volume.
 //!
 //! The agent is this test binary re-executed ([`corral_tests::process`]);
 //! the master and the framework run in the test process. Needs root and
@@ -11,9 +12,13 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use corral_proto::pb::TaskState;
+use corral_proto::pb::{self, TaskState};
 use corral_tests::process::{AgentProcess, AgentSpec, child_main};
-use corral_tests::{Cluster, WAIT, metric_value, shell_task, wait_for};
+use corral_tests::{
+    Cluster, WAIT, empty_dir, http_get, metric_value, pod_task, shell_task, wait_for,
+};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 
 const CHILD_ENTRY: &str = "child_agent_entry_point_runs_only_when_re_executed";
 const TASKS: usize = 20;
@@ -195,4 +200,113 @@ async fn a_re_adopted_tasks_max_completion_time_counts_from_its_start() {
     );
     tokio::task::block_in_place(|| agent.stop());
     cluster.shutdown().await;
+}
+
+/// The pod's web container's `/note`, from the host.
+async fn pod_note(ip: &str) -> Option<String> {
+    Some(http_get(ip, 8080, "/note").await?.trim().to_string())
+}
+
+/// A pod survives `kill -9` of its agent: its containers, network
+/// namespace and volume stay; the restarted agent re-adopts them into the
+/// recorded pod (same pids, same IP, still serving), restarts a container
+/// by the pod's policy in the same network and volume, and removes the
+/// pod's network once the pod is killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_is_re_adopted_with_its_network_and_volume_after_an_agent_crash() {
+    let cluster = Cluster::start(0).await;
+    let spec = AgentSpec::new(&cluster, "cpus:2;mem:1024;disk:1024;ports:[31000-31099]");
+    let mut agent = AgentProcess::spawn(CHILD_ENTRY, &spec);
+    let mut fw = cluster.framework("pod-crash").await;
+    let offer = fw.wait_offers().await.remove(0);
+    let group = pb::TaskGroupInfo {
+        tasks: vec![
+            pod_task("web", "exec busybox httpd -f -p 8080 -h /data"),
+            pod_task("writer", "echo before > /data/note; exec sleep 600"),
+        ],
+        volumes: vec![empty_dir("shared")],
+        restart_policy: pb::PodRestartPolicy::Always as i32,
+    };
+    fw.accept_group(vec![offer.id.clone()], &offer.agent_id, group)
+        .await
+        .expect("accept");
+    let web = fw.wait_update("web", TaskState::TaskRunning).await;
+    fw.wait_update("writer", TaskState::TaskRunning).await;
+    let ip = web.pod.expect("the pod's status").ip;
+    let served = wait_for("the pod serving", WAIT, || pod_note(&ip)).await;
+    assert_eq!(served, "before");
+    let before = checkpointed_containers(&agent);
+    assert_eq!(before.len(), 2, "{before:?}");
+
+    agent.kill9();
+    for c in before.values() {
+        assert!(alive(c.pid), "{c:?} died with the agent");
+    }
+    assert_eq!(
+        pod_note(&ip).await.as_deref(),
+        Some("before"),
+        "the pod's network outlives the agent"
+    );
+    agent = AgentProcess::spawn(CHILD_ENTRY, &spec);
+    wait_for("the agent to re-adopt the pod", WAIT, || async {
+        let text = agent.metrics().await?;
+        let recovered = metric_value(&text, "corral_agent_tasks_recovered_total")?;
+        let registered = metric_value(&text, "corral_agent_master_connections_total")?;
+        let running = metric_value(&text, r#"corral_agent_tasks{state="TASK_RUNNING"}"#)?;
+        (recovered == 2.0 && registered >= 1.0 && running == 2.0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        checkpointed_containers(&agent),
+        before,
+        "the same containers"
+    );
+    assert_eq!(pod_note(&ip).await.as_deref(), Some("before"));
+    let recorded = corral_agent::read_checkpoint(agent.work_dir()).expect("checkpoint");
+    assert_eq!(recorded.pods.len(), 1, "{:?}", recorded.pods);
+    assert_eq!(recorded.pods[0].ip, ip);
+
+    // Its policy still applies: the web container, killed, starts again in
+    // the same network namespace with the same volume.
+    let web_pid = before["web"].pid;
+    kill(Pid::from_raw(web_pid as i32), Signal::SIGKILL).expect("kill the web container");
+    fw.until("web restarted", |f| {
+        f.updates
+            .iter()
+            .find(|u| u.task_id == "web" && u.restart_count >= 1)
+            .cloned()
+    })
+    .await;
+    let again = wait_for("the restarted web container serving", WAIT, || {
+        pod_note(&ip)
+    })
+    .await;
+    assert_eq!(again, "before", "same IP, same volume");
+    let after = checkpointed_containers(&agent);
+    assert_ne!(after["web"].pid, web_pid, "a new container");
+    assert_eq!(after["writer"], before["writer"]);
+    let ended: Vec<_> = fw
+        .updates
+        .iter()
+        .filter(|u| u.state() != TaskState::TaskRunning)
+        .map(|u| (u.task_id.clone(), u.state().as_str_name()))
+        .collect();
+    assert!(ended.is_empty(), "only RUNNING so far: {ended:?}");
+
+    // Killed, the pod ends as a unit and its network goes.
+    fw.kill("writer").await.expect("kill");
+    fw.wait_update("writer", TaskState::TaskKilled).await;
+    fw.wait_terminal("web").await;
+    let work = agent.work_dir().to_path_buf();
+    wait_for("the pod's namespace and dir removed", WAIT, || async {
+        let left: usize = ["netns", "pods"]
+            .iter()
+            .filter_map(|d| std::fs::read_dir(work.join(d)).ok())
+            .map(|entries| entries.count())
+            .sum();
+        (left == 0).then_some(())
+    })
+    .await;
+    assert_eq!(pod_note(&ip).await, None);
+    agent.stop();
 }

@@ -3,31 +3,8 @@
 //! bridge) and volumes, the pod's restart policy, and cleanup of
 //! namespaces, veths and the bridge. Needs root and /bin/busybox.
 
-use std::time::Duration;
-
 use corral_proto::pb::{self, TaskState};
-use corral_tests::{Cluster, TestFramework, WAIT, shell_task, wait_for};
-
-fn empty_dir(name: &str) -> pb::PodVolume {
-    pb::PodVolume {
-        name: name.into(),
-        source: Some(pb::pod_volume::Source::EmptyDir(pb::EmptyDirVolume {})),
-    }
-}
-
-/// A shell task of a pod that mounts the pod volume `shared` at /data.
-fn pod_task(id: &str, command: &str) -> pb::TaskInfo {
-    let mut t = shell_task(id, command, 0.1, 32.0);
-    t.container = Some(pb::ContainerInfo {
-        volumes: vec![pb::Volume {
-            pod_volume: "shared".into(),
-            container_path: "/data".into(),
-            ..Default::default()
-        }],
-        ..Default::default()
-    });
-    t
-}
+use corral_tests::{Cluster, TestFramework, WAIT, empty_dir, http_get, pod_task, wait_for};
 
 async fn launch_pod(
     fw: &mut TestFramework,
@@ -43,21 +20,6 @@ async fn launch_pod(
     fw.accept_group(vec![offer.id.clone()], &offer.agent_id, group)
         .await
         .expect("accept");
-}
-
-/// GET http://ip:port/path from the host, `None` until it answers 200.
-async fn http_get(ip: &str, port: u16, path: &str) -> Option<String> {
-    let url = format!("http://{ip}:{port}{path}");
-    let response = reqwest::Client::new()
-        .get(&url)
-        .timeout(Duration::from_secs(2))
-        .send()
-        .await
-        .ok()?;
-    if !response.status().is_success() {
-        return None;
-    }
-    response.text().await.ok()
 }
 
 /// Pins, pod dirs and host veths the agent made for pods.

@@ -13,7 +13,7 @@ use corral_proto::pb;
 use corral_service::k8s::QUICKSTART_MANIFEST;
 use corral_tests::images::{self, Config};
 use corral_tests::service::{TestService, healthy, running};
-use corral_tests::{Cluster, metric_value, wait_for};
+use corral_tests::{Cluster, http_get, metric_value, wait_for};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -369,20 +369,6 @@ mem = 16
     assert_eq!(later.instances.len(), 2, "{later:?}");
     service.stop().await;
     cluster.shutdown().await;
-}
-
-/// GET http://ip:port/path from the host, `None` until it answers 200.
-async fn http_get(ip: &str, port: u16, path: &str) -> Option<String> {
-    let response = reqwest::Client::new()
-        .get(format!("http://{ip}:{port}{path}"))
-        .timeout(Duration::from_secs(2))
-        .send()
-        .await
-        .ok()?;
-    if !response.status().is_success() {
-        return None;
-    }
-    response.text().await.ok()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
