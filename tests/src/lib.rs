@@ -16,6 +16,7 @@ pub mod faults;
 mod framework;
 pub mod ha;
 pub mod images;
+pub mod netns;
 pub mod process;
 mod proxy;
 pub mod service;
@@ -266,12 +267,22 @@ impl Cluster {
         Self::start_with(test_master_config(), agents).await
     }
 
-    pub async fn start_with(mut config: MasterConfig, agents: usize) -> Cluster {
+    pub async fn start_with(config: MasterConfig, agents: usize) -> Cluster {
+        Self::start_at(config, agents, std::net::Ipv4Addr::LOCALHOST.into()).await
+    }
+
+    /// A master alone, listening on `ip` (an address of a test's own
+    /// network, e.g. [`netns::Wire`]'s host end); agents come as processes.
+    pub async fn start_on(config: MasterConfig, ip: std::net::IpAddr) -> Cluster {
+        Self::start_at(config, 0, ip).await
+    }
+
+    async fn start_at(mut config: MasterConfig, agents: usize, ip: std::net::IpAddr) -> Cluster {
         let dir = tempfile::tempdir().expect("temp dir");
         if config.work_dir.is_none() {
             config.work_dir = Some(dir.path().join("master"));
         }
-        let listener = bind_reusable("127.0.0.1:0".parse().expect("address")).expect("bind master");
+        let listener = bind_reusable(SocketAddr::new(ip, 0)).expect("bind master");
         let master = listener.local_addr().expect("master address");
         let (stop, rx) = watch::channel(false);
         let master_task = tokio::spawn(corral_master::run(config.clone(), listener, until(rx)));
@@ -367,6 +378,16 @@ impl Cluster {
             .text()
             .await
             .expect("/metrics text")
+    }
+
+    /// Asserts the master's metrics, from one scrape: each name (with its
+    /// labels) has the value given.
+    pub async fn assert_metrics(&self, expected: &[(&str, f64)]) {
+        let text = self.metrics().await;
+        for (name, value) in expected {
+            let found = metric_value(&text, name);
+            assert_eq!(found, Some(*value), "{name} in:\n{text}");
+        }
     }
 
     pub async fn agent_metrics(&self, index: usize) -> String {

@@ -40,6 +40,10 @@ pub struct AgentSpec {
     pub pod_cidr: String,
     pub resources: String,
     pub hostname: String,
+    /// A network namespace (a path under /var/run/netns) the agent enters
+    /// before anything else; `None`: the host's.
+    #[serde(default)]
+    pub netns: Option<PathBuf>,
 }
 
 impl AgentSpec {
@@ -77,6 +81,7 @@ impl AgentSpec {
             pod_cidr: config.pod_cidr.to_string(),
             resources: resources.to_string(),
             hostname: config.hostname,
+            netns: None,
         }
     }
 
@@ -108,6 +113,13 @@ fn child_agent_main() {
         return;
     };
     let spec: AgentSpec = serde_json::from_str(&spec).expect("child agent spec");
+    if let Some(netns) = &spec.netns {
+        // This thread's network namespace; the runtime's threads, made
+        // from it, inherit it.
+        let ns = std::fs::File::open(netns).expect("open the agent's netns");
+        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
+            .expect("enter the agent's netns");
+    }
     run_child("agent", |stop| async move {
         let listener = bind_reusable(spec.address).expect("bind the agent's address");
         corral_agent::run(spec.config(), listener, stop)

@@ -112,18 +112,13 @@ async fn a_partitioned_agent_is_unreachable_and_its_tasks_run_again_after_the_he
                 .any(|a| a.hostname == "agent0" && a.state == "unreachable")
         })
         .await;
-    assert_eq!(
-        metric(&cluster, r#"corral_master_agents{state="unreachable"}"#).await,
-        1.0
-    );
-    assert_eq!(
-        metric(&cluster, r#"corral_master_agents{state="connected"}"#).await,
-        1.0
-    );
-    assert_eq!(
-        metric(&cluster, r#"corral_master_tasks{state="TASK_UNREACHABLE"}"#).await,
-        1.0
-    );
+    cluster
+        .assert_metrics(&[
+            (r#"corral_master_agents{state="unreachable"}"#, 1.0),
+            (r#"corral_master_agents{state="connected"}"#, 1.0),
+            (r#"corral_master_tasks{state="TASK_UNREACHABLE"}"#, 1.0),
+        ])
+        .await;
 
     cluster.agents[0].proxy.restore();
     fw.until("survivor RUNNING again after the heal", |f| {
@@ -136,30 +131,18 @@ async fn a_partitioned_agent_is_unreachable_and_its_tasks_run_again_after_the_he
             s.agents.iter().all(|a| a.state == "connected")
         })
         .await;
-    assert_eq!(
-        metric(&cluster, r#"corral_master_agents{state="unreachable"}"#).await,
-        0.0
-    );
-    assert_eq!(
-        metric(&cluster, r#"corral_master_agents{state="connected"}"#).await,
-        2.0
-    );
-    assert_eq!(
-        metric(&cluster, r#"corral_master_tasks{state="TASK_RUNNING"}"#).await,
-        1.0
-    );
-    assert_eq!(
-        metric(&cluster, r#"corral_master_tasks{state="TASK_UNREACHABLE"}"#).await,
-        0.0
-    );
-    assert_eq!(
-        metric(
-            &cluster,
-            r#"corral_master_agent_removals_total{reason="unreachable"}"#
-        )
-        .await,
-        0.0
-    );
+    cluster
+        .assert_metrics(&[
+            (r#"corral_master_agents{state="unreachable"}"#, 0.0),
+            (r#"corral_master_agents{state="connected"}"#, 2.0),
+            (r#"corral_master_tasks{state="TASK_RUNNING"}"#, 1.0),
+            (r#"corral_master_tasks{state="TASK_UNREACHABLE"}"#, 0.0),
+            (
+                r#"corral_master_agent_removals_total{reason="unreachable"}"#,
+                0.0,
+            ),
+        ])
+        .await;
     cluster.shutdown().await;
 }
 
@@ -195,14 +178,12 @@ async fn unreachable_agents_are_removed_one_per_interval_and_a_removed_agent_is_
         spacing >= INTERVAL.mul_f64(0.8),
         "two removals {spacing:?} apart; the rate allows one per {INTERVAL:?}"
     );
-    assert_eq!(
-        metric(&cluster, r#"corral_master_agents{state="gone"}"#).await,
-        2.0
-    );
-    assert_eq!(
-        metric(&cluster, "corral_master_agent_removal_halted").await,
-        0.0
-    );
+    cluster
+        .assert_metrics(&[(r#"corral_master_agents{state="gone"}"#, 2.0)])
+        .await;
+    cluster
+        .assert_metrics(&[("corral_master_agent_removal_halted", 0.0)])
+        .await;
     for task in ["on0", "on1"] {
         let gone = fw.wait_update(task, TaskState::TaskGone).await;
         assert_eq!(gone.reason(), Reason::AgentRemoved, "{gone:?}");
@@ -242,14 +223,12 @@ async fn removal_halts_while_more_than_the_limit_of_agents_is_unreachable() {
     // Absence can only be observed over a window: several removal timeouts
     // and agent ticks.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(
-        metric(
-            &cluster,
-            r#"corral_master_agent_removals_total{reason="unreachable"}"#
-        )
-        .await,
-        0.0
-    );
+    cluster
+        .assert_metrics(&[(
+            r#"corral_master_agent_removals_total{reason="unreachable"}"#,
+            0.0,
+        )])
+        .await;
     assert_eq!(cluster.state().await.agents.len(), 3);
 
     // One heals: 1 of 3 is under the limit, removal resumes.
@@ -294,14 +273,12 @@ async fn an_agent_registering_as_the_replacement_of_another_removes_it_at_once()
     let s = cluster.state().await;
     assert_eq!(s.agents.len(), 1);
     assert_eq!(s.agents[0].hostname, "agent0-rebooted");
-    assert_eq!(
-        metric(
-            &cluster,
-            r#"corral_master_agent_removals_total{reason="replaced"}"#
-        )
-        .await,
-        1.0
-    );
+    cluster
+        .assert_metrics(&[(
+            r#"corral_master_agent_removals_total{reason="replaced"}"#,
+            1.0,
+        )])
+        .await;
     drop(stream);
     cluster.shutdown().await;
 }
@@ -324,22 +301,19 @@ async fn removed_agents_are_forgotten_beyond_the_registrys_count_and_age() {
         })
         .await;
     assert_eq!(s.agents[0].hostname, "agent2");
-    assert_eq!(
-        metric(
-            &cluster,
-            r#"corral_master_agent_removals_total{reason="unreachable"}"#
-        )
-        .await,
-        2.0
-    );
+    cluster
+        .assert_metrics(&[(
+            r#"corral_master_agent_removals_total{reason="unreachable"}"#,
+            2.0,
+        )])
+        .await;
     // And it is forgotten once it is older than the maximum age.
     cluster
         .wait_state("the removed agent forgotten", |s| s.gone_agents == 0)
         .await;
-    assert_eq!(
-        metric(&cluster, r#"corral_master_agents{state="gone"}"#).await,
-        0.0
-    );
+    cluster
+        .assert_metrics(&[(r#"corral_master_agents{state="gone"}"#, 0.0)])
+        .await;
     cluster.shutdown().await;
 }
 
