@@ -317,15 +317,16 @@ fn prefix_end(prefix: &str) -> Vec<u8> {
     vec![0]
 }
 
-/// Keeps the lease alive; returns when it is lost, saying why. `renewed`
-/// is set to the deadline of each renewal.
-async fn keep_lease(client: &Client, lease: i64, ttl: Duration) -> &'static str {
+/// Keeps the lease (asked for at `granted`) alive; returns when it is
+/// lost, saying why. Valid means within `ttl` of the last renewal that
+/// etcd confirmed, counted from when it was sent.
+async fn keep_lease(client: &Client, lease: i64, ttl: Duration, granted: Instant) -> &'static str {
     let mut lease_client = client.clone();
     let Ok((mut keeper, mut responses)) = lease_client.lease_keep_alive(lease).await else {
         return "etcd";
     };
     let every = ttl / 3;
-    let mut valid_until = Instant::now() + ttl;
+    let mut valid_until = granted + ttl;
     loop {
         tokio::time::sleep(every).await;
         // Checked before renewing: after a pause (SIGSTOP, a long GC, a
@@ -457,6 +458,7 @@ pub(crate) async fn lead(
             advertise.clone(),
             role.clone(),
         )));
+        let granted = Instant::now();
         let lease = match client.lease_grant(ttl_seconds, None).await {
             Ok(l) => l.id(),
             Err(e) => {
@@ -466,7 +468,7 @@ pub(crate) async fn lead(
             }
         };
         let keeper_client = client.clone();
-        let mut kept = std::pin::pin!(keep_lease(&keeper_client, lease, ttl));
+        let mut kept = std::pin::pin!(keep_lease(&keeper_client, lease, ttl, granted));
         let mut campaign_client = client.clone();
         let campaign = campaign_client.campaign(name.clone(), advertise.clone(), lease);
         let leader_key = tokio::select! {
