@@ -13,7 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use corral_proto::AgentId;
-use corral_proto::leader::{EpochFence, MasterList, leader_hint};
+use corral_proto::leader::{
+    EpochFence, KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT, MasterList, leader_hint,
+};
 use corral_proto::pb::{self, agent_registry_client::AgentRegistryClient, master_message::Message};
 use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot};
@@ -140,13 +142,6 @@ pub(crate) fn heartbeat_interval(seconds: f64) -> Duration {
     }
 }
 
-/// HTTP/2 pings when the master has sent nothing for this long; no answer
-/// within [`KEEP_ALIVE_TIMEOUT`] ends the connection. A frozen master (a
-/// paused process, a hung host) accepts connections in the kernel but never
-/// answers: this is what notices, even before `Registered`.
-const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(2);
-const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(3);
-
 /// The endpoint for `host:port`; plain HTTP/2 for now.
 pub(crate) fn endpoint(master: &str) -> Result<Endpoint, String> {
     Endpoint::from_shared(format!("http://{master}"))
@@ -200,9 +195,6 @@ pub(crate) async fn run(link: Link) {
     } = link;
     let mut backoff = Backoff::new(RECONNECT_BACKOFF_INITIAL, backoff_max);
     let mut fence = EpochFence::new();
-    // Redirects followed in a row without reaching a leader: bounded, so
-    // two standbys that name each other cannot make a busy loop.
-    let mut redirects = 0;
     loop {
         let target = masters.next_target();
         let Ok(endpoint) = endpoint(&target) else {
@@ -220,23 +212,19 @@ pub(crate) async fn run(link: Link) {
             LinkEnd::Shutdown => return,
             LinkEnd::NotLeader { leader } => {
                 debug!(master = %target, leader = ?leader, "not the leader");
-                if let Some(leader) = leader {
-                    masters.redirect(leader);
-                }
-                redirects += 1;
-                if redirects <= masters.masters().len() * 2 {
+                if masters.not_leader(leader) {
                     continue;
                 }
             }
             LinkEnd::Lost { registered, reason } => {
                 warn!(master = %target, reason = %reason, "lost the master");
+                masters.reached();
                 if registered {
                     masters.connected(&target);
                     backoff.reset();
                 }
             }
         }
-        redirects = 0;
         if cmd_tx.send(Command::Disconnected).await.is_err() {
             return;
         }
@@ -266,9 +254,19 @@ struct Attempt<'a> {
 }
 
 impl Attempt<'_> {
-    /// Refuses a message of a deposed leader, counting it.
-    fn stale(&mut self, epoch: u64, registered: bool) -> Option<LinkEnd> {
-        let e = self.fence.admit(epoch).err()?;
+    /// Refuses a message of a deposed leader, counting it. `registry_id`
+    /// is given by `Registered`, which starts a leader's stream.
+    fn stale(
+        &mut self,
+        registry_id: Option<&str>,
+        epoch: u64,
+        registered: bool,
+    ) -> Option<LinkEnd> {
+        let admitted = match registry_id {
+            Some(id) => self.fence.admit_leader(id, epoch),
+            None => self.fence.admit(epoch),
+        };
+        let e = admitted.err()?;
         self.stale_epoch_rejected.increment(1);
         warn!(master = %self.endpoint.uri(), "{e}; message dropped");
         Some(LinkEnd::Lost {
@@ -365,14 +363,11 @@ impl Attempt<'_> {
                         Some(Ok(m)) => m,
                     };
                     last_heard = Instant::now();
-                    let epoch = msg.epoch;
-                    if let Some(Message::Registered(r)) = &msg.message {
-                        if let Err(e) = self.fence.admit_leader(&r.registry_id, epoch) {
-                            self.stale_epoch_rejected.increment(1);
-                            warn!(master = %endpoint.uri(), "{e}; registration refused");
-                            return LinkEnd::Lost { registered, reason: e.to_string() };
-                        }
-                    } else if let Some(end) = self.stale(epoch, registered) {
+                    let registry_id = match &msg.message {
+                        Some(Message::Registered(r)) => Some(r.registry_id.as_str()),
+                        _ => None,
+                    };
+                    if let Some(end) = self.stale(registry_id, msg.epoch, registered) {
                         return end;
                     }
                     match msg.message {

@@ -39,12 +39,10 @@ use tracing::{info, warn};
 
 use crate::MasterError;
 use crate::config::{EtcdConfig, MasterConfig};
-use crate::leader::Role;
-use crate::master::{self, Command};
+use crate::leader::{self, Role};
+use crate::master;
 use crate::metrics::Metrics;
-use crate::registry::{
-    AgentRecord, Change, FORMAT_VERSION, Fence, Registry, RegistryError, Stored,
-};
+use crate::registry::{Change, FORMAT_VERSION, Fence, Registry, RegistryError, Stored};
 
 /// etcd's default `--max-txn-ops`.
 const MAX_TXN_OPS: usize = 128;
@@ -88,8 +86,9 @@ pub struct EtcdRegistry {
     client: Client,
     runtime: Handle,
     config: EtcdConfig,
+    /// `P/registry/`, before every record's key.
+    prefix: String,
     leader_key: Vec<u8>,
-    revision: i64,
     fence: Fence,
 }
 
@@ -140,19 +139,15 @@ impl EtcdRegistry {
         Ok(Self {
             client,
             runtime: Handle::current(),
+            prefix: format!("{}/registry/", config.prefix),
             leader_key: leader.key().to_vec(),
-            revision: leader.rev(),
             fence: Fence { registry_id, epoch },
             config,
         })
     }
 
-    fn registry_prefix(&self) -> String {
-        format!("{}/registry/", self.config.prefix)
-    }
-
     fn key_of(&self, change: &Change) -> String {
-        let p = self.registry_prefix();
+        let p = &self.prefix;
         match change {
             Change::Agent(id, _) => format!("{p}agents/{id}"),
             Change::Framework(id, _) => format!("{p}frameworks/{id}"),
@@ -195,7 +190,8 @@ impl EtcdRegistry {
                     .when([Compare::create_revision(
                         self.leader_key.clone(),
                         CompareOp::Equal,
-                        self.revision,
+                        // The epoch is this revision.
+                        i64::try_from(self.fence.epoch).unwrap_or(i64::MAX),
                     )])
                     .and_then(std::mem::take(&mut batch));
                 bytes = 0;
@@ -214,8 +210,8 @@ impl EtcdRegistry {
     /// [`Registry::load`], on the caller's runtime.
     pub async fn load_async(&self) -> Result<Stored, RegistryError> {
         let mut kv = self.client.clone();
-        let prefix = self.registry_prefix();
-        let end = prefix_end(&prefix);
+        let prefix = &self.prefix;
+        let end = prefix_end(prefix);
         let mut out = Stored::default();
         let mut from = prefix.clone().into_bytes();
         let mut revision = 0;
@@ -234,7 +230,7 @@ impl EtcdRegistry {
             }
             for item in page.kvs() {
                 let key = String::from_utf8_lossy(item.key()).to_string();
-                let rest = key.strip_prefix(&prefix).unwrap_or(&key);
+                let rest = key.strip_prefix(prefix.as_str()).unwrap_or(&key);
                 self.decode(&mut out, rest, item.value())?;
             }
             match page.kvs().last() {
@@ -248,6 +244,9 @@ impl EtcdRegistry {
         Ok(out)
     }
 
+    /// One record into `out`; what does not decode is named by its key.
+    /// (Whether a record makes sense, e.g. an agent's phase, the master
+    /// checks when it recovers, for every backend.)
     fn decode(&self, out: &mut Stored, key: &str, value: &[u8]) -> Result<(), RegistryError> {
         let corrupt = |message: String| RegistryError::Corrupt {
             path: label(&self.config),
@@ -256,17 +255,12 @@ impl EtcdRegistry {
         };
         let parts: Vec<&str> = key.split('/').collect();
         match parts.as_slice() {
-            ["agents", id] => {
-                let record = AgentRecord::decode(value).map_err(|e| corrupt(e.to_string()))?;
-                if record.phase().is_none() {
-                    return Err(corrupt(format!("unknown agent phase {}", record.phase)));
-                }
-                out.agents.push(((*id).to_string(), record));
-            }
-            ["frameworks", id] => out.frameworks.push((
-                (*id).to_string(),
-                Message::decode(value).map_err(|e| corrupt(e.to_string()))?,
-            )),
+            ["agents", id] => out
+                .agents
+                .push(((*id).to_string(), decode_as(value).map_err(&corrupt)?)),
+            ["frameworks", id] => out
+                .frameworks
+                .push(((*id).to_string(), decode_as(value).map_err(&corrupt)?)),
             ["removed_frameworks", id] => {
                 let at: [u8; 8] = value
                     .try_into()
@@ -276,11 +270,11 @@ impl EtcdRegistry {
             }
             ["tasks", f, t] => out.tasks.push((
                 ((*f).to_string(), (*t).to_string()),
-                Message::decode(value).map_err(|e| corrupt(e.to_string()))?,
+                decode_as(value).map_err(&corrupt)?,
             )),
             ["volumes", f, v] => out.volumes.push((
                 ((*f).to_string(), (*v).to_string()),
-                Message::decode(value).map_err(|e| corrupt(e.to_string()))?,
+                decode_as(value).map_err(&corrupt)?,
             )),
             _ => return Err(corrupt("not a registry key".into())),
         }
@@ -305,6 +299,10 @@ impl Registry for EtcdRegistry {
     }
 }
 
+fn decode_as<M: Message + Default>(value: &[u8]) -> Result<M, String> {
+    M::decode(value).map_err(|e| e.to_string())
+}
+
 /// The first key after every key that starts with `prefix`.
 fn prefix_end(prefix: &str) -> Vec<u8> {
     let mut end = prefix.as_bytes().to_vec();
@@ -320,9 +318,13 @@ fn prefix_end(prefix: &str) -> Vec<u8> {
 /// Keeps the lease (asked for at `granted`) alive; returns when it is
 /// lost, saying why. Valid means within `ttl` of the last renewal that
 /// etcd confirmed, counted from when it was sent.
-async fn keep_lease(client: &Client, lease: i64, ttl: Duration, granted: Instant) -> &'static str {
-    let mut lease_client = client.clone();
-    let Ok((mut keeper, mut responses)) = lease_client.lease_keep_alive(lease).await else {
+async fn keep_lease(
+    mut client: Client,
+    lease: i64,
+    ttl: Duration,
+    granted: Instant,
+) -> &'static str {
+    let Ok((mut keeper, mut responses)) = client.lease_keep_alive(lease).await else {
         return "etcd";
     };
     let every = ttl / 3;
@@ -447,7 +449,7 @@ pub(crate) async fn lead(
             Err(e) => {
                 warn!(etcd = %label(&etcd).display(), "cannot reach etcd: {e}");
                 tokio::select! {
-                    () = crate::leader::until_stopped(&mut stop) => break,
+                    () = leader::until_stopped(&mut stop) => break,
                     () = tokio::time::sleep(RETRY) => continue,
                 }
             }
@@ -467,8 +469,7 @@ pub(crate) async fn lead(
                 continue;
             }
         };
-        let keeper_client = client.clone();
-        let mut kept = std::pin::pin!(keep_lease(&keeper_client, lease, ttl, granted));
+        let mut kept = std::pin::pin!(keep_lease(client.clone(), lease, ttl, granted));
         let mut campaign_client = client.clone();
         let campaign = campaign_client.campaign(name.clone(), advertise.clone(), lease);
         let leader_key = tokio::select! {
@@ -483,7 +484,7 @@ pub(crate) async fn lead(
                 warn!(reason, "lost the lease while campaigning");
                 None
             }
-            () = crate::leader::until_stopped(&mut stop) => None,
+            () = leader::until_stopped(&mut stop) => None,
         };
         let Some(leader_key) = leader_key else {
             let _ = client.lease_revoke(lease).await;
@@ -506,12 +507,12 @@ pub(crate) async fn lead(
         .await
         {
             Ok(reason) => reason,
+            // Never led: the role is still a standby's.
             Err(e) => {
                 warn!("could not take up leadership: {e}");
                 Some("registry")
             }
         };
-        role.send_replace(Role::Standby { leader: None });
         if let Some(reason) = reason {
             metrics.leadership_lost(reason);
         }
@@ -559,6 +560,7 @@ async fn term(
     });
     let reason = tokio::select! {
         ended = &mut actor => {
+            role.send_replace(Role::Standby { leader: None });
             match ended {
                 Ok(Err(e)) => warn!(epoch = fence.epoch, "stepping down: {e}"),
                 Ok(Ok(())) => warn!(epoch = fence.epoch, "stepping down: the master stopped"),
@@ -567,7 +569,7 @@ async fn term(
             return Ok(Some("registry"));
         }
         reason = kept.as_mut() => Some(reason),
-        () = crate::leader::until_stopped(stop) => None,
+        () = leader::until_stopped(stop) => None,
     };
     if let Some(reason) = reason {
         warn!(
@@ -575,9 +577,7 @@ async fn term(
             reason, "stepping down: the lease is lost"
         );
     }
-    role.send_replace(Role::Standby { leader: None });
-    let _ = handle.request(|reply| Command::Shutdown { reply }).await;
-    let _ = actor.await;
+    let _ = leader::step_down(role, &handle, actor).await;
     Ok(reason)
 }
 

@@ -223,15 +223,11 @@ impl<T: Fenced> Stream for Stamped<T> {
     type Item = Result<T, Status>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let polled = Pin::new(&mut self.inner).poll_next(cx);
-        polled.map(|item| {
-            item.map(|message| {
-                message.map(|mut m| {
-                    m.stamp(&self.fence);
-                    m
-                })
-            })
-        })
+        let mut item = std::task::ready!(Pin::new(&mut self.inner).poll_next(cx));
+        if let Some(Ok(message)) = &mut item {
+            message.stamp(&self.fence);
+        }
+        Poll::Ready(item)
     }
 }
 

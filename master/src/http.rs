@@ -48,19 +48,18 @@ async fn snapshot(http: &Http) -> Result<StateSnapshot, Response> {
             snapshot.registry_id = fence.registry_id;
             Ok(snapshot)
         }
-        Err(status) => Err(match corral_proto::leader::leader_hint(&status) {
-            Some(leader) => (
-                StatusCode::TEMPORARY_REDIRECT,
-                [(header::LOCATION, format!("http://{leader}/state"))],
-                format!("{}\n", status.message()),
-            )
-                .into_response(),
-            None => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("{}\n", status.message()),
-            )
-                .into_response(),
-        }),
+        Err(not) => {
+            let message = format!("{not}\n");
+            Err(match not.leader {
+                Some(leader) => (
+                    StatusCode::TEMPORARY_REDIRECT,
+                    [(header::LOCATION, format!("http://{leader}/state"))],
+                    message,
+                )
+                    .into_response(),
+                None => (StatusCode::SERVICE_UNAVAILABLE, message).into_response(),
+            })
+        }
     }
 }
 

@@ -9,8 +9,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tonic::Status;
 
-use crate::master::MasterHandle;
-use crate::registry::Fence;
+use crate::master::{Command, MasterHandle};
+use crate::registry::{Fence, RegistryError};
 
 /// How long a call waits for a leader while none is known (a client that
 /// lost the leader is served as soon as the next one is elected, instead
@@ -39,10 +39,10 @@ impl Leadership {
         self.role.borrow().clone()
     }
 
-    /// The actor to serve a call, or UNAVAILABLE naming the leader. A
-    /// leader that does not accept connections (killed, its lease not
-    /// expired yet) is not named: the call waits here for the next one.
-    pub(crate) async fn leading(&self) -> Result<(MasterHandle, Fence), Status> {
+    /// The actor to serve a call, or the leader to send it to. A leader
+    /// that does not accept connections (killed, its lease not expired yet)
+    /// is not named: the call waits here for the next one.
+    pub(crate) async fn leading(&self) -> Result<(MasterHandle, Fence), NotLeading> {
         let mut role = self.role.clone();
         let deadline = Instant::now() + LEADER_WAIT;
         let mut last_named = None;
@@ -54,7 +54,9 @@ impl Leadership {
                     leader: Some(leader),
                 } => {
                     if reachable(&leader).await {
-                        return Err(not_leader(Some(&leader)));
+                        return Err(NotLeading {
+                            leader: Some(leader),
+                        });
                     }
                     last_named = Some(leader);
                 }
@@ -62,7 +64,7 @@ impl Leadership {
             }
             match tokio::time::timeout_at(deadline, role.changed()).await {
                 Ok(Ok(())) => {}
-                Ok(Err(_)) | Err(_) => return Err(not_leader(last_named.as_deref())),
+                Ok(Err(_)) | Err(_) => return Err(NotLeading { leader: last_named }),
             }
         }
     }
@@ -79,21 +81,45 @@ async fn reachable(address: &str) -> bool {
     )
 }
 
-/// UNAVAILABLE with the leader in the `corral-leader` metadata.
-pub(crate) fn not_leader(leader: Option<&str>) -> Status {
-    match leader {
-        Some(leader) => {
-            let mut status =
-                Status::unavailable(format!("this master is a standby; the leader is {leader}"));
-            if let Ok(value) = leader.parse() {
-                status
-                    .metadata_mut()
-                    .insert(corral_proto::leader::LEADER_METADATA, value);
-            }
-            status
+/// This master does not lead; `leader` is the one that does, if known.
+#[derive(Debug)]
+pub(crate) struct NotLeading {
+    pub(crate) leader: Option<String>,
+}
+
+impl std::fmt::Display for NotLeading {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.leader {
+            Some(leader) => write!(f, "this master is a standby; the leader is {leader}"),
+            None => write!(f, "no leading master is elected yet; try again"),
         }
-        None => Status::unavailable("no leading master is elected yet; try again"),
     }
+}
+
+/// UNAVAILABLE with the leader in the `corral-leader` metadata.
+impl From<NotLeading> for Status {
+    fn from(not: NotLeading) -> Status {
+        let mut status = Status::unavailable(not.to_string());
+        if let Some(value) = not.leader.and_then(|l| l.parse().ok()) {
+            status
+                .metadata_mut()
+                .insert(corral_proto::leader::LEADER_METADATA, value);
+        }
+        status
+    }
+}
+
+/// Ends a leadership asked to stop: calls see a standby from now on, and
+/// the actor closes every stream (so the server's graceful shutdown does
+/// not wait on them) and ends.
+pub(crate) async fn step_down(
+    role: &watch::Sender<Role>,
+    master: &MasterHandle,
+    actor: tokio::task::JoinHandle<Result<(), RegistryError>>,
+) -> Result<Result<(), RegistryError>, tokio::task::JoinError> {
+    role.send_replace(Role::Standby { leader: None });
+    let _ = master.request(|reply| Command::Shutdown { reply }).await;
+    actor.await
 }
 
 /// Resolves once `stop` is true (or its sender is gone).

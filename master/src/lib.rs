@@ -115,7 +115,6 @@ pub async fn run(
                 etcd::lead(config, etcd, advertise, metrics, role_tx.clone(), stop_rx).await
             }
         };
-        role_tx.send_replace(Role::Standby { leader: None });
         let _ = led_tx.send(());
         led
     };
@@ -172,14 +171,11 @@ async fn lead_alone(
     });
     let ended = tokio::select! {
         // The actor ends on its own only when the registry failed.
-        ended = &mut actor => ended,
-        () = crate::leader::until_stopped(&mut stop) => {
+        ended = &mut actor => {
             role.send_replace(Role::Standby { leader: None });
-            let _ = handle
-                .request(|reply| master::Command::Shutdown { reply })
-                .await;
-            actor.await
+            ended
         }
+        () = leader::until_stopped(&mut stop) => leader::step_down(role, &handle, actor).await,
     };
     // The actor has closed the registry once its task ended, so a new
     // master can open it as soon as this returns.

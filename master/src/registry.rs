@@ -51,7 +51,7 @@ const REGISTRY_ID_KEY: &str = "registry_id";
 /// The fencing token a leading master stamps on every message: the
 /// registry it leads (so epochs of two clusters never compare) and its
 /// epoch there, which grows with every election or restart.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Fence {
     pub registry_id: String,
     pub epoch: u64,
@@ -267,10 +267,7 @@ impl EmbeddedRegistry {
         let mut registry = Self {
             db,
             path,
-            fence: Fence {
-                registry_id: String::new(),
-                epoch: 0,
-            },
+            fence: Fence::default(),
         };
         let found = registry.format()?;
         match found {
@@ -298,7 +295,6 @@ impl EmbeddedRegistry {
     /// Bumps the stored epoch (one master per store: each open is a new
     /// leadership) and reads, or creates, the registry's id.
     fn next_fence(&self) -> Result<Fence, RegistryError> {
-        let mut fence = None;
         self.write(|txn| {
             let mut meta = txn.open_table(META)?;
             let epoch = meta.get(EPOCH_KEY)?.map_or(0, |v| v.value()) + 1;
@@ -315,13 +311,11 @@ impl EmbeddedRegistry {
                     id
                 }
             };
-            fence = Some(Fence {
+            Ok(Fence {
                 registry_id,
                 epoch: u64::from(epoch),
-            });
-            Ok(())
-        })?;
-        fence.ok_or_else(|| self.storage("no fence written"))
+            })
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -354,13 +348,14 @@ impl EmbeddedRegistry {
         Ok(value.map(|v| v.value()))
     }
 
-    fn write(
+    fn write<T>(
         &self,
-        body: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error>,
-    ) -> Result<(), RegistryError> {
+        body: impl FnOnce(&redb::WriteTransaction) -> Result<T, redb::Error>,
+    ) -> Result<T, RegistryError> {
         let txn = self.db.begin_write().map_err(|e| self.storage(e))?;
-        body(&txn).map_err(|e| self.storage(e))?;
-        txn.commit().map_err(|e| self.storage(e))
+        let out = body(&txn).map_err(|e| self.storage(e))?;
+        txn.commit().map_err(|e| self.storage(e))?;
+        Ok(out)
     }
 
     /// Raw write access for tests that plant bad records.

@@ -12,6 +12,14 @@
 /// Response metadata in which a standby names the leader (`host:port`).
 pub const LEADER_METADATA: &str = "corral-leader";
 
+/// Clients send HTTP/2 pings to a master that has sent nothing for this
+/// long, and drop the connection when one goes unanswered for
+/// [`KEEP_ALIVE_TIMEOUT`]. A frozen master (a paused process, a hung host)
+/// accepts connections in the kernel but never answers: this notices it,
+/// even before it would have said `Registered` or `Subscribed`.
+pub const KEEP_ALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+pub const KEEP_ALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Parses `h1:5050,h2:5050` (spaces allowed, an `http://` prefix kept).
 /// Errors name what is wrong; duplicates are dropped.
 pub fn parse_masters(text: &str) -> Result<Vec<String>, String> {
@@ -45,6 +53,8 @@ pub struct MasterList {
     masters: Vec<String>,
     next: usize,
     hint: Option<String>,
+    /// Standby answers in a row.
+    redirects: usize,
 }
 
 impl MasterList {
@@ -55,11 +65,8 @@ impl MasterList {
             masters,
             next: 0,
             hint: None,
+            redirects: 0,
         }
-    }
-
-    pub fn masters(&self) -> &[String] {
-        &self.masters
     }
 
     /// Where to connect now. A hint is used once: if the named leader does
@@ -73,23 +80,36 @@ impl MasterList {
         target
     }
 
-    /// A standby named the leader: try it next, without waiting.
-    pub fn redirect(&mut self, leader: String) {
-        self.hint = Some(leader);
+    /// A standby answered, naming the leader if it knows one (tried next).
+    /// True: try again at once. After two rounds of the list without
+    /// reaching a leader, false: back off, so standbys that name each
+    /// other (or a leader nobody reaches) cannot make a busy loop.
+    pub fn not_leader(&mut self, leader: Option<String>) -> bool {
+        if leader.is_some() {
+            self.hint = leader;
+        }
+        self.redirects += 1;
+        if self.redirects > 2 * self.masters.len() {
+            self.redirects = 0;
+            return false;
+        }
+        true
+    }
+
+    /// An attempt ended some other way (a master answered, or none did):
+    /// the count of standby answers in a row starts over.
+    pub fn reached(&mut self) {
+        self.redirects = 0;
     }
 
     /// The connection to `target` worked: a client that loses it tries
     /// that master again first (a master restart keeps its address).
     pub fn connected(&mut self, target: &str) {
+        self.redirects = 0;
         match self.masters.iter().position(|m| m == target) {
             Some(i) => self.next = i,
             None => self.hint = Some(target.to_string()),
         }
-    }
-
-    /// Whether the next target comes from a hint (a retry without backoff).
-    pub fn has_hint(&self) -> bool {
-        self.hint.is_some()
     }
 }
 
@@ -172,8 +192,7 @@ mod tests {
     fn a_hint_is_tried_once_then_the_list_round_robin() {
         let mut l = MasterList::new(vec!["a".into(), "b".into(), "c".into()]);
         assert_eq!(l.next_target(), "a");
-        l.redirect("c".into());
-        assert!(l.has_hint());
+        assert!(l.not_leader(Some("c".into())));
         assert_eq!(l.next_target(), "c");
         assert_eq!(l.next_target(), "b");
         assert_eq!(l.next_target(), "c");
@@ -183,6 +202,16 @@ mod tests {
         l.connected("elsewhere:1");
         assert_eq!(l.next_target(), "elsewhere:1");
         assert_eq!(l.next_target(), "c");
+    }
+
+    #[test]
+    fn standby_answers_in_a_row_are_bounded_to_two_rounds_of_the_list() {
+        let mut l = MasterList::new(vec!["a".into(), "b".into()]);
+        let at_once: Vec<bool> = (0..5).map(|_| l.not_leader(None)).collect();
+        assert_eq!(at_once, [true, true, true, true, false]);
+        assert!(l.not_leader(None), "counting starts over after a back-off");
+        l.reached();
+        assert!((0..4).all(|_| l.not_leader(None)));
     }
 
     #[test]

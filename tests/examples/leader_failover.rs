@@ -6,8 +6,8 @@
 //! a tenth of it), three `corral master --registry etcd://…
 //! --leader-lease-ttl TTL_SECONDS` processes, two `corral agent
 //! --isolation none` processes and, in this process, a framework on the
-//! SDK given the master list, which declines every offer for 100 ms so
-//! offers keep coming. Each round `kill -9`s the leader and measures until
+//! SDK given the master list ([`corral_tests::ha::start_framework`]), which
+//! declines every offer for 100 ms so offers keep coming. Each round `kill -9`s the leader and measures until
 //! a new master reports itself elected (`/metrics`, polled every 10 ms) and
 //! until the framework's first offer after the kill; the killed master is
 //! started again (as a standby) before the next round.
@@ -17,11 +17,9 @@
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use corral_sdk::pb;
-use corral_sdk::{Driver, DriverConfig, Scheduler, SchedulerClient, async_trait};
+use corral_tests::ha::{Etcd, leading_at, lock, start_framework};
 
 const MASTERS: usize = 3;
 const AGENTS: usize = 2;
@@ -38,26 +36,6 @@ fn quiet(command: &mut Command) -> &mut Command {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
-}
-
-fn start_etcd(work: &str, client: SocketAddr, election_ms: u64) -> Child {
-    let peer = free_address();
-    let c = format!("http://{client}");
-    let p = format!("http://{peer}");
-    quiet(
-        Command::new("etcd")
-            .arg("--name=bench")
-            .arg(format!("--data-dir={work}/etcd"))
-            .arg(format!("--listen-client-urls={c}"))
-            .arg(format!("--advertise-client-urls={c}"))
-            .arg(format!("--listen-peer-urls={p}"))
-            .arg(format!("--initial-advertise-peer-urls={p}"))
-            .arg(format!("--initial-cluster=bench={p}"))
-            .arg(format!("--heartbeat-interval={}", election_ms / 10))
-            .arg(format!("--election-timeout={election_ms}")),
-    )
-    .spawn()
-    .expect("start etcd (Debian's etcd-server)")
 }
 
 struct Master {
@@ -83,32 +61,13 @@ impl Master {
     }
 }
 
-/// `Some(epoch)` while `address` says it leads.
-async fn leading(http: &reqwest::Client, address: SocketAddr) -> Option<u64> {
-    let text = http
-        .get(format!("http://{address}/metrics"))
-        .send()
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    let value = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
-    };
-    (value("corral_master_elected ")? == 1.0)
-        .then(|| value("corral_master_leader_epoch "))?
-        .map(|e| e as u64)
-}
-
 /// The leading master with an epoch above `above`, once there is one.
-async fn wait_leader(http: &reqwest::Client, masters: &[Master], above: u64) -> (usize, u64) {
+async fn wait_leader(masters: &[Master], above: u64) -> (usize, u64) {
     let deadline = Instant::now() + DEADLINE;
     loop {
         for (i, m) in masters.iter().enumerate() {
             if m.child.is_some()
-                && let Some(epoch) = leading(http, m.address).await
+                && let Some(epoch) = leading_at(m.address).await
                 && epoch > above
             {
                 return (i, epoch);
@@ -116,29 +75,6 @@ async fn wait_leader(http: &reqwest::Client, masters: &[Master], above: u64) -> 
         }
         assert!(Instant::now() < deadline, "no leader within {DEADLINE:?}");
         tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// Declines every offer for 100 ms and notes when offers arrive.
-struct Recorder {
-    offers: Arc<Mutex<Vec<Instant>>>,
-}
-
-#[async_trait]
-impl Scheduler for Recorder {
-    async fn offers(&mut self, client: &SchedulerClient, offers: Vec<pb::Offer>) {
-        self.offers
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(Instant::now());
-        let ids: Vec<corral_sdk::OfferId> = offers
-            .iter()
-            .filter_map(|o| corral_sdk::OfferId::parse(&o.id, "offer.id").ok())
-            .collect();
-        let soon = Some(pb::Filters {
-            refuse_seconds: Some(0.1),
-        });
-        let _ = client.decline(&ids, soon).await;
     }
 }
 
@@ -162,14 +98,8 @@ async fn main() {
     let rounds: usize = rounds.parse().expect("ROUNDS");
     let ttl: u64 = ttl.parse().expect("TTL_SECONDS");
     let election_ms: u64 = election_ms.parse().expect("ETCD_ELECTION_MS");
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_millis(500))
-        .build()
-        .expect("http client");
-
-    let etcd_address = free_address();
-    let mut etcd = start_etcd(work, etcd_address, election_ms);
-    let registry = format!("etcd://{etcd_address}/bench");
+    let etcd = Etcd::start_with(election_ms).await;
+    let registry = etcd.registry_url();
     let mut masters: Vec<Master> = (0..MASTERS)
         .map(|i| {
             let address = free_address();
@@ -224,29 +154,11 @@ async fn main() {
         })
         .collect();
 
-    let offers = Arc::new(Mutex::new(Vec::new()));
-    let info = pb::FrameworkInfo {
-        name: "failover-bench".into(),
-        failover_timeout_seconds: 600.0,
-        ..Default::default()
-    };
-    let mut config = DriverConfig::new(list, info);
-    config.reconnect_backoff_initial = Duration::from_millis(50);
-    config.reconnect_backoff_max = Duration::from_millis(500);
-    let (driver, client) = Driver::new(config);
-    let driver = tokio::spawn(driver.run(Recorder {
-        offers: offers.clone(),
-    }));
-    let offer_after = |t: Instant| {
-        offers
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .iter()
-            .find(|o| **o > t)
-            .map(|o| *o - t)
-    };
+    // Launches nothing: it declines every offer for 100 ms.
+    let (client, seen, driver) = start_framework(list, 0);
+    let offer_after = |t: Instant| lock(&seen).offers.iter().find(|o| **o > t).map(|o| *o - t);
 
-    let (mut leader, mut epoch) = wait_leader(&http, &masters, 0).await;
+    let (mut leader, mut epoch) = wait_leader(&masters, 0).await;
     let started = Instant::now();
     while offer_after(started - Duration::from_secs(3600)).is_none() {
         assert!(started.elapsed() < DEADLINE, "no first offer");
@@ -262,7 +174,7 @@ async fn main() {
         }
         let killed = Instant::now();
         masters[leader].kill9();
-        let (next, next_epoch) = wait_leader(&http, &masters, epoch).await;
+        let (next, next_epoch) = wait_leader(&masters, epoch).await;
         let to_elected = killed.elapsed();
         let to_offer = loop {
             if let Some(d) = offer_after(killed) {
@@ -299,6 +211,5 @@ async fn main() {
     for m in &mut masters {
         m.kill9();
     }
-    let _ = etcd.kill();
-    let _ = etcd.wait();
+    drop(etcd);
 }

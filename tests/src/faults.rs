@@ -26,6 +26,17 @@ struct Rule<M> {
     hits: usize,
 }
 
+impl<M> Rule<M> {
+    fn new(n: usize, fault: Fault, matches: impl Fn(&M) -> bool + Send + Sync + 'static) -> Self {
+        Self {
+            matches: Box::new(matches),
+            fault,
+            left: n,
+            hits: 0,
+        }
+    }
+}
+
 #[derive(Default)]
 struct Rules {
     to_master: Vec<Rule<pb::AgentMessage>>,
@@ -72,12 +83,7 @@ impl FaultPlan {
         fault: Fault,
         matches: impl Fn(&pb::AgentMessage) -> bool + Send + Sync + 'static,
     ) {
-        self.rules().to_master.push(Rule {
-            matches: Box::new(matches),
-            fault,
-            left: n,
-            hits: 0,
-        });
+        self.rules().to_master.push(Rule::new(n, fault, matches));
     }
 
     /// Applies `fault` to the next `n` messages to the agent that match.
@@ -87,12 +93,7 @@ impl FaultPlan {
         fault: Fault,
         matches: impl Fn(&pb::MasterMessage) -> bool + Send + Sync + 'static,
     ) {
-        self.rules().from_master.push(Rule {
-            matches: Box::new(matches),
-            fault,
-            left: n,
-            hits: 0,
-        });
+        self.rules().from_master.push(Rule::new(n, fault, matches));
     }
 
     /// How many messages each rule applied to, rules to the master first,

@@ -6,7 +6,15 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use corral_sdk::pb;
+use corral_sdk::{
+    Driver, DriverConfig, FrameworkId, OfferResources, Resources, Scheduler, SchedulerClient,
+    TaskBuilder, TaskId, async_trait,
+};
+use tokio::task::JoinHandle;
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -36,6 +44,12 @@ impl Etcd {
     /// election timeout), and waits until it serves. Panics, saying what
     /// to install, when `etcd` is missing.
     pub async fn start() -> Etcd {
+        Self::start_with(500).await
+    }
+
+    /// The same with an election timeout of `election_ms` (heartbeat a
+    /// tenth of it); etcd's own default is 1000.
+    pub async fn start_with(election_ms: u64) -> Etcd {
         let binary = ["/usr/bin/etcd", "/usr/local/bin/etcd"]
             .into_iter()
             .map(PathBuf::from)
@@ -59,7 +73,8 @@ impl Etcd {
             .arg(format!("--listen-peer-urls={peer_url}"))
             .arg(format!("--initial-advertise-peer-urls={peer_url}"))
             .arg(format!("--initial-cluster=test={peer_url}"))
-            .args(["--heartbeat-interval=50", "--election-timeout=500"])
+            .arg(format!("--heartbeat-interval={}", election_ms / 10))
+            .arg(format!("--election-timeout={election_ms}"))
             .args(["--logger=zap", "--log-level=warn"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -205,26 +220,36 @@ impl MasterProcess {
         );
     }
 
-    /// This master's `/metrics`, if it answers within 500 ms (a paused
-    /// master accepts connections but never answers).
+    /// This master's `/metrics`, if it answers (see [`metrics_at`]).
     pub async fn metrics(&self) -> Option<String> {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_millis(500))
-            .build()
-            .ok()?;
-        let url = format!("http://{}/metrics", self.spec.address);
-        http.get(url).send().await.ok()?.text().await.ok()
+        metrics_at(self.spec.address).await
     }
 
     /// `Some(epoch)` while this master says it leads.
     pub async fn leading(&self) -> Option<u64> {
-        let text = self.metrics().await?;
-        if metric_value(&text, "corral_master_elected")? != 1.0 {
-            return None;
-        }
-        // Whole numbers: the epoch is an etcd revision.
-        metric_value(&text, "corral_master_leader_epoch").map(|e| e as u64)
+        leading_at(self.spec.address).await
     }
+}
+
+/// The `/metrics` of the master at `address`, if it answers within 500 ms
+/// (a paused master accepts connections but never answers).
+pub async fn metrics_at(address: SocketAddr) -> Option<String> {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_millis(500))
+        .build()
+        .ok()?;
+    let url = format!("http://{address}/metrics");
+    http.get(url).send().await.ok()?.text().await.ok()
+}
+
+/// `Some(epoch)` while the master at `address` says it leads.
+pub async fn leading_at(address: SocketAddr) -> Option<u64> {
+    let text = metrics_at(address).await?;
+    if metric_value(&text, "corral_master_elected")? != 1.0 {
+        return None;
+    }
+    // Whole numbers: the epoch is an etcd revision.
+    metric_value(&text, "corral_master_leader_epoch").map(|e| e as u64)
 }
 
 impl Drop for MasterProcess {
@@ -265,4 +290,96 @@ pub fn master_list(masters: &[MasterProcess]) -> String {
         .map(|m| m.address().to_string())
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// What the framework of [`start_framework`] saw, shared with the test.
+#[derive(Default)]
+pub struct Seen {
+    pub subscriptions: Vec<FrameworkId>,
+    /// When each batch of offers arrived.
+    pub offers: Vec<Instant>,
+    pub updates: Vec<pb::TaskStatus>,
+}
+
+/// Launches `wanted` long tasks, then keeps declining offers for 100 ms,
+/// so offers keep coming (the test watches for them).
+struct Recorder {
+    wanted: usize,
+    launched: usize,
+    per_task: Resources,
+    seen: Arc<Mutex<Seen>>,
+}
+
+#[async_trait]
+impl Scheduler for Recorder {
+    async fn subscribed(&mut self, _client: &SchedulerClient, framework_id: &FrameworkId) {
+        lock(&self.seen).subscriptions.push(framework_id.clone());
+    }
+
+    async fn offers(&mut self, client: &SchedulerClient, offers: Vec<pb::Offer>) {
+        lock(&self.seen).offers.push(Instant::now());
+        for offer in offers {
+            let Ok(mut left) = OfferResources::from_offer(&offer) else {
+                continue;
+            };
+            let mut tasks = Vec::new();
+            while self.launched + tasks.len() < self.wanted && left.try_take(&self.per_task) {
+                let id = TaskId::generated(format!("ha-{}", self.launched + tasks.len()));
+                tasks.push(
+                    TaskBuilder::new(id)
+                        .shell("sleep 300")
+                        .resources(&self.per_task)
+                        .build_for(&offer),
+                );
+            }
+            let ids = [left.offer_id().clone()];
+            let soon = Some(pb::Filters {
+                refuse_seconds: Some(0.1),
+            });
+            if tasks.is_empty() {
+                let _ = client.decline(&ids, soon).await;
+            } else {
+                self.launched += tasks.len();
+                let _ = client.launch(&ids, tasks, soon).await;
+            }
+        }
+    }
+
+    async fn status_update(&mut self, _client: &SchedulerClient, status: &pb::TaskStatus) {
+        lock(&self.seen).updates.push(status.clone());
+    }
+}
+
+pub fn lock(seen: &Mutex<Seen>) -> std::sync::MutexGuard<'_, Seen> {
+    seen.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A framework on the SDK driver, given `master` (one address or a
+/// list): it launches `wanted` long tasks, declines the rest of every
+/// offer for 100 ms (so offers keep coming), and notes what it sees.
+pub fn start_framework(
+    master: String,
+    wanted: usize,
+) -> (SchedulerClient, Arc<Mutex<Seen>>, JoinHandle<()>) {
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let info = pb::FrameworkInfo {
+        name: "ha-test".into(),
+        failover_timeout_seconds: 300.0,
+        ..Default::default()
+    };
+    let mut config = DriverConfig::new(master, info);
+    config.reconnect_backoff_initial = Duration::from_millis(50);
+    config.reconnect_backoff_max = Duration::from_millis(300);
+    let (driver, client) = Driver::new(config);
+    let recorder = Recorder {
+        wanted,
+        launched: 0,
+        per_task: Resources::parse("cpus:0.1;mem:16").expect("resources"),
+        seen: seen.clone(),
+    };
+    let task = tokio::spawn(async move {
+        let _ = driver.run(recorder).await;
+    });
+    (client, seen, task)
 }

@@ -14,12 +14,11 @@ use std::time::{Duration, Instant};
 
 use corral_master::state::StateSnapshot;
 use corral_proto::task::is_terminal;
+use corral_sdk::SchedulerClient;
 use corral_sdk::pb;
-use corral_sdk::{
-    Driver, DriverConfig, FrameworkId, OfferResources, Resources, Scheduler, SchedulerClient,
-    TaskBuilder, TaskId, async_trait,
+use corral_tests::ha::{
+    Etcd, MasterProcess, MasterSpec, Seen, lock, master_list, start_framework, wait_for_leader,
 };
-use corral_tests::ha::{Etcd, MasterProcess, MasterSpec, master_list, wait_for_leader};
 use corral_tests::process::{AgentProcess, AgentSpec, child_main};
 use corral_tests::{Cluster, Proxy, WAIT, metric_value, wait_for};
 use tokio::task::JoinHandle;
@@ -33,96 +32,6 @@ const TASKS: usize = 4;
 #[test]
 fn child_entry_point_runs_only_when_re_executed() {
     child_main();
-}
-
-/// What the framework saw, shared with the test.
-#[derive(Default)]
-struct Seen {
-    subscriptions: Vec<FrameworkId>,
-    /// When each batch of offers arrived.
-    offers: Vec<Instant>,
-    updates: Vec<pb::TaskStatus>,
-}
-
-/// Launches `wanted` long tasks, then keeps declining offers for 100 ms,
-/// so offers keep coming (the test watches for them).
-struct Recorder {
-    wanted: usize,
-    launched: usize,
-    per_task: Resources,
-    seen: Arc<Mutex<Seen>>,
-}
-
-#[async_trait]
-impl Scheduler for Recorder {
-    async fn subscribed(&mut self, _client: &SchedulerClient, framework_id: &FrameworkId) {
-        lock(&self.seen).subscriptions.push(framework_id.clone());
-    }
-
-    async fn offers(&mut self, client: &SchedulerClient, offers: Vec<pb::Offer>) {
-        lock(&self.seen).offers.push(Instant::now());
-        for offer in offers {
-            let Ok(mut left) = OfferResources::from_offer(&offer) else {
-                continue;
-            };
-            let mut tasks = Vec::new();
-            while self.launched + tasks.len() < self.wanted && left.try_take(&self.per_task) {
-                let id = TaskId::generated(format!("ha-{}", self.launched + tasks.len()));
-                tasks.push(
-                    TaskBuilder::new(id)
-                        .shell("sleep 300")
-                        .resources(&self.per_task)
-                        .build_for(&offer),
-                );
-            }
-            let ids = [left.offer_id().clone()];
-            let soon = Some(pb::Filters {
-                refuse_seconds: Some(0.1),
-            });
-            if tasks.is_empty() {
-                let _ = client.decline(&ids, soon).await;
-            } else {
-                self.launched += tasks.len();
-                let _ = client.launch(&ids, tasks, soon).await;
-            }
-        }
-    }
-
-    async fn status_update(&mut self, _client: &SchedulerClient, status: &pb::TaskStatus) {
-        lock(&self.seen).updates.push(status.clone());
-    }
-}
-
-fn lock(seen: &Mutex<Seen>) -> std::sync::MutexGuard<'_, Seen> {
-    seen.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// The framework on `master` (one address or a list).
-fn start_framework(
-    master: String,
-    wanted: usize,
-) -> (SchedulerClient, Arc<Mutex<Seen>>, JoinHandle<()>) {
-    let seen = Arc::new(Mutex::new(Seen::default()));
-    let info = pb::FrameworkInfo {
-        name: "ha-test".into(),
-        failover_timeout_seconds: 300.0,
-        ..Default::default()
-    };
-    let mut config = DriverConfig::new(master, info);
-    config.reconnect_backoff_initial = Duration::from_millis(50);
-    config.reconnect_backoff_max = Duration::from_millis(300);
-    let (driver, client) = Driver::new(config);
-    let recorder = Recorder {
-        wanted,
-        launched: 0,
-        per_task: Resources::parse("cpus:0.1;mem:16").expect("resources"),
-        seen: seen.clone(),
-    };
-    let task = tokio::spawn(async move {
-        let _ = driver.run(recorder).await;
-    });
-    (client, seen, task)
 }
 
 /// The leader's `/state`, asked of `master` (a standby redirects).

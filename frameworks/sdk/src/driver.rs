@@ -23,7 +23,9 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::time::Duration;
 
-use corral_proto::leader::{EpochFence, MasterList, leader_hint};
+use corral_proto::leader::{
+    EpochFence, KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT, MasterList, leader_hint,
+};
 use corral_proto::pb::{self, event::Event};
 use corral_proto::{AgentId, FrameworkId, OfferId};
 use futures::StreamExt;
@@ -50,12 +52,6 @@ pub const DEFAULT_MISSED_HEARTBEATS: u32 = 5;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connect + `Subscribe` + first event; past this the attempt is retried.
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(15);
-/// HTTP/2 pings when the master has sent nothing for this long; no answer
-/// within [`KEEP_ALIVE_TIMEOUT`] ends the connection. A frozen master (a
-/// paused process, a hung host) accepts connections in the kernel but never
-/// answers: this is what notices, even before `Subscribed`.
-const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(2);
-const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Cap on the heartbeat interval the master announces, so an absurd value
 /// cannot disable loss detection or overflow the deadline arithmetic.
 const MAX_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(3600);
@@ -330,9 +326,9 @@ struct Subscription {
 enum AttemptError {
     /// Worth retrying after backoff.
     Transient(DriverError),
-    /// A standby answered; try the leader it named (or the next master)
-    /// at once.
-    NotLeader(DriverError),
+    /// A standby answered; try the leader it named (or the next master),
+    /// at once unless [`MasterList::not_leader`] says to back off.
+    NotLeader { error: DriverError, at_once: bool },
     /// Stop the driver: `(error for run, message for scheduler.error)`.
     Fatal(DriverError, String),
 }
@@ -361,15 +357,14 @@ impl Runner<'_> {
             self.config.reconnect_backoff_initial,
             self.config.reconnect_backoff_max,
         );
-        let mut first_attempt = true;
-        // Standby answers followed in a row: bounded, so two standbys that
-        // name each other cannot make a busy loop.
-        let mut redirects = 0;
+        // The first attempt, and one right after a standby's answer, go
+        // without backoff.
+        let mut at_once = true;
         loop {
             if self.control_now().is_done() {
                 return Ok(());
             }
-            if !first_attempt && redirects == 0 {
+            if !at_once {
                 let delay = backoff.next_delay(&mut rand::rng());
                 tracing::debug!(?delay, "re-subscribing after backoff");
                 let mut control = self.control.clone();
@@ -379,7 +374,7 @@ impl Runner<'_> {
                     () = tokio::time::sleep(delay) => {}
                 }
             }
-            first_attempt = false;
+            at_once = false;
 
             let mut control = self.control.clone();
             let attempt = tokio::select! {
@@ -389,16 +384,16 @@ impl Runner<'_> {
             };
             let subscription = match attempt {
                 Ok(subscription) => subscription,
-                Err(AttemptError::NotLeader(error)) => {
+                Err(AttemptError::NotLeader {
+                    error,
+                    at_once: now,
+                }) => {
                     tracing::debug!(%error, "not the leader; trying the next master");
-                    redirects += 1;
-                    if redirects > self.masters.masters().len() * 2 {
-                        redirects = 0;
-                    }
+                    at_once = now;
                     continue;
                 }
                 Err(AttemptError::Transient(error)) => {
-                    redirects = 0;
+                    self.masters.reached();
                     tracing::warn!(master = %self.config.master, %error, "subscribe failed; will retry");
                     continue;
                 }
@@ -408,7 +403,6 @@ impl Runner<'_> {
                 }
             };
             backoff.reset();
-            redirects = 0;
             match self.serve(scheduler, subscription).await {
                 SessionEnd::Stopped => return Ok(()),
                 SessionEnd::Lost(why) => {
@@ -467,10 +461,11 @@ impl Runner<'_> {
             .await
             .map_err(|status| {
                 if status.code() == tonic::Code::Unavailable {
-                    if let Some(leader) = leader_hint(&status) {
-                        self.masters.redirect(leader);
-                    }
-                    return AttemptError::NotLeader(DriverError::from_status(status));
+                    let at_once = self.masters.not_leader(leader_hint(&status));
+                    return AttemptError::NotLeader {
+                        error: DriverError::from_status(status),
+                        at_once,
+                    };
                 }
                 classify(status, &framework_id)
             })?;
@@ -577,7 +572,7 @@ impl Runner<'_> {
                 Some(Ok(Some(event))) => event,
                 Some(Ok(None)) => break SessionEnd::Lost("the master closed the stream".into()),
                 Some(Err(status)) => match classify(status, framework_id.as_str()) {
-                    AttemptError::Transient(error) | AttemptError::NotLeader(error) => {
+                    AttemptError::Transient(error) | AttemptError::NotLeader { error, .. } => {
                         break SessionEnd::Lost(error.to_string());
                     }
                     AttemptError::Fatal(error, message) => break SessionEnd::Fatal(error, message),
